@@ -1,0 +1,217 @@
+"""The implicit (deep equilibrium) layer: solve z* = f(z*, x) and attach a gradient.
+
+Why a module of its own: the model (``model.py``) only says what f is; how the fixed point is
+found and how gradients flow through it is chosen here, by name, and can change on a live model
+(the paper's weight-tied warm-up switches from ``unrolled`` to ``ift`` mid-training, Appendix A).
+
+Gradient modes (``grad``):
+- ``ift``: the exact implicit-function-theorem gradient. The forward solve runs without a graph;
+  one extra f(z*) call is taken with a graph, and its incoming gradient G is replaced by the root
+  u of u = u J_f(z*) + G, found by a backward solver from vector-Jacobian products. No activation
+  of the forward solve is stored (the paper's O(1) memory in depth).
+- ``phantom``: k damped steps z <- (1 - tau) z + tau f(z) from z*, differentiated by autograd.
+- ``jfb``: one step f(z*) (Jacobian-free backprop: the inverse Jacobian is replaced by I).
+- ``unrolled``: f applied ``unroll_steps`` times from z0 with ordinary autograd (no solver).
+
+Which path runs depends only on ``torch.is_grad_enabled()`` and on whether the f(z*) output needs
+a gradient, never on ``module.training`` (torchdeq issue #4), so input gradients work in eval mode.
+``module.training`` only picks the iteration budget (train vs eval ``max_iter`` / ``tol``).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from mdeq.solvers import SOLVERS, SolverStats
+
+__all__ = ["ImplicitLayer", "DEQInfo", "GRAD_MODES"]
+
+GRAD_MODES = ("ift", "phantom", "jfb", "unrolled")
+
+
+@dataclass
+class DEQInfo:
+    """What one call of an ImplicitLayer did.
+
+    forward: stats of the forward solve (None in ``unrolled`` mode).
+    backward: stats of the IFT backward solve; filled in when ``.backward()`` reaches the layer.
+    unrolled_rel_residual: (B,) ||f(z_k) - z_k|| / ||f(z_k)|| of the last unrolled step, measured
+    with one more f call under no_grad only when ``measure_unrolled`` is on (else None).
+    """
+
+    mode: str
+    forward: SolverStats | None = None
+    backward: SolverStats | None = None
+    nfe_forward: int = 0
+    unrolled_rel_residual: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _resolve_solver(solver) -> Callable:
+    if callable(solver):
+        return solver
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)} or pass a callable "
+                         f"with the signature solver(f, z0, *, max_iter, tol, stop_mode, **options)")
+    return SOLVERS[solver]
+
+
+class ImplicitLayer(nn.Module):
+    """Find z* = func(z*, *args) for a list state and return it with a chosen gradient.
+
+    ``func(z_list, *args)`` maps a list of (B, C_i, H_i, W_i) tensors to a list of the same
+    shapes. Call as ``z, info = layer(z0, *args)``. With grad enabled the output is func(z*, *args)
+    (one extra application carrying the gradient, as the released code does in training); without
+    grad it is z*. ``layer.grad`` may be reassigned at any time.
+    """
+
+    def __init__(self, func: nn.Module | Callable, *, solver="broyden", max_iter: int = 30,
+                 tol: float = 1e-3, stop_mode: str = "rel", solver_options: dict | None = None,
+                 eval_max_iter: int | None = None, eval_tol: float | None = None, grad: str = "ift",
+                 backward_solver="broyden", backward_max_iter: int = 30, backward_tol: float = 1e-3,
+                 backward_options: dict | None = None, phantom_steps: int = 5,
+                 phantom_damping: float = 0.5, unroll_steps: int = 5, warn: bool = True,
+                 measure_unrolled: bool = False):
+        super().__init__()
+        self.func = func
+        self.solver = _resolve_solver(solver)
+        self.backward_solver = _resolve_solver(backward_solver)
+        self.solver_options = dict(solver_options or {})
+        self.backward_options = dict(backward_options or {})
+        _check_options(self.solver, self.solver_options, "solver_options")
+        _check_options(self.backward_solver, self.backward_options, "backward_options")
+        self.max_iter, self.tol, self.stop_mode = max_iter, tol, stop_mode
+        self.eval_max_iter = max_iter if eval_max_iter is None else eval_max_iter
+        self.eval_tol = tol if eval_tol is None else eval_tol
+        self.backward_max_iter, self.backward_tol = backward_max_iter, backward_tol
+        if phantom_steps < 1 or unroll_steps < 1:
+            raise ValueError("phantom_steps and unroll_steps must be >= 1")
+        if not 0 < phantom_damping <= 1:
+            raise ValueError(f"phantom_damping must be in (0, 1], got {phantom_damping!r}")
+        self.phantom_steps, self.phantom_damping = phantom_steps, phantom_damping
+        self.unroll_steps = unroll_steps
+        self.warn = warn
+        self.measure_unrolled = measure_unrolled
+        self.grad = grad
+
+    @property
+    def grad(self) -> str:
+        return self._grad
+
+    @grad.setter
+    def grad(self, mode: str) -> None:
+        if mode not in GRAD_MODES:
+            raise ValueError(f"unknown gradient mode {mode!r}; choose one of {GRAD_MODES}")
+        self._grad = mode
+
+    def extra_repr(self) -> str:
+        return (f"grad={self._grad}, solver={self.solver.__name__}, max_iter={self.max_iter}, "
+                f"tol={self.tol:g}, stop_mode={self.stop_mode}, backward={self.backward_solver.__name__}"
+                f"(max_iter={self.backward_max_iter}, tol={self.backward_tol:g})")
+
+    def forward(self, z0, *args):
+        single = isinstance(z0, torch.Tensor)
+        z0 = [z0] if single else list(z0)
+        f = (lambda z: _as_list(self.func(z, *args)))
+        if self._grad == "unrolled":
+            z, info = self._unrolled(f, z0)
+        else:
+            z, info = self._implicit(f, z0)
+        return (z[0] if single else z), info
+
+    # ------------------------------------------------------------------------------------------
+    def _unrolled(self, f, z0):
+        z = z0
+        for _ in range(self.unroll_steps):
+            z = f(z)
+        info = DEQInfo(mode="unrolled", nfe_forward=self.unroll_steps)
+        if self.measure_unrolled:
+            with torch.no_grad():
+                fz = f([t.detach() for t in z])
+                num = sum((a - b).flatten(1).square().sum(1) for a, b in zip(fz, z)).sqrt()
+                den = sum(a.flatten(1).square().sum(1) for a in fz).sqrt() + 1e-9
+                info.unrolled_rel_residual = (num / den).float().cpu()
+        return z, info
+
+    def _implicit(self, f, z0):
+        max_iter = self.max_iter if self.training else self.eval_max_iter
+        tol = self.tol if self.training else self.eval_tol
+        with torch.no_grad():
+            z_star, stats = self.solver(f, [t.detach() for t in z0], max_iter=max_iter, tol=tol,
+                                        stop_mode=self.stop_mode, **self.solver_options)
+        info = DEQInfo(mode=self._grad, forward=stats, nfe_forward=stats.nfe)
+        if not torch.is_grad_enabled():
+            return z_star, info
+        if self._grad == "ift":
+            z_star = [t.detach().requires_grad_() for t in z_star]
+            z_new = f(z_star)
+            if not any(t.requires_grad for t in z_new):
+                return [t.detach() for t in z_new], info
+            backward = _IFTBackward(self, z_star, z_new, info)
+            return list(_AttachBackward.apply(backward, *z_new)), info
+        if self._grad == "jfb":
+            return f([t.detach() for t in z_star]), info
+        z = [t.detach() for t in z_star]  # phantom
+        tau = self.phantom_damping
+        for _ in range(self.phantom_steps):
+            fz = f(z)
+            z = fz if tau == 1.0 else [(1 - tau) * a + tau * b for a, b in zip(z, fz)]
+        return z, info
+
+
+def _as_list(out):
+    return [out] if isinstance(out, torch.Tensor) else list(out)
+
+
+def _check_options(solver, options, what):
+    valid = getattr(solver, "options", None)
+    if valid is None:
+        return
+    reserved = {"max_iter", "tol", "stop_mode"}
+    bad = [k for k in options if k not in valid or k in reserved]
+    if bad:
+        allowed = [k for k in valid if k not in reserved]
+        raise TypeError(f"{what} has unknown key(s) {bad} for {solver.__name__}; valid keys: {allowed} "
+                        f"(max_iter, tol and stop_mode are set on the layer itself)")
+
+
+class _IFTBackward:
+    """Solves u = u J_f(z*) + G with the layer's backward solver, from VJPs of the f(z*) graph."""
+
+    def __init__(self, layer, z_star, z_new, info):
+        self.layer, self.z_star, self.z_new, self.info = layer, z_star, z_new, info
+
+    def __call__(self, grads):
+        layer = self.layer
+        G = [torch.zeros_like(z) if g is None else g for g, z in zip(grads, self.z_new)]
+
+        def h(u):
+            vjp = torch.autograd.grad(self.z_new, self.z_star, u, retain_graph=True, allow_unused=True)
+            return [g if v is None else v + g for v, g in zip(vjp, G)]
+
+        u, stats = layer.backward_solver(h, [torch.zeros_like(g) for g in G],
+                                         max_iter=layer.backward_max_iter, tol=layer.backward_tol,
+                                         stop_mode=layer.stop_mode, **layer.backward_options)
+        self.info.backward = stats
+        if layer.warn and not stats.all_converged:
+            warnings.warn("IFT backward solve did not converge: " + stats.summary()
+                          + (f" ({stats.message})" if stats.message else ""), RuntimeWarning, stacklevel=2)
+        return [t.detach() for t in u]
+
+
+class _AttachBackward(torch.autograd.Function):
+    """Identity in the forward; in the backward, maps the incoming gradient G to the IFT root u."""
+
+    @staticmethod
+    def forward(ctx, backward, *z_new):
+        ctx.ift_backward = backward
+        return tuple(z.view_as(z) for z in z_new)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        return (None, *ctx.ift_backward(list(grads)))

@@ -1,0 +1,469 @@
+"""Root solvers for z = f(z) where the state z is a list of tensors (one per resolution).
+
+Why a list: MDEQ keeps one tensor per scale, (B, C_i, H_i, W_i), and the paper plots per-scale
+convergence (Fig. 7), so residuals are tracked per scale. Internally the state is one contiguous
+(B, D) buffer whose per-scale views are handed to ``f`` (no copy on the way in, one ``cat`` on the
+way out).
+
+Every solver has the same call shape::
+
+    z, stats = solver(f, z0, *, max_iter, tol, stop_mode="rel", **options)
+
+``f`` maps a list of tensors to a list of tensors of the same shapes. ``z0`` is a list (or tuple)
+of tensors sharing the batch size, dtype and device; a single tensor is accepted, in which case ``f``
+gets and returns a single tensor and a single tensor is returned. The returned ``z`` is, **per sample**, the iterate with the lowest residual seen (in
+the ``stop_mode`` measure), so different samples of a batch may come from different iterations:
+this guards against late divergence (as in torchdeq) and makes ``stats.converged`` true exactly for
+the samples whose returned iterate meets ``tol``.
+
+Residuals, per sample b: abs = ||f(z) - z||, rel = ||f(z) - z|| / ||f(z)|| (norms over all scales),
+and per scale i: ||f_i(z) - z_i|| / ||f_i(z)||. If ``f`` returns a lower-precision dtype (autocast),
+its output is cast to the state dtype: the solver state and residuals stay in the dtype of ``z0``.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import inspect
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+__all__ = ["SolverStats", "SolverError", "broyden", "anderson", "fixed_point", "SOLVERS"]
+
+STOP_MODES = ("abs", "rel")
+STOP_REASONS = ("tol", "max_iter", "stagnation", "divergence", "non_finite")
+_EPS = 1e-9  # keeps rel = ||f - z|| / (||f|| + eps) finite when f(z) = 0
+
+
+class SolverError(RuntimeError):
+    """Raised by a solve with ``throw=True`` that did not reach ``tol``."""
+
+
+@dataclass
+class SolverStats:
+    """What one solve did. Traces are on the CPU, one column per residual evaluation.
+
+    nfe: exact number of calls of ``f``. nstep: number of solver updates taken.
+    abs_trace, rel_trace: (B, nfe) per-sample residual of each evaluated iterate.
+    scale_rel_trace: (S, B, nfe) per-scale relative residual (Fig. 7).
+    abs_lowest, rel_lowest: (B,) residuals of the returned (lowest) iterate.
+    lowest_step: (B,) index (into the traces) of the returned iterate.
+    converged: (B,) whether the returned iterate meets ``tol`` in ``stop_mode``.
+    stop_reason: one of STOP_REASONS.
+    """
+
+    solver: str
+    stop_mode: str
+    tol: float
+    max_iter: int
+    nfe: int
+    nstep: int
+    abs_trace: torch.Tensor
+    rel_trace: torch.Tensor
+    scale_rel_trace: torch.Tensor
+    abs_lowest: torch.Tensor
+    rel_lowest: torch.Tensor
+    lowest_step: torch.Tensor
+    converged: torch.Tensor
+    stop_reason: str
+    message: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def all_converged(self) -> bool:
+        return bool(self.converged.all())
+
+    @property
+    def lowest(self) -> torch.Tensor:
+        """Per-sample residual of the returned iterate in the ``stop_mode`` measure."""
+        return self.rel_lowest if self.stop_mode == "rel" else self.abs_lowest
+
+    def summary(self) -> str:
+        low = self.lowest
+        return (f"{self.solver}: nfe={self.nfe} stop={self.stop_reason} "
+                f"{self.stop_mode} residual max={low.max().item():.3e} mean={low.mean().item():.3e} "
+                f"converged={int(self.converged.sum())}/{self.converged.numel()} (tol {self.tol:g})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Option checking: every solver takes keyword options only, and a misspelt one is an error.
+
+def _checked_options(fn):
+    """Wrap a solver so that an unknown option raises TypeError listing the valid ones."""
+    sig = inspect.signature(fn)
+    valid = [n for n, p in sig.parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+    @functools.wraps(fn)
+    def wrapper(f, z0, **options):
+        unknown = [k for k in options if k not in valid]
+        if unknown:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(k, valid, n=1)
+                hints.append(f"'{k}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            raise TypeError(f"{fn.__name__}() got unknown option(s) {', '.join(hints)}; "
+                            f"valid options are: {', '.join(valid)}")
+        return fn(f, z0, **options)
+
+    wrapper.options = tuple(valid)
+    return wrapper
+
+
+# ----------------------------------------------------------------------------------------------
+# The list <-> flat (B, D) layout.
+
+class _Layout:
+    """Per-scale shapes and offsets of a list state flattened into one (B, D) tensor."""
+
+    def __init__(self, zs: Sequence[torch.Tensor]):
+        if len(zs) == 0:
+            raise ValueError("z0 must hold at least one tensor")
+        first = zs[0]
+        for i, z in enumerate(zs):
+            if not isinstance(z, torch.Tensor):
+                raise TypeError(f"z0[{i}] is {type(z).__name__}, expected a torch.Tensor")
+            if not z.is_floating_point():
+                raise TypeError(f"z0[{i}] has dtype {z.dtype}; the solvers need a floating dtype")
+            if z.dim() < 1 or z.shape[0] != first.shape[0]:
+                raise ValueError(f"every scale must share the batch size: z0[0] has shape "
+                                 f"{tuple(first.shape)}, z0[{i}] has {tuple(z.shape)}")
+            if z.dtype != first.dtype or z.device != first.device:
+                raise ValueError(f"every scale must share dtype and device: z0[0] is "
+                                 f"{first.dtype} on {first.device}, z0[{i}] is {z.dtype} on {z.device}")
+        self.batch = first.shape[0]
+        self.shapes = [tuple(z.shape[1:]) for z in zs]
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self.dtype, self.device = first.dtype, first.device
+        self.dim = sum(self.sizes)
+
+    def flat(self, zs: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(zs) == 1:
+            return zs[0].reshape(self.batch, -1).to(self.dtype)
+        return torch.cat([z.reshape(self.batch, -1) for z in zs], dim=1).to(self.dtype)
+
+    def split(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Views of a (B, D) tensor as the list of per-scale tensors (no copy)."""
+        return [p.view(self.batch, *s) for p, s in zip(x.split(self.sizes, dim=1), self.shapes)]
+
+    def check_output(self, out) -> None:
+        if not isinstance(out, (list, tuple)) or len(out) != len(self.shapes):
+            n = len(out) if isinstance(out, (list, tuple)) else type(out).__name__
+            raise ValueError(f"f must return a list of {len(self.shapes)} tensors (one per scale), got {n}")
+        for i, (o, s) in enumerate(zip(out, self.shapes)):
+            if tuple(o.shape) != (self.batch, *s):
+                raise ValueError(f"f changed the shape of scale {i}: expected {(self.batch, *s)}, "
+                                 f"got {tuple(o.shape)}")
+
+
+class _Monitor:
+    """Residual bookkeeping shared by the solvers: traces, per-sample lowest iterate, stopping.
+
+    Everything stays on the state's device; one small host transfer per check decides whether to
+    stop (``check_every`` > 1 trades a few extra iterations for fewer host syncs on GPU).
+    """
+
+    def __init__(self, name, layout, max_iter, tol, stop_mode, stagnation_patience,
+                 divergence_factor, check_every, throw, warn):
+        self.name, self.layout = name, layout
+        self.max_iter, self.tol, self.stop_mode = max_iter, tol, stop_mode
+        self.patience, self.div_factor = stagnation_patience, divergence_factor
+        self.check_every, self.throw, self.warn = check_every, throw, warn
+        self.abs, self.rel, self.scale_rel = [], [], []
+        self.best = None       # (B,) lowest residual in stop_mode
+        self.best_z = None     # (B, D) lowest iterate
+        self.best_step = None  # (B,) long
+        self.first_abs = None
+        self.nfe = 0
+        self.stop_reason = None
+        self.message = ""
+        self._best_max_host = math.inf
+        self._since_improved = 0
+
+    def record(self, z: torch.Tensor, fz: torch.Tensor) -> torch.Tensor:
+        """Record the residual of iterate z (with f(z) = fz); return g = fz - z."""
+        g = fz - z
+        step = len(self.abs)
+        if len(self.layout.sizes) == 1:
+            d2 = g.square().sum(1, keepdim=True)
+            f2 = fz.square().sum(1, keepdim=True)
+        else:
+            d2 = torch.stack([p.square().sum(1) for p in g.split(self.layout.sizes, 1)], 1)
+            f2 = torch.stack([p.square().sum(1) for p in fz.split(self.layout.sizes, 1)], 1)
+        abs_res = d2.sum(1).sqrt()
+        rel_res = abs_res / (f2.sum(1).sqrt() + _EPS)
+        self.abs.append(abs_res)
+        self.rel.append(rel_res)
+        self.scale_rel.append(d2.sqrt() / (f2.sqrt() + _EPS))
+        res = rel_res if self.stop_mode == "rel" else abs_res
+        res = torch.nan_to_num(res, nan=math.inf)
+        if self.best is None:
+            self.best = res.clone()
+            self.best_z = z.clone()
+            self.best_step = torch.zeros_like(res, dtype=torch.long)
+            self.first_abs = abs_res
+        else:
+            better = res < self.best
+            self.best = torch.where(better, res, self.best)
+            self.best_z = torch.where(better[:, None], z, self.best_z)
+            self.best_step = torch.where(better, step, self.best_step)
+        return g
+
+    def should_stop(self, nstep: int, fz: torch.Tensor) -> bool:
+        """Decide after ``nstep`` updates; syncs with the host only every ``check_every`` steps."""
+        if nstep >= self.max_iter:
+            self.stop_reason = "max_iter"
+            self._check_finite(fz, nstep)
+            return True
+        if nstep % self.check_every:
+            return False
+        growth = (self.abs[-1] / (self.first_abs + _EPS)).max()
+        flags = torch.stack([self.best.max(), growth.to(self.best.dtype),
+                             (~torch.isfinite(fz)).any().to(self.best.dtype)]).tolist()
+        best_max, growth, non_finite = flags
+        if non_finite:
+            self._non_finite(fz, nstep)
+            return True
+        if best_max < self.tol:
+            self.stop_reason = "tol"
+            return True
+        if growth > self.div_factor:
+            self.stop_reason = "divergence"
+            self.message = (f"{self.name}: abs residual grew {growth:.3g}x over its first value "
+                            f"(divergence_factor {self.div_factor:g}) at step {nstep}")
+            return True
+        if best_max < self._best_max_host * (1 - 1e-3):
+            self._best_max_host, self._since_improved = best_max, 0
+        else:
+            self._since_improved += self.check_every
+            if self._since_improved >= self.patience:
+                self.stop_reason = "stagnation"
+                self.message = (f"{self.name}: lowest residual did not improve for "
+                                f"{self._since_improved} steps (stagnation_patience {self.patience})")
+                return True
+        return False
+
+    def _check_finite(self, fz, nstep):
+        if not bool(torch.isfinite(fz).all()):
+            self._non_finite(fz, nstep)
+
+    def _non_finite(self, fz, nstep):
+        bad = [i for i, p in enumerate(fz.split(self.layout.sizes, 1)) if not bool(torch.isfinite(p).all())]
+        self.stop_reason = "non_finite"
+        self.message = (f"{self.name}: f(z) is not finite at scale(s) {bad} after {nstep} step(s); "
+                        f"returning the lowest-residual finite iterate")
+
+    def finish(self, nstep: int):
+        if self.first_abs is None:
+            raise RuntimeError("solver finished without evaluating f")
+        cpu = lambda xs: torch.stack(xs, 1).detach().float().cpu()  # noqa: E731
+        abs_tr, rel_tr = cpu(self.abs), cpu(self.rel)
+        scale_tr = torch.stack(self.scale_rel, 2).detach().float().cpu().permute(1, 0, 2)
+        idx = self.best_step.cpu()
+        rows = torch.arange(abs_tr.shape[0])
+        abs_low, rel_low = abs_tr[rows, idx], rel_tr[rows, idx]
+        converged = (rel_low if self.stop_mode == "rel" else abs_low) < self.tol
+        stats = SolverStats(
+            solver=self.name, stop_mode=self.stop_mode, tol=self.tol, max_iter=self.max_iter,
+            nfe=self.nfe, nstep=nstep, abs_trace=abs_tr, rel_trace=rel_tr, scale_rel_trace=scale_tr,
+            abs_lowest=abs_low, rel_lowest=rel_low, lowest_step=idx, converged=converged,
+            stop_reason=self.stop_reason, message=self.message)
+        if self.stop_reason == "non_finite" and self.warn:
+            warnings.warn(self.message, RuntimeWarning, stacklevel=3)
+        if self.throw and not stats.all_converged:
+            raise SolverError(stats.summary() + (f"; {self.message}" if self.message else ""))
+        return stats
+
+
+def _setup(name, f, z0, max_iter, tol, stop_mode, **monitor_kw):
+    single = isinstance(z0, torch.Tensor)
+    zs = [z0] if single else list(z0)
+    layout = _Layout(zs)
+    if stop_mode not in STOP_MODES:
+        raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}")
+    if not (isinstance(max_iter, int) and max_iter >= 1):
+        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    if not tol > 0:
+        raise ValueError(f"tol must be positive, got {tol!r}")
+    if monitor_kw["check_every"] < 1:
+        raise ValueError(f"check_every must be >= 1, got {monitor_kw['check_every']!r}")
+    mon = _Monitor(name, layout, max_iter, tol, stop_mode, **monitor_kw)
+    checked = [False]
+
+    def F(x: torch.Tensor) -> torch.Tensor:
+        """f on the flat state: (B, D) -> (B, D), counting evaluations."""
+        zs = layout.split(x)
+        out = f(zs[0]) if single else f(zs)
+        if single and isinstance(out, torch.Tensor):
+            out = [out]
+        if not checked[0]:
+            layout.check_output(out)
+            checked[0] = True
+        mon.nfe += 1
+        return layout.flat(out)
+
+    def result(nstep):
+        stats = mon.finish(nstep)
+        z = layout.split(mon.best_z)
+        return (z[0] if single else z), stats
+
+    return layout.flat(zs), F, mon, result
+
+
+# ----------------------------------------------------------------------------------------------
+# The solvers.
+
+@_checked_options
+def fixed_point(f: Callable, z0, *, max_iter: int = 50, tol: float = 1e-3, stop_mode: str = "rel",
+                damping: float = 1.0, stagnation_patience: int = 50, divergence_factor: float = 1e6,
+                check_every: int = 1, throw: bool = False, warn: bool = True):
+    """Plain (optionally damped) iteration z <- (1 - damping) z + damping f(z).
+
+    The baseline of the paper's Figs. 5-6. Each step costs exactly one f evaluation.
+    """
+    if not 0 < damping <= 1:
+        raise ValueError(f"damping must be in (0, 1], got {damping!r}")
+    z, F, mon, result = _setup("fixed_point", f, z0, max_iter, tol, stop_mode,
+                               stagnation_patience=stagnation_patience, divergence_factor=divergence_factor,
+                               check_every=check_every, throw=throw, warn=warn)
+    nstep = 0
+    while True:
+        fz = F(z)
+        g = mon.record(z, fz)
+        if mon.should_stop(nstep, fz):
+            break
+        z = fz if damping == 1.0 else z.add(g, alpha=damping)
+        nstep += 1
+    return result(nstep)
+
+
+@_checked_options
+def broyden(f: Callable, z0, *, max_iter: int = 30, tol: float = 1e-3, stop_mode: str = "rel",
+            memory: int = 18, stagnation_patience: int = 50, divergence_factor: float = 1e6,
+            check_every: int = 1, throw: bool = False, warn: bool = True):
+    """Limited-memory Broyden's method for g(z) = f(z) - z = 0 (paper, Appendix B.1).
+
+    Keeps the inverse-Jacobian estimate B = -I + U V^T per sample, updated by Sherman-Morrison
+    ("good" Broyden), step size 1, so the first step is z1 = z0 + g(z0) = f(z0) (the sign the
+    released code fixed in commit eb3d85f). The history holds at most ``memory`` (m) updates in
+    (B, m, D) buffers; once full, the oldest update is dropped (a ring buffer), so memory is
+    O(m B D) whatever ``max_iter`` is. One iteration costs one f evaluation plus four low-rank
+    products over the used history (torchdeq does six over a (B, D, max_iter) buffer).
+    """
+    if not (isinstance(memory, int) and memory >= 1):
+        raise ValueError(f"memory must be a positive int, got {memory!r}")
+    z, F, mon, result = _setup("broyden", f, z0, max_iter, tol, stop_mode,
+                               stagnation_patience=stagnation_patience, divergence_factor=divergence_factor,
+                               check_every=check_every, throw=throw, warn=warn)
+    B, D = z.shape
+    m = min(memory, max_iter)
+    U = z.new_zeros(B, m, D)
+    Vt = z.new_zeros(B, m, D)
+    fz = F(z)
+    g = mon.record(z, fz)
+    nstep, n_used, head = 0, 0, 0  # head: slot of the next update
+    if mon.should_stop(nstep, fz):
+        return result(nstep)
+    delta = g.clone()  # -B0 g = g
+    while True:
+        z = z + delta
+        fz = F(z)
+        g_new = mon.record(z, fz)
+        nstep += 1
+        if mon.should_stop(nstep, fz):
+            break
+        # With s = delta = -B_k g_k:  B_k y = B_k g_new + delta, so u = (s - B_k y)/(v^T y) = -Bg / (v^T y).
+        Uh, Vh = U[:, :n_used], Vt[:, :n_used]
+        Bg = _rmatvec(Uh, Vh, g_new)           # B_k g_new
+        vt = _lmatvec(Uh, Vh, delta)           # s^T B_k
+        y = g_new - g
+        vy = (vt * y).sum(1, keepdim=True)
+        ok = vy.abs() > 1e-30 * (vt.norm(dim=1, keepdim=True) * y.norm(dim=1, keepdim=True) + 1e-300)
+        inv = torch.where(ok, 1.0 / torch.where(ok, vy, torch.ones_like(vy)), torch.zeros_like(vy))
+        u = Bg * (-inv)
+        vg = (vt * g_new).sum(1, keepdim=True)
+        # New direction -B_{k+1} g_new = -(Bg + u (v^T g_new)), minus the dropped term if wrapping.
+        delta = torch.addcmul(-Bg, u, vg, value=-1.0)
+        if n_used == m:
+            old_u, old_v = U[:, head], Vt[:, head]
+            delta.addcmul_(old_u, (old_v * g_new).sum(1, keepdim=True))
+        U[:, head] = torch.nan_to_num(u, nan=0.0, posinf=0.0, neginf=0.0)
+        Vt[:, head] = torch.nan_to_num(vt, nan=0.0, posinf=0.0, neginf=0.0)
+        head = (head + 1) % m
+        n_used = min(n_used + 1, m)
+        g = g_new
+    out = result(nstep)
+    out[1].extra.update(memory=m, history_bytes=2 * U.numel() * U.element_size())
+    return out
+
+
+def _rmatvec(U, Vt, x):
+    """B x for B = -I + sum_j u_j v_j^T (rows of U, Vt per sample): -x + sum_j u_j (v_j . x)."""
+    if U.shape[1] == 0:
+        return -x
+    coef = torch.bmm(Vt, x.unsqueeze(2))           # (B, n, 1)
+    return torch.baddbmm(-x.unsqueeze(1), coef.transpose(1, 2), U).squeeze(1)
+
+
+def _lmatvec(U, Vt, x):
+    """x^T B = -x^T + sum_j (x . u_j) v_j^T."""
+    if U.shape[1] == 0:
+        return -x
+    coef = torch.bmm(U, x.unsqueeze(2))            # (B, n, 1)
+    return torch.baddbmm(-x.unsqueeze(1), coef.transpose(1, 2), Vt).squeeze(1)
+
+
+@_checked_options
+def anderson(f: Callable, z0, *, max_iter: int = 50, tol: float = 1e-3, stop_mode: str = "rel",
+             memory: int = 6, lam: float = 1e-4, beta: float = 1.0, stagnation_patience: int = 50,
+             divergence_factor: float = 1e6, check_every: int = 1, throw: bool = False, warn: bool = True):
+    """Anderson acceleration with history ``memory`` (m), regularisation ``lam``, mixing ``beta``.
+
+    Minimises ||sum_i a_i g_i|| with sum_i a_i = 1 over the last m residuals g_i = f(x_i) - x_i,
+    then x_new = sum_i a_i (f(x_i) - (1 - beta) g_i). The Gram matrix of the residuals is kept and
+    updated by one row per step (O(m D)) instead of being recomputed over the whole history.
+    """
+    if not (isinstance(memory, int) and memory >= 1):
+        raise ValueError(f"memory must be a positive int, got {memory!r}")
+    if not 0 < beta <= 1:
+        raise ValueError(f"beta must be in (0, 1], got {beta!r}")
+    x, F, mon, result = _setup("anderson", f, z0, max_iter, tol, stop_mode,
+                               stagnation_patience=stagnation_patience, divergence_factor=divergence_factor,
+                               check_every=check_every, throw=throw, warn=warn)
+    B, D = x.shape
+    m = memory
+    Fh = x.new_zeros(B, m, D)   # f(x_i)
+    G = x.new_zeros(B, m, D)    # g_i = f(x_i) - x_i
+    H = x.new_zeros(B, m, m)    # Gram matrix G G^T
+    nstep = 0
+    k = 0
+    while True:
+        fx = F(x)
+        g = mon.record(x, fx)
+        if mon.should_stop(nstep, fx):
+            break
+        slot = k % m
+        Fh[:, slot] = fx
+        G[:, slot] = g
+        row = torch.bmm(G, g.unsqueeze(2)).squeeze(2)   # (B, m): g_j . g for every slot
+        H[:, slot, :] = row
+        H[:, :, slot] = row
+        k += 1
+        n = min(k, m)
+        Hn = H[:, :n, :n]
+        scale = Hn.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)[:, None, None]
+        A = Hn / scale + lam * torch.eye(n, dtype=x.dtype, device=x.device)
+        ones = x.new_ones(B, n, 1)
+        w = torch.linalg.solve(A, ones)
+        alpha = (w / w.sum(1, keepdim=True)).transpose(1, 2)  # (B, 1, n)
+        x = torch.bmm(alpha, Fh[:, :n]).squeeze(1)
+        if beta != 1.0:
+            x = x - (1 - beta) * torch.bmm(alpha, G[:, :n]).squeeze(1)
+        nstep += 1
+    return result(nstep)
+
+
+SOLVERS = {"broyden": broyden, "anderson": anderson, "fixed_point": fixed_point}

@@ -1,0 +1,183 @@
+"""The implicit layer: IFT gradients against unrolled float64 autograd, gradcheck, modes, budgets."""
+import pytest
+import torch
+
+from mdeq.implicit import ImplicitLayer
+from problems import Counted, MultiscaleMap, inputs, zeros_like_state
+
+
+def _loss(z, w):
+    return sum((a * b).sum() for a, b in zip(z, w))
+
+
+def _reference_grads(fm, xs, w, steps=300):
+    """Unrolled float64 autograd run to convergence: the gradient the IFT must reproduce."""
+    z = zeros_like_state(xs)
+    for _ in range(steps):
+        z = fm(z, xs)
+    return torch.autograd.grad(_loss(z, w), list(fm.parameters()) + xs)
+
+
+def _tight(fm, **kw):
+    opts = dict(max_iter=200, tol=1e-13, backward_max_iter=200, backward_tol=1e-13)
+    opts.update(kw)
+    return ImplicitLayer(fm, **opts)
+
+
+@pytest.mark.parametrize("solver", ["broyden", "anderson", "fixed_point"])
+def test_ift_gradients_match_unrolled_float64(solver):
+    fm = MultiscaleMap(gain=0.5)
+    xs = [x.requires_grad_() for x in inputs()]
+    w = [torch.randn_like(x) for x in xs]
+    layer = _tight(fm, solver=solver, backward_solver=solver)
+    z, info = layer(zeros_like_state(xs), xs)
+    got = torch.autograd.grad(_loss(z, w), list(fm.parameters()) + xs)
+    want = _reference_grads(fm, xs, w)
+    for g, r in zip(got, want):
+        assert ((g - r).norm() / r.norm()).item() < 1e-6
+    assert info.backward is not None and info.backward.all_converged and info.backward.nfe > 1
+
+
+def test_gradcheck_float64():
+    """Finite differences agree with the IFT gradient w.r.t. inputs and a weight passed as an input."""
+    import torch.nn.functional as F
+
+    def func(z, x, W):  # two scales, fused by pooling / upsampling
+        a = torch.tanh(F.conv2d(z[0], W, padding=1) + x[0] + F.interpolate(z[1], scale_factor=2))
+        b = torch.tanh(0.5 * F.avg_pool2d(z[0], 2) + 0.3 * z[1] + x[1])
+        return [a, b]
+
+    layer = _tight(func, max_iter=100, backward_max_iter=100)
+
+    def fn(x0, x1, W):
+        z, _ = layer([torch.zeros_like(x0), torch.zeros_like(x1)], [x0, x1], W)
+        return tuple(z)
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    x1 = torch.randn(2, 1, 2, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    W = (0.1 * torch.randn(1, 1, 3, 3, generator=g, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(fn, (x0, x1, W), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_backward_stats_after_backward_and_warning_when_not_converged():
+    fm = MultiscaleMap(gain=0.9)
+    xs = [x.requires_grad_() for x in inputs()]
+    layer = ImplicitLayer(fm, max_iter=50, tol=1e-8, backward_max_iter=2, backward_tol=1e-12)
+    z, info = layer(zeros_like_state(xs), xs)
+    assert info.backward is None
+    with pytest.warns(RuntimeWarning, match="IFT backward solve did not converge"):
+        _loss(z, xs).backward()
+    assert info.backward.nfe == 3 and info.backward.stop_reason == "max_iter"
+    assert not info.backward.converged.any()
+
+
+def test_input_gradients_in_eval_mode():
+    """The gradient path follows torch.is_grad_enabled(), not module.training (torchdeq #4)."""
+    fm = MultiscaleMap(gain=0.5)
+    xs = [x.requires_grad_() for x in inputs()]
+    w = [torch.randn_like(x) for x in xs]
+    layer = _tight(fm)
+    train_grads = torch.autograd.grad(_loss(layer(zeros_like_state(xs), xs)[0], w), xs)
+    layer.eval()
+    z, info = layer(zeros_like_state(xs), xs)
+    eval_grads = torch.autograd.grad(_loss(z, w), xs)
+    assert info.backward is not None
+    for a, b in zip(train_grads, eval_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_no_grad_returns_z_star_without_graph():
+    fm = MultiscaleMap(gain=0.5)
+    xs = inputs()
+    f = Counted(lambda z: fm(z, xs))
+    layer = _tight(lambda z: f(z))
+    with torch.no_grad():
+        z, info = layer(zeros_like_state(xs))
+    assert all(t.grad_fn is None for t in z) and f.calls == info.forward.nfe
+
+
+def test_unrolled_applies_f_exactly_k_times_from_zero():
+    fm = MultiscaleMap(gain=0.5)
+    xs = [x.requires_grad_() for x in inputs()]
+    calls = []
+    layer = ImplicitLayer(lambda z, x: calls.append(1) or fm(z, x), grad="unrolled", unroll_steps=4)
+    z, info = layer(zeros_like_state(xs), xs)
+    manual = zeros_like_state(xs)
+    for _ in range(4):
+        manual = fm(manual, xs)
+    assert len(calls) == 4 and info.mode == "unrolled" and info.forward is None
+    for a, b in zip(z, manual):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert z[0].grad_fn is not None  # ordinary autograd through the stack
+
+
+def test_jfb_and_phantom_gradients():
+    fm = MultiscaleMap(gain=0.5)
+    xs = inputs()
+    w = [torch.randn_like(x) for x in xs]
+    params = list(fm.parameters())
+    layer = _tight(fm, grad="ift")
+    with torch.no_grad():
+        z_star, _ = layer(zeros_like_state(xs), xs)
+    # JFB: d/dtheta of f(z*) with z* held constant
+    layer.grad = "jfb"
+    got = torch.autograd.grad(_loss(layer(zeros_like_state(xs), xs)[0], w), params)
+    want = torch.autograd.grad(_loss(fm([t.detach() for t in z_star], xs), w), params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    # phantom: k damped steps from z*
+    layer.grad, layer.phantom_steps, layer.phantom_damping = "phantom", 3, 0.5
+    got = torch.autograd.grad(_loss(layer(zeros_like_state(xs), xs)[0], w), params)
+    z = [t.detach() for t in z_star]
+    for _ in range(3):
+        z = [0.5 * a + 0.5 * b for a, b in zip(z, fm(z, xs))]
+    want = torch.autograd.grad(_loss(z, w), params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_switch_modes_on_live_layer_and_budgets():
+    fm = MultiscaleMap(gain=0.9)
+    xs = inputs()
+    layer = ImplicitLayer(fm, max_iter=40, tol=1e-12, eval_max_iter=5, eval_tol=1e-12, grad="unrolled")
+    _, info = layer(zeros_like_state(xs), xs)
+    assert info.mode == "unrolled"
+    layer.grad = "ift"
+    with torch.no_grad():
+        _, info = layer(zeros_like_state(xs), xs)
+        assert info.forward.nfe == 41
+        layer.eval()
+        _, info = layer(zeros_like_state(xs), xs)
+        assert info.forward.nfe == 6
+    with pytest.raises(ValueError, match="unknown gradient mode"):
+        layer.grad = "implicit"
+
+
+def test_unknown_solver_and_options_raise():
+    fm = MultiscaleMap()
+    with pytest.raises(ValueError, match="unknown solver 'broyd'"):
+        ImplicitLayer(fm, solver="broyd")
+    with pytest.raises(TypeError, match=r"unknown key\(s\) \['memroy'\].*'memory'"):
+        ImplicitLayer(fm, solver_options={"memroy": 5})
+    with pytest.raises(TypeError, match="set on the layer itself"):
+        ImplicitLayer(fm, backward_options={"max_iter": 5})
+
+
+def test_ift_stores_no_forward_activations():
+    """Only the f(z*) graph is kept: the saved-tensor count does not grow with solver iterations."""
+    fm = MultiscaleMap(gain=0.9)
+    xs = [x.requires_grad_() for x in inputs()]
+    counts = []
+    for max_iter in (5, 40):
+        n = [0]
+
+        def pack(t):
+            n[0] += 1
+            return t
+
+        layer = ImplicitLayer(fm, max_iter=max_iter, tol=1e-14)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(zeros_like_state(xs), xs)
+        counts.append(n[0])
+    assert counts[0] == counts[1] > 0

@@ -1,0 +1,185 @@
+"""The root solvers: convergence, exact NFE, bounded Broyden memory, stop reasons, option checks."""
+import math
+import warnings
+
+import pytest
+import torch
+
+from mdeq.solvers import SOLVERS, SolverError, broyden, fixed_point
+from problems import Counted, MultiscaleMap, inputs, zeros_like_state
+
+NAMES = sorted(SOLVERS)
+
+
+def _residual(f, z):
+    fz = f(z)
+    return sum((a - b).flatten(1).square().sum(1) for a, b in zip(fz, z)).sqrt()
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+def test_reaches_tol_on_contractive_multiscale_map_and_counts_nfe(name, dtype, tol):
+    fm = MultiscaleMap(gain=0.5, dtype=dtype)
+    xs = inputs(batch=4, dtype=dtype)
+    f = Counted(lambda z: fm(z, xs))
+    with torch.no_grad():
+        z, st = SOLVERS[name](f, zeros_like_state(xs), max_iter=200, tol=tol)
+    assert st.stop_reason == "tol" and st.all_converged
+    assert st.nfe == f.calls
+    assert st.rel_trace.shape == (4, st.nfe) and st.scale_rel_trace.shape == (3, 4, st.nfe)
+    assert [t.dtype for t in z] == [dtype] * 3
+    with torch.no_grad():
+        fz = fm(z, xs)
+        rel = _residual(lambda q: fm(q, xs), z) / sum(a.flatten(1).square().sum(1) for a in fz).sqrt()
+    assert rel.max() < tol * 1.01
+    # the stats describe the iterate that was returned
+    torch.testing.assert_close(rel.float(), st.rel_lowest, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_linear_map_known_fixed_point(name):
+    """f(z) = A z + b has z* = (I - A)^-1 b; A has spectral norm 0.6."""
+    torch.manual_seed(1)
+    n, B = 12, 3
+    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
+    A = Q @ torch.diag(torch.linspace(-0.6, 0.6, n, dtype=torch.float64)) @ Q.T
+    b = torch.randn(B, n, dtype=torch.float64)
+    z, st = SOLVERS[name](lambda z: [z[0] @ A.T + b], [torch.zeros(B, n, dtype=torch.float64)],
+                          max_iter=300, tol=1e-12)
+    exact = torch.linalg.solve(torch.eye(n, dtype=torch.float64) - A, b.T).T
+    torch.testing.assert_close(z[0], exact, rtol=1e-9, atol=1e-9)
+
+
+def test_single_tensor_in_single_tensor_out():
+    b = torch.randn(2, 5)
+    z, st = broyden(lambda z: 0.5 * z + b, torch.zeros(2, 5), max_iter=50, tol=1e-6)
+    assert isinstance(z, torch.Tensor)
+    torch.testing.assert_close(z, 2 * b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(st.scale_rel_trace[0], st.rel_trace)
+
+
+def test_broyden_history_wraps_and_memory_is_bounded():
+    fm = MultiscaleMap(gain=0.9)
+    xs = inputs(batch=2)
+    B, D = 2, sum(math.prod(s) for s in fm.shapes)
+    results = {}
+    for max_iter in (60, 600):
+        with torch.no_grad():
+            z, st = broyden(lambda z: fm(z, xs), zeros_like_state(xs), max_iter=max_iter, tol=1e-10, memory=4)
+        results[max_iter] = st
+        assert st.extra["memory"] == 4
+        assert st.extra["history_bytes"] == 2 * B * 4 * D * 8  # U and V, float64, never sized by max_iter
+    st = results[600]
+    assert st.nstep > 4 * 4, "the history must have wrapped several times"
+    assert st.stop_reason == "tol" and st.all_converged
+
+
+def test_broyden_first_step_is_a_fixed_point_step():
+    """z1 = z0 + g(z0) = f(z0) (Appendix B.1 with B0 = -I; the sign the released code fixed)."""
+    seen = []
+    b = torch.randn(2, 3)
+
+    def f(z):
+        seen.append(z[0].clone())
+        return [0.3 * z[0] + b]
+
+    broyden(f, [torch.zeros(2, 3)], max_iter=2, tol=1e-12)
+    torch.testing.assert_close(seen[1], b)  # f(0) = b
+
+
+def test_lowest_iterate_is_returned_per_sample():
+    """Sample 0 converges then gets kicked away; the solver must return its best iterate."""
+    calls = [0]
+
+    def f(z):
+        calls[0] += 1
+        out = 0.5 * z[0] + 1.0
+        if calls[0] > 8:
+            out = out + torch.tensor([[100.0], [0.0]]) * calls[0]
+        return [out]
+
+    z, st = fixed_point(f, [torch.zeros(2, 1, dtype=torch.float64)], max_iter=12, tol=1e-12)
+    assert st.lowest_step[0] < 8 <= st.lowest_step[1]
+    assert abs(z[0][0, 0].item() - 2.0) < 0.02
+
+
+def _exploding(scale_nan=None):
+    calls = [0]
+
+    def f(z):
+        calls[0] += 1
+        out = [t + 10.0 ** calls[0] for t in z]
+        if scale_nan is not None and calls[0] >= 3:
+            out[scale_nan] = out[scale_nan] * float("nan")
+        return out
+
+    return f
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stop_reason_max_iter(name):
+    fm, xs = MultiscaleMap(gain=0.9), inputs()
+    with torch.no_grad():
+        _, st = SOLVERS[name](lambda z: fm(z, xs), zeros_like_state(xs), max_iter=3, tol=1e-14)
+    assert st.stop_reason == "max_iter" and st.nstep == 3 and not st.converged.any()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stop_reason_divergence(name):
+    _, st = SOLVERS[name](_exploding(), zeros_like_state(inputs()), max_iter=100, tol=1e-6,
+                          stop_mode="abs", divergence_factor=1e4)
+    assert st.stop_reason == "divergence" and st.nfe < 10, st.summary()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stop_reason_non_finite_warns_and_returns_finite(name):
+    with pytest.warns(RuntimeWarning, match=r"not finite at scale\(s\) \[1\]"):
+        z, st = SOLVERS[name](_exploding(scale_nan=1), zeros_like_state(inputs()), max_iter=100, tol=1e-6)
+    assert st.stop_reason == "non_finite" and st.nfe == 3
+    assert all(torch.isfinite(t).all() for t in z)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stop_reason_stagnation(name):
+    """g(z) = 1 everywhere has no root: the abs residual never improves."""
+    _, st = SOLVERS[name](lambda z: [t + 1 for t in z], [torch.zeros(2, 4)], max_iter=500, tol=1e-6,
+                          stop_mode="abs", stagnation_patience=5)
+    assert st.stop_reason == "stagnation" and st.nfe < 20
+
+
+def test_throw_raises_on_failure():
+    fm, xs = MultiscaleMap(gain=0.9), inputs()
+    with pytest.raises(SolverError, match="converged=0/3"):
+        broyden(lambda z: fm(z, xs), zeros_like_state(xs), max_iter=2, tol=1e-14, throw=True)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unknown_option_raises_with_valid_list(name):
+    with pytest.raises(TypeError, match=r"'max_iters' \(did you mean 'max_iter'\?\).*valid options are: .*tol"):
+        SOLVERS[name](lambda z: z, [torch.zeros(1, 2)], max_iters=3)
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="share the batch size"):
+        broyden(lambda z: z, [torch.zeros(2, 3), torch.zeros(3, 3)])
+    with pytest.raises(TypeError, match="floating dtype"):
+        broyden(lambda z: z, [torch.zeros(2, 3, dtype=torch.long)])
+    with pytest.raises(ValueError, match="stop_mode"):
+        broyden(lambda z: z, [torch.zeros(2, 3)], stop_mode="relative")
+    with pytest.raises(ValueError, match="changed the shape of scale 0"):
+        broyden(lambda z: [z[0][:, :2]], [torch.zeros(2, 3)])
+
+
+def test_check_every_reduces_checks_but_still_converges():
+    fm, xs = MultiscaleMap(gain=0.5), inputs()
+    with torch.no_grad():
+        _, st1 = broyden(lambda z: fm(z, xs), zeros_like_state(xs), max_iter=100, tol=1e-8)
+        _, st4 = broyden(lambda z: fm(z, xs), zeros_like_state(xs), max_iter=100, tol=1e-8, check_every=4)
+    assert st4.all_converged and st4.nstep % 4 == 0 and st1.nstep <= st4.nstep < st1.nstep + 4
+
+
+def test_lower_precision_f_keeps_state_dtype():
+    """Under autocast f may return bf16; the solver state and residuals stay in z0's dtype."""
+    b = torch.randn(2, 6)
+    z, st = broyden(lambda z: [(0.5 * z[0] + b).to(torch.bfloat16)], [torch.zeros(2, 6)], max_iter=20, tol=1e-2)
+    assert z[0].dtype == torch.float32 and st.all_converged
