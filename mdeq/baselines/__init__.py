@@ -1,0 +1,32 @@
+"""The comparison models of Table 1 and of the runtime/memory figure, built by name.
+
+Each model maps images (B, 3, 32, 32) to logits (B, 10), the same contract as the MDEQ classifier.
+Parameter counts (10 classes): resnet18_170k 176,402; resnet18_10m 10,151,691; resnet101 42,512,970;
+node_172k 173,611; anode_172k 172,452.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from mdeq.baselines.node import ConvODENet, anode_172k, node_172k
+from mdeq.baselines.resnet import ResNet, resnet18, resnet18_10m, resnet18_170k, resnet101
+
+BASELINES = {
+    "resnet18_170k": resnet18_170k,
+    "resnet18_10m": resnet18_10m,
+    "resnet18": resnet18,
+    "resnet101": resnet101,
+    "node_172k": node_172k,
+    "anode_172k": anode_172k,
+}
+
+
+def build_baseline(name: str, **kwargs) -> nn.Module:
+    """``BASELINES[name](**kwargs)``; e.g. ``build_baseline('anode_172k', rtol=1e-4)``."""
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}; expected one of {', '.join(BASELINES)}")
+    return BASELINES[name](**kwargs)
+
+
+__all__ = ["BASELINES", "build_baseline", "ConvODENet", "ResNet", "resnet18", "resnet101",
+           "resnet18_170k", "resnet18_10m", "node_172k", "anode_172k"]

@@ -1,0 +1,387 @@
+"""Data loaders on synthetic copies in the real layouts, the JPEG-q75 npz loader, and the errors."""
+import io
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mdeq.data import (
+    CITYSCAPES_CLASS_WEIGHTS,
+    CITYSCAPES_CLASSES,
+    CITYSCAPES_PALETTE,
+    MANIFEST_NAME,
+    DatasetIntegrityError,
+    DatasetNotFoundError,
+    build_dataset,
+    build_datasets,
+    cifar10,
+    convert_jpeg_npz_to_pickles,
+    describe_layout,
+    label_ids_to_train_ids,
+)
+from mdeq.data.synthetic import main as synthetic_main
+from mdeq.data.synthetic import make_synthetic
+from mdeq.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CityscapesTrainTransform
+
+SHARED = Path("/work/shared/data")
+BATCHES = (*cifar10.TRAIN_BATCHES, *cifar10.TEST_BATCHES)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads spin against other work (10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    for name in ("cifar10", "imagenet", "cityscapes"):
+        make_synthetic(name, root / name)
+    return root
+
+
+# ----------------------------------------------------------------------------- CIFAR-10
+
+
+def test_cifar10_synthetic_loads_in_official_layout(synthetic_root):
+    folder = synthetic_root / "cifar10" / "cifar-10-batches-py"
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*BATCHES, "batches.meta", MANIFEST_NAME])
+    with open(folder / "data_batch_1", "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    assert entry["data"].dtype == np.uint8 and entry["data"].shape[1] == 3072
+
+    sets = build_datasets("cifar10", synthetic_root / "cifar10")
+    train, val = sets["train"], sets["val"]
+    assert (len(train), len(val)) == (500, 200)
+    assert "synthetic" in train.source_label and train.num_classes == 10
+    x, y = train[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and isinstance(y, int)
+    assert 0 <= int(train.labels.min()) and int(train.labels.max()) <= 9
+    # The validation split is normalised with the released statistics and never augmented.
+    raw = val.images[3].float() / 255
+    mean = torch.tensor(cifar10.CIFAR10Transform(False).mean).view(3, 1, 1)
+    std = torch.tensor(cifar10.CIFAR10Transform(False).std).view(3, 1, 1)
+    torch.testing.assert_close(val[3][0], (raw - mean) / std)
+
+
+def test_cifar10_synthetic_is_learnable(synthetic_root):
+    """Nearest class mean on raw pixels beats chance by far, so a smoke run can show learning."""
+    sets = build_datasets("cifar10", synthetic_root / "cifar10")
+    tr, va = sets["train"], sets["val"]
+    means = torch.stack([tr.images[tr.labels == c].float().mean(0).flatten() for c in range(10)])
+    pred = torch.cdist(va.images.float().flatten(1), means).argmin(1)
+    assert (pred == va.labels).float().mean() > 0.8
+
+
+def test_cifar10_augmentation_is_seeded_by_torch(synthetic_root):
+    train = build_dataset("cifar10", synthetic_root / "cifar10", "train", augment=True)
+    torch.manual_seed(1)
+    a = torch.stack([train[i][0] for i in range(16)])
+    torch.manual_seed(1)
+    b = torch.stack([train[i][0] for i in range(16)])
+    torch.manual_seed(2)
+    c = torch.stack([train[i][0] for i in range(16)])
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    plain = build_dataset("cifar10", synthetic_root / "cifar10", "train", augment=False)
+    assert not torch.equal(a, torch.stack([plain[i][0] for i in range(16)]))
+
+
+def test_cifar10_md5_catches_a_corrupted_file(synthetic_root, tmp_path):
+    make_synthetic("cifar10", tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    with open(path, "rb") as f:
+        entry = pickle.load(f)
+    entry["data"][7, 100] ^= 0xFF  # one changed pixel: still a valid batch, a different md5
+    with open(path, "wb") as f:
+        pickle.dump(entry, f)
+    with pytest.raises(DatasetIntegrityError, match="data_batch_2.*md5"):
+        build_dataset("cifar10", tmp_path, "train")
+    # The test split does not read the corrupted batch; switching the check off is explicit.
+    assert len(build_dataset("cifar10", tmp_path, "val")) == 200
+    assert len(build_dataset("cifar10", tmp_path, "train", verify_md5=False)) == 500
+
+
+def test_cifar10_without_manifest_is_checked_against_the_published_md5s(tmp_path):
+    folder = make_synthetic("cifar10", tmp_path)
+    (folder / MANIFEST_NAME).unlink()
+    with pytest.raises(DatasetIntegrityError, match="published CIFAR-10 md5"):
+        build_dataset("cifar10", tmp_path, "val")
+    ds = build_dataset("cifar10", tmp_path, "val", verify_md5=False)
+    assert ds.source_label == cifar10.SOURCE_UNVERIFIED
+
+
+def test_cifar10_missing_and_malformed_give_the_layout(tmp_path):
+    with pytest.raises(DatasetNotFoundError) as info:
+        build_dataset("cifar10", tmp_path / "nowhere", "train")
+    message = str(info.value)
+    assert isinstance(info.value, FileNotFoundError)
+    assert "cifar-10-batches-py/data_batch_1" in message
+    assert f"python -m mdeq.data.synthetic --dataset cifar10 --root {tmp_path / 'nowhere'}" in message
+    assert "download=True" in message
+
+    (tmp_path / "wrong").mkdir()
+    with pytest.raises(DatasetNotFoundError, match="no 'cifar-10-batches-py' folder"):
+        build_dataset("cifar10", tmp_path / "wrong", "train")
+    folder = make_synthetic("cifar10", tmp_path / "partial")
+    (folder / "data_batch_4").unlink()
+    with pytest.raises(DatasetNotFoundError, match="missing files .*data_batch_4") as info:
+        build_dataset("cifar10", tmp_path / "partial", "train")
+    assert "data_batch_1 ... data_batch_5" in str(info.value)
+
+
+def _tiny_jpeg_npz(path, n=6, seed=0):
+    """A JPEG npz with the keys of PROVENANCE.md, and the exact pixels it was made from."""
+    rng = np.random.default_rng(seed)
+    arrays, exact = {}, {}
+    for name in BATCHES:
+        labels = rng.integers(0, 10, size=n).astype(np.uint8)
+        # Smooth images so that JPEG at quality 95 stays close to them.
+        base = rng.integers(0, 256, size=(n, 1, 1, 3)).astype(np.float64)
+        ramp = np.linspace(-30, 30, 32)[None, :, None, None] + np.linspace(-20, 20, 32)[None, None, :, None]
+        pixels = np.clip(base + ramp, 0, 255).astype(np.uint8)  # (n, 32, 32, 3)
+        blobs, offsets = [], [0]
+        for img in pixels:
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="JPEG", quality=95)
+            blobs.append(np.frombuffer(buf.getvalue(), dtype=np.uint8))
+            offsets.append(offsets[-1] + blobs[-1].size)
+        arrays[f"{name}_jpeg_bytes"] = np.concatenate(blobs)
+        arrays[f"{name}_jpeg_offsets"] = np.asarray(offsets, dtype=np.int64)
+        arrays[f"{name}_labels"] = labels
+        exact[name] = (pixels.transpose(0, 3, 1, 2).reshape(n, 3072), labels)
+    np.savez(path, **arrays)
+    return exact
+
+
+def test_jpeg_npz_loader_and_exact_overlay(tmp_path):
+    npz = tmp_path / cifar10.JPEG_NPZ_NAME
+    exact = _tiny_jpeg_npz(npz)
+    val = build_dataset("cifar10", tmp_path, "val", source="jpeg_q75")
+    assert val.source_label == "CIFAR-10 (JPEG-q75 re-encoded)"
+    assert val.images.shape == (6, 3, 32, 32) and val.images.dtype == torch.uint8
+    truth = torch.from_numpy(exact["test_batch"][0].reshape(6, 3, 32, 32))
+    assert (val.images.float() - truth.float()).abs().mean() < 3
+    assert val.labels.tolist() == exact["test_batch"][1].tolist()
+    train = build_dataset("cifar10", npz, "train", source="jpeg_q75", augment=True)
+    assert len(train) == 30 and train[0][0].shape == (3, 32, 32)
+
+    subset = tmp_path / "exact.npz"
+    np.savez(subset, **{f"{b}_data": exact[b][0][:2] for b in BATCHES},
+             **{f"{b}_labels": exact[b][1] for b in BATCHES})
+    hybrid = build_dataset("cifar10", npz, "val", source="jpeg_q75", exact_subset=subset)
+    assert torch.equal(hybrid.images[:2], truth[:2]) and torch.equal(hybrid.images[2:], val.images[2:])
+    assert "exact pixels" in hybrid.source_label
+
+    np.savez(subset, **{f"{b}_data": exact[b][0][:2] for b in BATCHES},
+             **{f"{b}_labels": (exact[b][1] + 1) % 10 for b in BATCHES})
+    with pytest.raises(DatasetIntegrityError, match="labels"):
+        build_dataset("cifar10", npz, "val", source="jpeg_q75", exact_subset=subset)
+    with pytest.raises(DatasetNotFoundError, match="jpeg_q75"):
+        build_dataset("cifar10", tmp_path / "nothing", "val", source="jpeg_q75")
+
+
+def test_jpeg_npz_converts_to_the_official_layout(tmp_path):
+    npz = tmp_path / "q75.npz"
+    _tiny_jpeg_npz(npz)
+    convert_jpeg_npz_to_pickles(npz, tmp_path / "out")
+    from_npz = build_dataset("cifar10", npz, "train", source="jpeg_q75")
+    from_pickles = build_dataset("cifar10", tmp_path / "out", "train")  # md5s from the manifest
+    assert from_pickles.source_label == from_npz.source_label == "CIFAR-10 (JPEG-q75 re-encoded)"
+    assert torch.equal(from_pickles.images, from_npz.images)
+    assert torch.equal(from_pickles.labels, from_npz.labels)
+
+
+@pytest.mark.skipif(not (SHARED / "cifar10-jpeg-q75" / cifar10.JPEG_NPZ_NAME).is_file(),
+                    reason="the shared offline CIFAR-10 files are not on this machine")
+def test_real_jpeg_npz_matches_the_exact_subset():
+    exact_path = SHARED / "cifar10-partial-exact" / "cifar10_exact_prefix_subset.npz"
+    val = build_dataset("cifar10", SHARED, "val", source="jpeg_q75")
+    assert val.source_label == "CIFAR-10 (JPEG-q75 re-encoded)" and len(val) == 10000
+    assert val.labels[:10].tolist() == [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]
+    assert torch.bincount(val.labels).tolist() == [1000] * 10
+    with np.load(exact_path) as npz:
+        exact = torch.from_numpy(npz["test_batch_data"][:200].reshape(-1, 3, 32, 32))
+    mse = ((val.images[:200].float() - exact.float()) ** 2).mean(dim=(1, 2, 3))
+    assert mse.max() <= 321  # PROVENANCE.md: matched pairs have MSE <= 321
+    if (SHARED / "cifar-10-batches-py" / "batches.meta").is_file():
+        meta = SHARED / "cifar-10-batches-py" / "batches.meta"
+        assert cifar10.md5sum(meta) == cifar10.OFFICIAL_MD5["batches.meta"]
+
+
+# ----------------------------------------------------------------------------- ImageNet
+
+
+def test_imagenet_synthetic_imagefolder(synthetic_root):
+    sets = build_datasets("imagenet", synthetic_root / "imagenet", image_size=48)
+    train, val = sets["train"], sets["val"]
+    assert train.classes == val.classes and train.num_classes == 4 and train.classes[0] == "n01440764"
+    assert (len(train), len(val)) == (32, 12) and "synthetic" in val.source_label
+    torch.manual_seed(0)
+    x, y = train[5]
+    torch.manual_seed(0)
+    assert torch.equal(x, train[5][0])
+    assert x.shape == (3, 48, 48) and x.dtype == torch.float32 and 0 <= y < 4
+    assert val[0][0].shape == (3, 48, 48)
+    assert torch.equal(val[0][0], val[0][0])  # no randomness in validation
+
+
+def test_imagenet_wrong_layout(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="train/<wnid>/"):
+        build_dataset("imagenet", tmp_path / "missing", "train")
+    (tmp_path / "train" / "n01440764").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "n01440764" / "a.JPEG")
+    (tmp_path / "val").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG")
+    with pytest.raises(DatasetNotFoundError, match="loose images.*sorted into class folders") as info:
+        build_dataset("imagenet", tmp_path, "val")
+    assert "val/<wnid>/*.JPEG" in str(info.value)
+
+
+# ----------------------------------------------------------------------------- Cityscapes
+
+
+def test_cityscapes_label_table_from_cityscapesscripts():
+    ids = np.arange(34)
+    expected = np.full(34, 255)
+    for label_id, train_id in {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
+                               24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}.items():
+        expected[label_id] = train_id
+    assert label_ids_to_train_ids(ids).tolist() == expected.tolist()
+    assert label_ids_to_train_ids(torch.arange(34)).tolist() == expected.tolist()
+    assert len(CITYSCAPES_CLASSES) == len(CITYSCAPES_PALETTE) == len(CITYSCAPES_CLASS_WEIGHTS) == 19
+    assert CITYSCAPES_CLASSES[0] == "road" and CITYSCAPES_PALETTE[0] == (128, 64, 128)
+    assert CITYSCAPES_CLASS_WEIGHTS[0] == 0.8373 and CITYSCAPES_CLASS_WEIGHTS[-1] == 1.0507
+
+
+def test_cityscapes_synthetic_official_layout(synthetic_root):
+    root = synthetic_root / "cityscapes"
+    sets = build_datasets("cityscapes", root, crop_size=(64, 96), base_size=256)
+    train, val = sets["train"], sets["val"]
+    assert (len(train), len(val)) == (4, 2) and train.num_classes == 19 and train.ignore_index == 255
+    image_path, label_path = val.pairs[0]
+    assert image_path.name == "frankfurt_000000_000019_leftImg8bit.png"
+    assert label_path == root / "gtFine" / "val" / "frankfurt" / "frankfurt_000000_000019_gtFine_labelIds.png"
+    # Validation: the full image, the labelIds PNG mapped through the table.
+    x, y = val[0]
+    assert x.shape == (3, 128, 256) and x.dtype == torch.float32 and y.dtype == torch.int64
+    raw_ids = np.asarray(Image.open(label_path))
+    assert y.tolist() == label_ids_to_train_ids(raw_ids).astype(np.int64).tolist()
+    assert (y == 255).any() and set(y.unique().tolist()) <= set(range(19)) | {255}
+    # Training: the crop, trainIds or 255.
+    x, y = train[1]
+    assert x.shape == (3, 64, 96) and y.shape == (64, 96)
+    assert set(y.unique().tolist()) <= set(range(19)) | {255}
+
+
+def _denormalise(x):
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x * std + mean) * 255
+
+
+def test_cityscapes_joint_transform_keeps_image_and_label_aligned():
+    """Paint each pixel with its class colour; after scale/pad/crop/flip the colours must still agree."""
+    palette = torch.tensor(CITYSCAPES_PALETTE, dtype=torch.float32)
+    label = torch.zeros(48, 96, dtype=torch.int64)
+    label[:, 48:] = 13
+    label[10:30, 5:40] = 2
+    label[30:, 60:80] = 255
+    label[:8, 70:90] = 10
+    colours = torch.cat([palette, torch.zeros(237, 3)])[label]  # 255 -> black
+    image = colours.permute(2, 0, 1).round().to(torch.uint8)
+    transform = CityscapesTrainTransform((40, 64), base_size=96)
+    flips = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        x, y = transform(image, label)
+        assert x.shape == (3, 40, 64) and y.shape == (40, 64) and y.dtype == torch.int64
+        rgb = _denormalise(x).permute(1, 2, 0)
+        valid = y != 255
+        err = (rgb[valid] - palette[y[valid]]).abs().amax(-1)
+        assert (err < 2).float().mean() > 0.85, seed  # only boundary pixels blend (bilinear image)
+        flips.add(bool((y[:, 0] == 13).all()))
+    assert flips == {True, False}  # both flipped and unflipped crops were checked
+
+
+def test_cityscapes_padding_uses_zero_image_and_ignore_label():
+    image = torch.full((3, 20, 40), 200, dtype=torch.uint8)
+    label = torch.full((20, 40), 7, dtype=torch.int64)
+    transform = CityscapesTrainTransform((64, 64), base_size=40, scale_factor=0, flip=False)
+    torch.manual_seed(0)
+    x, y = transform(image, label)  # long side 20, so 10x20 of content in a 64x64 crop
+    assert (y[:10, :20] == 7).all() and (y[10:] == 255).all() and (y[:, 20:] == 255).all()
+    torch.testing.assert_close(_denormalise(x)[:, 10:, :], torch.zeros(3, 54, 64), atol=1e-3, rtol=0)
+    torch.testing.assert_close(_denormalise(x)[:, :10, :20], torch.full((3, 10, 20), 200.0),
+                               atol=1e-3, rtol=0)
+
+
+def test_cityscapes_train_augmentation_is_seeded_by_torch(synthetic_root):
+    train = build_dataset("cityscapes", synthetic_root / "cityscapes", "train", crop_size=(64, 96),
+                          base_size=256)
+    torch.manual_seed(3)
+    a = train[0]
+    torch.manual_seed(3)
+    b = train[0]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_cityscapes_missing_labels_and_layout(tmp_path, synthetic_root):
+    with pytest.raises(DatasetNotFoundError, match="gtFine/{train,val}/<city>/") as info:
+        build_dataset("cityscapes", tmp_path / "none", "val")
+    assert "--dataset cityscapes" in str(info.value)
+    make_synthetic("cityscapes", tmp_path / "cs")
+    next((tmp_path / "cs" / "gtFine" / "val").glob("*/*_labelIds.png")).unlink()
+    with pytest.raises(DatasetNotFoundError, match="1 of 2 images have no label file"):
+        build_dataset("cityscapes", tmp_path / "cs", "val")
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def test_entry_point_validates_names_and_options(synthetic_root):
+    for name in ("cifar10", "imagenet", "cityscapes"):
+        assert "<root>" in describe_layout(name)
+    with pytest.raises(ValueError, match="cifar10, imagenet, cityscapes"):
+        build_datasets("mnist", synthetic_root)
+    with pytest.raises(ValueError, match="split"):
+        build_dataset("cifar10", synthetic_root / "cifar10", "test")
+    with pytest.raises(TypeError):
+        build_dataset("cifar10", synthetic_root / "cifar10", "train", crop_size=(1, 1))
+    with pytest.raises(ValueError, match="source"):
+        build_dataset("cifar10", synthetic_root / "cifar10", "train", source="png")
+
+
+def test_synthetic_cli_and_refusal_to_overwrite_real_data(tmp_path, capsys):
+    synthetic_main(["--dataset", "imagenet", "--root", str(tmp_path / "inet")])
+    assert "wrote a synthetic imagenet copy" in capsys.readouterr().out
+    synthetic_main(["--dataset", "imagenet", "--root", str(tmp_path / "inet")])  # over its own copy: fine
+    (tmp_path / "real" / "leftImg8bit").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="real data"):
+        make_synthetic("cityscapes", tmp_path / "real")
+
+
+def test_dataloader_batches(synthetic_root):
+    loader = torch.utils.data.DataLoader(
+        build_dataset("cityscapes", synthetic_root / "cityscapes", "val"), batch_size=2)
+    x, y = next(iter(loader))
+    assert x.shape == (2, 3, 128, 256) and y.shape == (2, 128, 256)
+
+
+def test_dataloader_workers_reproduce_augmentation(synthetic_root):
+    """Per-worker seeds come from the loader's generator, so the same seed gives the same batches."""
+    train = build_dataset("cifar10", synthetic_root / "cifar10", "train", augment=True)
+
+    def first_batches(seed):
+        loader = torch.utils.data.DataLoader(train, batch_size=50, shuffle=True, num_workers=2,
+                                             generator=torch.Generator().manual_seed(seed))
+        return [x for x, _ in list(loader)[:2]]
+
+    a, b, c = first_batches(0), first_batches(0), first_batches(1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and not torch.equal(a[0], c[0])
