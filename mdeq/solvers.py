@@ -188,16 +188,17 @@ class _Monitor:
         g = fz - z
         step = len(self.abs)
         if len(self.layout.sizes) == 1:
-            d2 = g.square().sum(1, keepdim=True)
-            f2 = fz.square().sum(1, keepdim=True)
-        else:
-            d2 = torch.stack([p.square().sum(1) for p in g.split(self.layout.sizes, 1)], 1)
-            f2 = torch.stack([p.square().sum(1) for p in fz.split(self.layout.sizes, 1)], 1)
-        abs_res = d2.sum(1).sqrt()
-        rel_res = abs_res / (f2.sum(1).sqrt() + _EPS)
+            dn = torch.linalg.vector_norm(g, dim=1, keepdim=True)
+            fn = torch.linalg.vector_norm(fz, dim=1, keepdim=True)
+            abs_res, f_norm = dn[:, 0], fn[:, 0]
+        else:  # per-scale norms, (B, S)
+            dn = torch.stack([torch.linalg.vector_norm(p, dim=1) for p in g.split(self.layout.sizes, 1)], 1)
+            fn = torch.stack([torch.linalg.vector_norm(p, dim=1) for p in fz.split(self.layout.sizes, 1)], 1)
+            abs_res, f_norm = dn.square().sum(1).sqrt(), fn.square().sum(1).sqrt()
+        rel_res = abs_res / (f_norm + _EPS)
         self.abs.append(abs_res)
         self.rel.append(rel_res)
-        self.scale_rel.append(d2.sqrt() / (f2.sqrt() + _EPS))
+        self.scale_rel.append(dn / (fn + _EPS))
         res = rel_res if self.stop_mode == "rel" else abs_res
         res = torch.nan_to_num(res, nan=math.inf)
         if self.best is None:
@@ -379,25 +380,28 @@ def broyden(f: Callable, z0, *, max_iter: int = 30, tol: float = 1e-3, stop_mode
         Uh, Vh = U[:, :n_used], Vt[:, :n_used]
         Bg = _rmatvec(Uh, Vh, g_new)           # B_k g_new
         vt = _lmatvec(Uh, Vh, delta)           # s^T B_k
-        y = g_new - g
-        vy = (vt * y).sum(1, keepdim=True)
-        ok = vy.abs() > 1e-30 * (vt.norm(dim=1, keepdim=True) * y.norm(dim=1, keepdim=True) + 1e-300)
-        inv = torch.where(ok, 1.0 / torch.where(ok, vy, torch.ones_like(vy)), torch.zeros_like(vy))
-        u = Bg * (-inv)
-        vg = (vt * g_new).sum(1, keepdim=True)
-        # New direction -B_{k+1} g_new = -(Bg + u (v^T g_new)), minus the dropped term if wrapping.
+        vg = _dot(vt, g_new)
+        vy = vg - _dot(vt, g)                  # v^T y with y = g_new - g
+        ok = vy != 0                           # a zero denominator skips the update (u = 0)
+        inv = torch.where(ok, -1.0 / torch.where(ok, vy, torch.ones_like(vy)), torch.zeros_like(vy))
+        u = Bg * inv
+        # New direction -B_{k+1} g_new = -(Bg + u (v^T g_new)), plus the dropped term if wrapping.
         delta = torch.addcmul(-Bg, u, vg, value=-1.0)
         if n_used == m:
-            old_u, old_v = U[:, head], Vt[:, head]
-            delta.addcmul_(old_u, (old_v * g_new).sum(1, keepdim=True))
-        U[:, head] = torch.nan_to_num(u, nan=0.0, posinf=0.0, neginf=0.0)
-        Vt[:, head] = torch.nan_to_num(vt, nan=0.0, posinf=0.0, neginf=0.0)
+            delta.addcmul_(U[:, head], _dot(Vt[:, head], g_new))
+        U[:, head] = u
+        Vt[:, head] = vt
         head = (head + 1) % m
         n_used = min(n_used + 1, m)
         g = g_new
     out = result(nstep)
     out[1].extra.update(memory=m, history_bytes=2 * U.numel() * U.element_size())
     return out
+
+
+def _dot(a, b):
+    """Per-sample dot product of two (B, D) tensors, as (B, 1)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).squeeze(2)
 
 
 def _rmatvec(U, Vt, x):

@@ -1,0 +1,148 @@
+"""Shared helpers for the benchmark scripts: timing, provenance, an MDEQ-like multiscale map."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, device, repeats: int, warmup: int = 1) -> list[float]:
+    """Wall times in seconds of ``repeats`` calls after ``warmup`` calls (device-synchronised)."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def provenance(args, device) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "mdeq", "benchmarks"], cwd=ROOT,
+                                    capture_output=True, text=True).stdout.strip())
+    except OSError:
+        commit, dirty = "unknown", None
+    dev = torch.device(device)
+    hw = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+          "torch_threads": torch.get_num_threads()}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    hw["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    if dev.type == "cuda":
+        hw["gpu"] = torch.cuda.get_device_name(dev)
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "args": vars(args),
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(dev),
+        "hardware": hw,
+    }
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+class MDEQLikeMap(nn.Module):
+    """An MDEQ-shaped f over 4 scales (the anchor of deq_libraries.md section 4, with 4 scales).
+
+    Per scale: conv3x3 (C -> 5C) -> GN -> ReLU -> conv3x3 (5C -> C) -> + injection -> GN -> + z ->
+    ReLU -> GN; then fusion (strided conv chains down, 1x1 conv + GN + upsampling up, summed) and
+    post-fusion ReLU -> 1x1 conv -> GN. N(0, 0.01) weights. As in the anchor, N(0, 1) injection goes
+    to every scale and the block-output and post-fusion GN gains are ``gain`` (0.7), which makes the
+    map converge; injecting only at the top scale leaves the untrained map non-contractive.
+    """
+
+    def __init__(self, channels=(8, 16, 32, 64), expansion=5, groups=4, gain=0.7):
+        super().__init__()
+        self.channels = channels
+        n = len(channels)
+        gn = lambda c, g=groups: nn.GroupNorm(min(g, c), c)  # noqa: E731
+        self.conv1 = nn.ModuleList([nn.Conv2d(c, expansion * c, 3, padding=1, bias=False) for c in channels])
+        self.gn1 = nn.ModuleList([gn(expansion * c) for c in channels])
+        self.conv2 = nn.ModuleList([nn.Conv2d(expansion * c, c, 3, padding=1, bias=False) for c in channels])
+        self.gn2 = nn.ModuleList([gn(c) for c in channels])
+        self.gn3 = nn.ModuleList([gn(c) for c in channels])
+        self.fuse = nn.ModuleList()
+        for i in range(n):
+            row = nn.ModuleList()
+            for j in range(n):
+                if j > i:
+                    row.append(nn.Sequential(nn.Conv2d(channels[j], channels[i], 1, bias=False), gn(channels[i]),
+                                             nn.Upsample(scale_factor=2 ** (j - i), mode="nearest")))
+                elif j < i:
+                    layers = []
+                    for k in range(i - j):
+                        last = k == i - j - 1
+                        cout = channels[i] if last else channels[j]
+                        layers += [nn.Conv2d(channels[j], cout, 3, stride=2, padding=1, bias=False), gn(cout)]
+                        if not last:
+                            layers.append(nn.ReLU())
+                    row.append(nn.Sequential(*layers))
+                else:
+                    row.append(nn.Identity())
+            self.fuse.append(row)
+        self.post = nn.ModuleList([nn.Sequential(nn.ReLU(), nn.Conv2d(c, c, 1, bias=False), gn(c, max(1, groups // 2)))
+                                   for c in channels])
+        for mod in self.modules():
+            if isinstance(mod, nn.Conv2d):
+                nn.init.normal_(mod.weight, 0, 0.01)
+        with torch.no_grad():
+            for g in list(self.gn2) + list(self.gn3) + [p[-1] for p in self.post]:
+                g.weight.fill_(gain)
+
+    def state_shapes(self, size=32):
+        return [(c, size // 2 ** i, size // 2 ** i) for i, c in enumerate(self.channels)]
+
+    def forward(self, z, x):
+        blocks = []
+        for i, zi in enumerate(z):
+            y = F.relu(self.gn1[i](self.conv1[i](zi)))
+            y = self.gn2[i](self.conv2[i](y) + x[i])
+            blocks.append(self.gn3[i](F.relu(y + zi)))
+        out = []
+        for i in range(len(blocks)):
+            s = blocks[i]
+            for j in range(len(blocks)):
+                if j != i:
+                    s = s + self.fuse[i][j](blocks[j])
+            out.append(self.post[i](s))
+        return out
