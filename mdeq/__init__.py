@@ -2,15 +2,26 @@
 
 The public API is the names in ``__all__``; everything else is private.
 """
-from mdeq.solvers import SOLVERS, SolverStats, anderson, broyden, fixed_point
+from mdeq.solvers import SOLVERS, SolverError, SolverStats, anderson, broyden, fixed_point
 from mdeq.implicit import DEQInfo, ImplicitLayer
+from mdeq.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict, load_config
+from mdeq.model import MDEQ, build_model, upsample_logits
 
 __all__ = [
     "SOLVERS",
+    "SolverError",
     "SolverStats",
     "anderson",
     "broyden",
     "fixed_point",
     "DEQInfo",
     "ImplicitLayer",
+    "ConfigError",
+    "ExperimentConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "MDEQ",
+    "build_model",
+    "upsample_logits",
 ]
