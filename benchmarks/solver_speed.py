@@ -6,7 +6,7 @@ Backward ratio = (backward time - one VJP into parameters and z) / (VJPs x time 
 
     python benchmarks/solver_speed.py                 # CPU, writes results/benchmarks/solver_speed_cpu.json
     python benchmarks/solver_speed.py --device cuda   # on a GPU machine
-    python benchmarks/solver_speed.py --case model    # adds the full MDEQ f (CIFAR MDEQ-small, official config)
+    python benchmarks/solver_speed.py --case model    # only the full MDEQ f (CIFAR MDEQ-small, official config)
 
 torchdeq is a benchmark-only dependency (``pip install torchdeq==0.1.0``); the package never imports it.
 Times are medians over ``--repeats`` after a warm-up; f and VJP times are medians of 30 calls.
@@ -50,29 +50,49 @@ def _torchdeq_layer(solver, max_iter, tol, b_max_iter=None, ift=False):
                    b_tol=tol, b_stop_mode="rel")
 
 
+CASES = ("mdeq_like", "anchor3", "model")
+
+
 def build_case(name, device, batch):
-    """Return (f, z0, params, x) for a benchmark case: f(z_list) -> z_list."""
-    if name == "mdeq_like":
+    """Return (make_f, z0, params, description) for a benchmark case.
+
+    ``make_f()`` gives f(z_list) -> z_list; the model case rebuilds it per training step because
+    the per-forward weight-norm weights and dropout masks (FTheta.prepare) carry a graph.
+    """
+    if name in ("mdeq_like", "anchor3"):
         torch.manual_seed(0)
-        fm = MDEQLikeMap().to(device)
+        fm = (MDEQLikeMap() if name == "mdeq_like" else
+              MDEQLikeMap(channels=(8, 16, 32), upsample="bilinear")).to(device)
         shapes = fm.state_shapes(32)
         x = [torch.randn(batch, *s, device=device) for s in shapes]
         z0 = [torch.zeros(batch, *s, device=device) for s in shapes]
-        return (lambda z: fm(z, x)), z0, list(fm.parameters()), {"map": "MDEQLikeMap", "shapes": shapes}
+        f = lambda z: fm(z, x)  # noqa: E731
+        return (lambda: f), z0, list(fm.parameters()), {"map": f"MDEQLikeMap (benchmarks/_common.py), {name}",
+                                                        "shapes": shapes}
     if name == "model":
         import mdeq
         torch.manual_seed(0)
         cfg = mdeq.load_config("cifar10_small_official")
-        model = mdeq.build_model(cfg).to(device)
-        images = torch.randn(batch, 3, 32, 32, device=device)
-        f, z0 = model.equilibrium_function(images)
-        return f, z0, list(model.parameters()), {"config": "cifar10_small_official",
-                                                 "shapes": [tuple(t.shape[1:]) for t in z0]}
-    raise ValueError(f"unknown case {name!r}; choose mdeq_like or model")
+        model = mdeq.build_model(cfg).to(device).train()
+        with torch.no_grad():
+            x = model.stem(torch.randn(batch, 3, 32, 32, device=device))
+            inj = model.injection(x) if model.injection is not None else x
+        func = model.f
+        z0 = [inj.new_zeros(batch, c, 32 >> i, 32 >> i) for i, c in enumerate(func.num_channels)]
+
+        def make_f():
+            prepared = func.prepare(batch, inj)
+            return lambda z: func(z, inj, prepared)
+
+        return make_f, z0, list(func.parameters()), {"config": "cifar10_small_official (train mode, dropout on)",
+                                                     "shapes": [tuple(t.shape[1:]) for t in z0]}
+    raise ValueError(f"unknown case {name!r}; choose one of {CASES}")
 
 
-def bench_forward(f, z0, device, repeats, max_iters, tol, memory, with_torchdeq):
+def bench_forward(make_f, z0, device, repeats, max_iters, tol, memory, with_torchdeq):
     rows = []
+    with torch.no_grad():
+        f = make_f()
     t_f = median(timeit(lambda: f(z0) and None, device, 30, warmup=3))
     # f is timed at z* too (GN makes it data-independent, but be safe)
     with torch.no_grad():
@@ -110,9 +130,11 @@ def bench_forward(f, z0, device, repeats, max_iters, tol, memory, with_torchdeq)
     return rows, t_f
 
 
-def bench_backward(f, z0, params, device, repeats, max_iter, tol, memory, with_torchdeq):
+def bench_backward(make_f, z0, params, device, repeats, max_iter, tol, memory, with_torchdeq):
     """One training step (forward + IFT backward), Broyden both ways; times the backward only."""
     rows = []
+    f = make_f()
+    cur = {"f": f}
     with torch.no_grad():
         z_star, _ = SOLVERS["broyden"](f, z0, max_iter=60, tol=tol)
     zs = [t.detach().requires_grad_() for t in z_star]
@@ -126,11 +148,12 @@ def bench_backward(f, z0, params, device, repeats, max_iter, tol, memory, with_t
     for impl, _ in impls:
         rec = {}
         if impl == "ours":
-            layer = ImplicitLayer(lambda z: f(z), max_iter=max_iter, tol=tol, solver_options={"memory": memory},
+            layer = ImplicitLayer(lambda z: cur["f"](z), max_iter=max_iter, tol=tol, solver_options={"memory": memory},
                                   backward_max_iter=max_iter, backward_tol=tol,
                                   backward_options={"memory": memory}, warn=False)
 
             def step():
+                cur["f"] = make_f()
                 z, info = layer(z0)
                 loss = loss_of(z)
                 sync(device)
@@ -161,7 +184,8 @@ def bench_backward(f, z0, params, device, repeats, max_iter, tol, memory, with_t
             def step():
                 tg.autograd = counting
                 try:
-                    zs_out, _ = layer(lambda *z: tuple(f(list(z))), tuple(z0),
+                    fstep = make_f()
+                    zs_out, _ = layer(lambda *z: tuple(fstep(list(z))), tuple(z0),
                                       backward_writer=lambda info: writer_info.update(info))
                     loss = loss_of(list(zs_out[-1]))
                     _CountingAutograd.n = 0
@@ -203,7 +227,9 @@ def _now():
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--case", default="mdeq_like", choices=["mdeq_like", "model", "all"])
+    p.add_argument("--case", nargs="+", default=list(CASES), choices=CASES,
+                   help="mdeq_like: 4-scale MDEQ-like map (runs to the budget); anchor3: the 3-scale anchor of "
+                        "deq_libraries.md (converges, so NFE to tol compare); model: CIFAR MDEQ-small's f")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--tol", type=float, default=1e-3)
@@ -222,13 +248,13 @@ def main(argv=None):
             import torchdeq  # noqa: F401
         except ImportError:
             sys.exit("torchdeq is not installed: pip install torchdeq==0.1.0 (or pass --no-torchdeq)")
-    cases = ["mdeq_like", "model"] if args.case == "all" else [args.case]
+    cases = args.case
     payload = {"provenance": provenance(args, device), "cases": {}}
     for case in cases:
         print(f"case {case} on {device} (batch {args.batch}, tol {args.tol} rel)", flush=True)
-        f, z0, params, desc = build_case(case, device, args.batch)
-        fwd, t_f = bench_forward(f, z0, device, args.repeats, args.max_iters, args.tol, args.memory, with_torchdeq)
-        bwd = bench_backward(f, z0, params, device, args.repeats, max(args.max_iters), args.tol, args.memory,
+        make_f, z0, params, desc = build_case(case, device, args.batch)
+        fwd, t_f = bench_forward(make_f, z0, device, args.repeats, args.max_iters, args.tol, args.memory, with_torchdeq)
+        bwd = bench_backward(make_f, z0, params, device, args.repeats, max(args.max_iters), args.tol, args.memory,
                              with_torchdeq)
         payload["cases"][case] = {"description": desc, "f_time_ms": 1e3 * t_f, "forward": fwd, "backward": bwd}
     out = args.out or ROOT / "results" / "benchmarks" / f"solver_speed_{device.type}.json"

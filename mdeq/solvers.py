@@ -196,6 +196,7 @@ class _Monitor:
             fn = torch.stack([torch.linalg.vector_norm(p, dim=1) for p in fz.split(self.layout.sizes, 1)], 1)
             abs_res, f_norm = dn.square().sum(1).sqrt(), fn.square().sum(1).sqrt()
         rel_res = abs_res / (f_norm + _EPS)
+        self.last_scale_norms = fn  # a non-finite f(z) shows up as a non-finite norm: no extra pass
         self.abs.append(abs_res)
         self.rel.append(rel_res)
         self.scale_rel.append(dn / (fn + _EPS))
@@ -213,20 +214,21 @@ class _Monitor:
             self.best_step = torch.where(better, step, self.best_step)
         return g
 
-    def should_stop(self, nstep: int, fz: torch.Tensor) -> bool:
+    def should_stop(self, nstep: int) -> bool:
         """Decide after ``nstep`` updates; syncs with the host only every ``check_every`` steps."""
         if nstep >= self.max_iter:
             self.stop_reason = "max_iter"
-            self._check_finite(fz, nstep)
+            if not bool(torch.isfinite(self.last_scale_norms).all()):
+                self._non_finite(nstep)
             return True
         if nstep % self.check_every:
             return False
         growth = (self.abs[-1] / (self.first_abs + _EPS)).max()
         flags = torch.stack([self.best.max(), growth.to(self.best.dtype),
-                             (~torch.isfinite(fz)).any().to(self.best.dtype)]).tolist()
+                             (~torch.isfinite(self.last_scale_norms)).any().to(self.best.dtype)]).tolist()
         best_max, growth, non_finite = flags
         if non_finite:
-            self._non_finite(fz, nstep)
+            self._non_finite(nstep)
             return True
         if best_max < self.tol:
             self.stop_reason = "tol"
@@ -247,12 +249,9 @@ class _Monitor:
                 return True
         return False
 
-    def _check_finite(self, fz, nstep):
-        if not bool(torch.isfinite(fz).all()):
-            self._non_finite(fz, nstep)
-
-    def _non_finite(self, fz, nstep):
-        bad = [i for i, p in enumerate(fz.split(self.layout.sizes, 1)) if not bool(torch.isfinite(p).all())]
+    def _non_finite(self, nstep):
+        norms = self.last_scale_norms.reshape(self.layout.batch, -1)
+        bad = torch.nonzero(~torch.isfinite(norms).all(0)).flatten().tolist()
         self.stop_reason = "non_finite"
         self.message = (f"{self.name}: f(z) is not finite at scale(s) {bad} after {nstep} step(s); "
                         f"returning the lowest-residual finite iterate")
@@ -334,7 +333,7 @@ def fixed_point(f: Callable, z0, *, max_iter: int = 50, tol: float = 1e-3, stop_
     while True:
         fz = F(z)
         g = mon.record(z, fz)
-        if mon.should_stop(nstep, fz):
+        if mon.should_stop(nstep):
             break
         z = fz if damping == 1.0 else z.add(g, alpha=damping)
         nstep += 1
@@ -361,12 +360,12 @@ def broyden(f: Callable, z0, *, max_iter: int = 30, tol: float = 1e-3, stop_mode
                                check_every=check_every, throw=throw, warn=warn)
     B, D = z.shape
     m = min(memory, max_iter)
-    U = z.new_zeros(B, m, D)
-    Vt = z.new_zeros(B, m, D)
+    U = z.new_empty(B, m, D)   # only the first n_used rows are ever read
+    Vt = z.new_empty(B, m, D)
     fz = F(z)
     g = mon.record(z, fz)
     nstep, n_used, head = 0, 0, 0  # head: slot of the next update
-    if mon.should_stop(nstep, fz):
+    if mon.should_stop(nstep):
         return result(nstep)
     delta = g.clone()  # -B0 g = g
     while True:
@@ -374,7 +373,7 @@ def broyden(f: Callable, z0, *, max_iter: int = 30, tol: float = 1e-3, stop_mode
         fz = F(z)
         g_new = mon.record(z, fz)
         nstep += 1
-        if mon.should_stop(nstep, fz):
+        if mon.should_stop(nstep):
             break
         # With s = delta = -B_k g_k:  B_k y = B_k g_new + delta, so u = (s - B_k y)/(v^T y) = -Bg / (v^T y).
         Uh, Vh = U[:, :n_used], Vt[:, :n_used]
@@ -384,12 +383,12 @@ def broyden(f: Callable, z0, *, max_iter: int = 30, tol: float = 1e-3, stop_mode
         vy = vg - _dot(vt, g)                  # v^T y with y = g_new - g
         ok = vy != 0                           # a zero denominator skips the update (u = 0)
         inv = torch.where(ok, -1.0 / torch.where(ok, vy, torch.ones_like(vy)), torch.zeros_like(vy))
-        u = Bg * inv
-        # New direction -B_{k+1} g_new = -(Bg + u (v^T g_new)), plus the dropped term if wrapping.
-        delta = torch.addcmul(-Bg, u, vg, value=-1.0)
+        # New direction -B_{k+1} g_new = -(Bg + u (v^T g_new)) = -Bg (1 + inv vg), plus the dropped
+        # term if the history wraps; u = Bg inv goes straight into its history slot.
+        delta = Bg * (-1.0 - inv * vg)
         if n_used == m:
             delta.addcmul_(U[:, head], _dot(Vt[:, head], g_new))
-        U[:, head] = u
+        torch.mul(Bg, inv, out=U[:, head])
         Vt[:, head] = vt
         head = (head + 1) % m
         n_used = min(n_used + 1, m)
@@ -399,25 +398,31 @@ def broyden(f: Callable, z0, *, max_iter: int = 30, tol: float = 1e-3, stop_mode
     return out
 
 
+# Low-rank products over a (B, n, D) history. Reductions are written as (B, 1, D) x (B, D, n) with a
+# transposed view, which BLAS runs about 5x faster on CPU than the equivalent (B, n, D) x (B, D, 1).
+
 def _dot(a, b):
     """Per-sample dot product of two (B, D) tensors, as (B, 1)."""
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).squeeze(2)
+
+
+def _coef(H, x):
+    """(B, n) coefficients h_j . x for the rows h_j of H (B, n, D)."""
+    return torch.bmm(x.unsqueeze(1), H.transpose(1, 2))
 
 
 def _rmatvec(U, Vt, x):
     """B x for B = -I + sum_j u_j v_j^T (rows of U, Vt per sample): -x + sum_j u_j (v_j . x)."""
     if U.shape[1] == 0:
         return -x
-    coef = torch.bmm(Vt, x.unsqueeze(2))           # (B, n, 1)
-    return torch.baddbmm(-x.unsqueeze(1), coef.transpose(1, 2), U).squeeze(1)
+    return torch.baddbmm(x.unsqueeze(1), _coef(Vt, x), U, beta=-1).squeeze(1)
 
 
 def _lmatvec(U, Vt, x):
     """x^T B = -x^T + sum_j (x . u_j) v_j^T."""
     if U.shape[1] == 0:
         return -x
-    coef = torch.bmm(U, x.unsqueeze(2))            # (B, n, 1)
-    return torch.baddbmm(-x.unsqueeze(1), coef.transpose(1, 2), Vt).squeeze(1)
+    return torch.baddbmm(x.unsqueeze(1), _coef(U, x), Vt, beta=-1).squeeze(1)
 
 
 @_checked_options
@@ -439,24 +444,24 @@ def anderson(f: Callable, z0, *, max_iter: int = 50, tol: float = 1e-3, stop_mod
                                check_every=check_every, throw=throw, warn=warn)
     B, D = x.shape
     m = memory
-    Fh = x.new_zeros(B, m, D)   # f(x_i)
-    G = x.new_zeros(B, m, D)    # g_i = f(x_i) - x_i
+    Fh = x.new_empty(B, m, D)   # f(x_i); only filled slots are read
+    G = x.new_empty(B, m, D)    # g_i = f(x_i) - x_i
     H = x.new_zeros(B, m, m)    # Gram matrix G G^T
     nstep = 0
     k = 0
     while True:
         fx = F(x)
         g = mon.record(x, fx)
-        if mon.should_stop(nstep, fx):
+        if mon.should_stop(nstep):
             break
         slot = k % m
         Fh[:, slot] = fx
         G[:, slot] = g
-        row = torch.bmm(G, g.unsqueeze(2)).squeeze(2)   # (B, m): g_j . g for every slot
-        H[:, slot, :] = row
-        H[:, :, slot] = row
         k += 1
         n = min(k, m)
+        row = _coef(G[:, :n], g).squeeze(1)              # (B, n): g_j . g for every filled slot
+        H[:, slot, :n] = row
+        H[:, :n, slot] = row
         Hn = H[:, :n, :n]
         scale = Hn.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)[:, None, None]
         A = Hn / scale + lam * torch.eye(n, dtype=x.dtype, device=x.device)
