@@ -19,6 +19,7 @@ the samples whose returned iterate meets ``tol``.
 Residuals, per sample b: abs = ||f(z) - z||, rel = ||f(z) - z|| / ||f(z)|| (norms over all scales),
 and per scale i: ||f_i(z) - z_i|| / ||f_i(z)||. If ``f`` returns a lower-precision dtype (autocast),
 its output is cast to the state dtype: the solver state and residuals stay in the dtype of ``z0``.
+Solves run under ``torch.no_grad()``: gradients come from ``mdeq.implicit.ImplicitLayer``.
 """
 from __future__ import annotations
 
@@ -107,7 +108,8 @@ def _checked_options(fn):
                 hints.append(f"'{k}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
             raise TypeError(f"{fn.__name__}() got unknown option(s) {', '.join(hints)}; "
                             f"valid options are: {', '.join(valid)}")
-        return fn(f, z0, **options)
+        with torch.no_grad():  # a solve is never differentiated through: ImplicitLayer attaches gradients
+            return fn(f, z0, **options)
 
     wrapper.options = tuple(valid)
     return wrapper
