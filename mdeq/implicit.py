@@ -187,11 +187,15 @@ class _IFTBackward:
 
     def __call__(self, grads):
         layer = self.layer
-        G = [torch.zeros_like(z) if g is None else g for g, z in zip(grads, self.z_new)]
+        # Under autocast f(z*) may be bf16/fp16; the backward solve still runs in (at least) float32.
+        out_dtypes = [z.dtype for z in self.z_new]
+        G = [torch.zeros_like(z, dtype=_solve_dtype(z)) if g is None else g.to(_solve_dtype(g))
+             for g, z in zip(grads, self.z_new)]
 
         def h(u):
-            vjp = torch.autograd.grad(self.z_new, self.z_star, u, retain_graph=True, allow_unused=True)
-            return [g if v is None else v + g for v, g in zip(vjp, G)]
+            vjp = torch.autograd.grad(self.z_new, self.z_star, [a.to(d) for a, d in zip(u, out_dtypes)],
+                                      retain_graph=True, allow_unused=True)
+            return [g if v is None else v.to(g.dtype) + g for v, g in zip(vjp, G)]
 
         u, stats = layer.backward_solver(h, [torch.zeros_like(g) for g in G],
                                          max_iter=layer.backward_max_iter, tol=layer.backward_tol,
@@ -200,7 +204,12 @@ class _IFTBackward:
         if layer.warn and not stats.all_converged:
             warnings.warn("IFT backward solve did not converge: " + stats.summary()
                           + (f" ({stats.message})" if stats.message else ""), RuntimeWarning, stacklevel=2)
-        return [t.detach() for t in u]
+        return [t.detach().to(d) for t, d in zip(u, out_dtypes)]
+
+
+def _solve_dtype(t: torch.Tensor) -> torch.dtype:
+    """float32 for half-precision tensors, the tensor's own dtype otherwise."""
+    return torch.promote_types(t.dtype, torch.float32)
 
 
 class _AttachBackward(torch.autograd.Function):

@@ -441,7 +441,9 @@ class MDEQ(nn.Module):
         b, _, h, w = injection.shape
         f = self.f
         prepared = f.prepare(b, injection)
-        z0 = [injection.new_zeros(b, c, h >> i, w >> i) for i, c in enumerate(f.num_channels)]
+        # The solver state stays at least float32 even when the stem ran under autocast.
+        dtype = torch.promote_types(injection.dtype, torch.float32)
+        z0 = [injection.new_zeros(b, c, h >> i, w >> i, dtype=dtype) for i, c in enumerate(f.num_channels)]
         return self.deq(z0, injection, prepared)
 
     def load_backbone(self, state_dict: dict[str, Tensor]) -> None:

@@ -1,0 +1,137 @@
+"""Time per training step and peak memory of the real engine (``mdeq.train.train_step``), per phase.
+
+Measures CIFAR-10 MDEQ-small (``cifar10_small_official``) at batch 32 by default in the unrolled warm-up
+phase (``solver.unroll_steps`` applications of f with ordinary backprop) and in the implicit phase
+(Broyden forward solve, one f(z*) with grad, Broyden IFT backward solve). Each phase runs in a fresh
+child process so that its peak memory is its own. Memory: on CUDA ``max_memory_allocated``; on a CPU the
+process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``; ``mdeq.metrics.PeakMemory``)
+and its increase over the resident set after set-up (model, optimiser, one batch), since the torch
+runtime alone is several hundred MB. Step times are medians over ``--steps`` after ``--warmup`` steps.
+
+    python benchmarks/train_step.py                  # CPU, 1 thread: results/benchmarks/train_step_cpu.json
+    python benchmarks/train_step.py --device cuda    # results/benchmarks/train_step_cuda.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, provenance, sync, write_json  # noqa: E402
+
+PHASES = ("unrolled", "implicit")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_phase(args) -> dict:
+    """In the child: build the model, run warm-up + timed steps of one phase, return the measurements."""
+    from mdeq.config import load_config
+    from mdeq.metrics import PeakMemory
+    from mdeq.model import build_model
+    from mdeq.train import build_criterion, build_optimizer, set_phase, solver_stats, train_step
+
+    warnings.filterwarnings("ignore", "IFT backward solve did not converge")
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cfg = load_config(args.config, {"data.batch_size": args.batch})
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device).train()
+    model.deq.warn = False
+    optimizer = build_optimizer(model, cfg.train)
+    criterion = build_criterion(cfg).to(device)
+    h, w = cfg.data.image_size
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, h, w, generator=g).to(device)
+    y = torch.randint(0, cfg.data.num_classes, (args.batch,), generator=g).to(device)
+    phase = set_phase(model, cfg, 0 if args.child == "unrolled" else cfg.train.pretrain_steps)
+    assert phase == args.child, (phase, args.child)
+    memory = PeakMemory(device)
+    setup_mb = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else _rss_mb()
+    memory.reset()
+    times, stats = [], []
+    for i in range(args.warmup + args.steps):
+        sync(device)
+        t0 = time.perf_counter()
+        loss, _ = train_step(model, criterion, optimizer, x, y)
+        loss.item()
+        sync(device)
+        if i >= args.warmup:
+            times.append(1000 * (time.perf_counter() - t0))
+            stats.append(solver_stats(model))
+    peak = memory.peak_mb()
+
+    def mean(key):
+        vals = [s[key] for s in stats if key in s]
+        return statistics.fmean(vals) if vals else None
+
+    return {
+        "phase": phase,
+        "step_time_ms_median": statistics.median(times),
+        "step_time_ms": times,
+        "peak_mem_mb": peak,
+        "setup_mem_mb": setup_mb,
+        "peak_minus_setup_mb": peak - setup_mb,
+        "mem_kind": memory.kind,
+        "nfe_forward": mean("nfe_forward"),
+        "nfe_backward": mean("nfe_backward"),
+        "rel_residual_forward": mean("rel_residual_forward"),
+        "rel_residual_backward": mean("rel_residual_backward"),
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "unroll_steps": cfg.solver.unroll_steps,
+        "max_iter": cfg.solver.max_iter,
+        "backward_max_iter": cfg.solver.backward_max_iter,
+    }
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="cifar10_small_official")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per phase")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="default results/benchmarks/train_step_<device>.json")
+    p.add_argument("--child", choices=PHASES, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child is not None:
+        print(json.dumps(run_phase(args)))
+        return
+    results = {}
+    for phase in PHASES:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", phase, "--config", args.config,
+               "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--threads", str(args.threads), "--device", args.device]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if out.returncode != 0:
+            raise RuntimeError(f"{phase} child failed:\n{out.stderr[-3000:]}")
+        results[phase] = json.loads(out.stdout.strip().splitlines()[-1])
+        r = results[phase]
+        print(f"{phase:9s} {r['step_time_ms_median']:8.0f} ms/step  peak {r['peak_mem_mb']:7.0f} MB "
+              f"(+{r['peak_minus_setup_mb']:.0f} MB over set-up, {r['mem_kind']})  nfe {r['nfe_forward']}"
+              f"/{r['nfe_backward']}", flush=True)
+    torch.set_num_threads(args.threads)  # so the provenance records the children's thread count
+    device_name = torch.device(args.device).type
+    path = Path(args.out) if args.out else ROOT / "results" / "benchmarks" / f"train_step_{device_name}.json"
+    write_json(path, {"benchmark": "train_step", "config": args.config, "batch": args.batch, "results": results,
+                      "provenance": provenance(args, args.device)})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

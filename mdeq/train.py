@@ -1,0 +1,1018 @@
+"""Training engine: ``train_one_epoch``, ``evaluate`` and ``main(cfg, options)``; ``python -m mdeq.train``.
+
+Why this shape: torchvision's ``references/classification/train.py`` (a plain loop, full-state
+checkpoints), with what the paper's training needs on top (Appendix A, Table 4,
+``official_mdeq_facts.md`` sections 3.3, 4 and 5):
+
+- **Optimisers and schedule** from ``cfg.train``: torch Adam (L2-coupled weight decay, not AdamW) for
+  CIFAR-10, SGD with momentum 0.9 (+ Nesterov for ImageNet) for ImageNet and Cityscapes, and
+  ``CosineAnnealingLR(T_max = iterations per epoch x epochs, eta_min)`` stepped every iteration.
+- **Unrolled warm-up**: for the first ``train.pretrain_steps`` optimiser steps f_theta is applied
+  ``solver.unroll_steps`` times with ordinary backprop (``model.deq.grad = "unrolled"``); from then on
+  the implicit solve with ``solver.grad`` runs. A hard switch, counted in optimiser steps and derived
+  from the global step, so a resumed run lands in the right phase. Evaluation always solves for the
+  equilibrium, as the released (old) code does, also during the warm-up.
+- **Losses and metrics**: cross-entropy; for Cityscapes class-weighted with ignore index 255, the
+  logits upsampled bilinearly (align_corners=True) to the label size. Top-1/top-5 accuracy, or mIoU
+  from a confusion matrix reduced over processes.
+- **No model selection on the evaluation set.** CIFAR-10's evaluation set is its test set (as in the
+  released code, whose ``model_best`` is chosen on it). We report the *final* epoch; ``final.json``
+  shows the best epoch beside it, labelled as such, for comparison only.
+- **ImageNet initialisation for Cityscapes** (``train.pretrained``): every tensor present in both state
+  dicts with equal shapes (stem, injection, f_theta) is loaded and the loaded/skipped keys are logged.
+
+Run-time options (device, mixed precision, workers, logging, output folder, resume, limits for smoke
+runs) are not part of the experiment and live in ``RunOptions``, not in the config.
+
+Mixed precision (``--amp``, off by default): f, the stem and the heads run under ``torch.autocast``
+(float16 on CUDA with a ``GradScaler``, or bfloat16, which needs no scaler); the solver keeps its state
+and residuals in the dtype of z0 and casts f's output to it (``mdeq/solvers.py``). On a CPU ``--amp``
+means bfloat16 autocast. Code behind ``torch.cuda.is_available()`` never runs on a CPU-only machine.
+
+Multi-GPU and multi-node: launch with ``torchrun`` (``torchrun --nproc_per_node 4 -m mdeq.train ...``);
+``mdeq.distributed`` reads the rank and world size from its environment. The model is wrapped in
+DistributedDataParallel, each process reads its shard through a ``DistributedSampler`` (reshuffled
+every epoch from ``train.seed + epoch``), ``data.batch_size`` is the global batch, and segmentation
+models use SyncBatchNorm on GPUs as the released code does (SyncBatchNorm has no CPU kernel). Only rank
+0 logs and writes files. The implicit backward (a custom autograd Function that calls
+``autograd.grad`` with respect to z* only) leaves DDP's per-parameter gradient hooks firing exactly
+once per step in both phases; ``tests/test_distributed.py`` checks the gradients against one process.
+
+Outputs in ``options.out_dir``: ``metrics.csv`` (one row per epoch), ``steps.jsonl`` (every
+``log_every`` steps), ``provenance.json``, ``checkpoint.pt`` (atomic; every ``checkpoint_every`` steps
+and at each epoch's end) and ``final.json``. ``--resume`` continues from ``checkpoint.pt`` mid-epoch:
+the RNG states, the sampler's epoch and the number of batches already consumed are restored, so with
+``workers=0`` on a CPU a killed and resumed run ends bit-identical to an uninterrupted one.
+
+    python -m mdeq.train --config cifar10_tiny_smoke --data-root data/synthetic_cifar10 --synthetic \\
+        --out runs/smoke --set train.epochs=2 --limit-train 256
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+
+from mdeq import distributed, paths
+from mdeq.checkpoint import (capture_rng_state, git_commit, git_dirty, load_checkpoint, load_pretrained,
+                             restore_rng_state, save_checkpoint, unwrap_model)
+from mdeq.config import ConfigError, ExperimentConfig, TrainConfig, config_to_dict, load_config
+from mdeq.distributed import DistInfo, log
+from mdeq.metrics import ConfusionMatrix, MetricLogger, PeakMemory, SmoothedValue, topk_correct
+
+__all__ = ["RunOptions", "TrainState", "main", "cli", "train_one_epoch", "evaluate", "train_step",
+           "build_optimizer", "build_scheduler", "build_criterion", "set_phase", "solver_stats", "ResumableSampler",
+           "EPOCH_COLUMNS"]
+
+IGNORE_INDEX = 255  # the Cityscapes void label (mdeq.data.IGNORE_INDEX)
+CHECKPOINT_NAME = "checkpoint.pt"
+EPOCH_COLUMNS = (
+    "epoch", "step", "phase", "train_loss", "train_acc", "eval_top1", "eval_top5", "eval_miou",
+    "eval_pixel_acc", "eval_loss", "lr", "nfe_forward", "nfe_backward", "rel_residual_forward",
+    "abs_residual_forward", "converged_forward", "rel_residual_backward", "converged_backward",
+    "eval_nfe_forward", "eval_rel_residual_forward", "step_time_ms", "peak_mem_mb", "mem_kind",
+    "epoch_time_s", "steps", "partial",
+)
+_STEP_METERS = ("loss", "acc", "nfe_forward", "nfe_backward", "rel_residual_forward", "abs_residual_forward",
+                "converged_forward", "rel_residual_backward", "converged_backward", "step_time_ms")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run an experiment (not what it is: that is the config).
+
+    out_dir: run folder for logs, checkpoints and results. data_root: data set folder (default
+    ``data/<dataset>``, or ``data/synthetic_<dataset>`` with ``synthetic``). device: "auto", "cpu",
+    "cuda" (under torchrun: ``cuda:LOCAL_RANK``). amp / amp_dtype: autocast ("auto": float16 on CUDA,
+    bfloat16 on CPU). log_every: steps between ``steps.jsonl`` records. checkpoint_every: steps between
+    checkpoints (0: only at epoch ends). max_steps: stop after this many optimiser steps in all (smoke
+    runs). limit_train / limit_eval: use the first N samples of each split. data_options: extra keyword
+    options for the data set builder (e.g. ``{"base_size": 256}`` for a synthetic Cityscapes copy).
+    threads: ``torch.set_num_threads`` for the run. progress: tqdm bar (None: when stderr is a terminal).
+    """
+
+    out_dir: str | Path
+    data_root: str | Path | None = None
+    device: str = "auto"
+    amp: bool = False
+    amp_dtype: str = "auto"
+    workers: int = 4
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    resume: bool = False
+    max_steps: int | None = None
+    baseline: str | None = None
+    synthetic: bool = False
+    limit_train: int | None = None
+    limit_eval: int | None = None
+    data_options: Mapping[str, Any] = field(default_factory=dict)
+    deterministic: bool = False
+    threads: int | None = None
+    progress: bool | None = None
+    find_unused_parameters: bool = False
+    command: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.amp_dtype not in ("auto", "float16", "bfloat16"):
+            raise ValueError(f"amp_dtype must be 'auto', 'float16' or 'bfloat16', got {self.amp_dtype!r}")
+        for name in ("workers", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        for name in ("max_steps", "limit_train", "limit_eval", "threads"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be None or >= 1, got {v}")
+
+
+@dataclass
+class TrainState:
+    """Where training stands: ``epoch`` is the epoch in progress, ``step_in_epoch`` the batches of it done."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best: dict | None = None  # best evaluation-set figure so far (reported beside the final one, never used)
+    last_eval: dict | None = None  # the latest evaluation (the final figure once training is over)
+    meters: dict = field(default_factory=dict)  # {name: (count, total)} of the epoch in progress
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks.
+
+def build_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
+    """Table 4: torch Adam (betas 0.9/0.999, L2-coupled weight decay) or SGD (momentum, Nesterov)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if t.optimizer == "adam":
+        return torch.optim.Adam(params, lr=t.lr, betas=(0.9, 0.999), weight_decay=t.weight_decay)
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                               nesterov=t.nesterov)
+    raise ConfigError(f"train.optimizer must be 'adam' or 'sgd', got {t.optimizer!r}")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig, iterations_per_epoch: int):
+    """Cosine annealing to ``eta_min`` over all iterations, stepped once per optimiser step, no warm-up."""
+    if t.schedule != "cosine":
+        raise ConfigError(f"train.schedule must be 'cosine', got {t.schedule!r}")
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, iterations_per_epoch * t.epochs),
+                                                      eta_min=t.eta_min)
+
+
+class SegmentationLoss(nn.Module):
+    """Class-weighted cross-entropy, ignore 255, on logits upsampled (bilinear, align_corners=True) to the labels."""
+
+    def __init__(self, weight: torch.Tensor | None, ignore_index: int = IGNORE_INDEX):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = _upsample(logits, target.shape[-2:])
+        return F.cross_entropy(logits.float(), target, weight=self.weight, ignore_index=self.ignore_index)
+
+
+def _upsample(logits: torch.Tensor, size) -> torch.Tensor:
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
+
+
+def build_criterion(cfg: ExperimentConfig) -> nn.Module:
+    """Cross-entropy; for segmentation weighted by ``data.class_weights`` with ignore index 255 (facts 5.3)."""
+    if cfg.model.head == "segmentation":
+        w = cfg.data.class_weights
+        return SegmentationLoss(None if w is None else torch.tensor(w, dtype=torch.float32))
+    return nn.CrossEntropyLoss()
+
+
+def set_phase(model: nn.Module, cfg: ExperimentConfig, global_step: int) -> str:
+    """Choose the gradient mode for the step about to run: "unrolled" during the warm-up, else "implicit".
+
+    Returns "none" for models without an implicit layer (the baselines).
+    """
+    core = unwrap_model(model)
+    phase = _phase_at(core, cfg, global_step)
+    if phase != "none":
+        core.deq.grad = "unrolled" if phase == "unrolled" else cfg.solver.grad
+    return phase
+
+
+def _phase_at(core: nn.Module, cfg: ExperimentConfig, global_step: int) -> str:
+    if getattr(core, "deq", None) is None:
+        return "none"
+    return "unrolled" if global_step < cfg.train.pretrain_steps else "implicit"
+
+
+def solver_stats(core: nn.Module) -> dict[str, float]:
+    """NFE and residuals of the last forward (and backward, once it ran), as plain numbers."""
+    out: dict[str, float] = {}
+    info = getattr(core, "last_info", None)
+    if info is not None:
+        out["nfe_forward"] = float(info.nfe_forward)
+        fwd = info.forward
+        if fwd is not None:
+            out["rel_residual_forward"] = float(fwd.rel_lowest.float().mean())
+            out["abs_residual_forward"] = float(fwd.abs_lowest.float().mean())
+            out["converged_forward"] = float(fwd.converged.float().mean())
+        elif info.unrolled_rel_residual is not None:
+            out["rel_residual_forward"] = float(info.unrolled_rel_residual.float().mean())
+        bwd = info.backward
+        if bwd is not None:
+            out["nfe_backward"] = float(bwd.nfe)
+            out["rel_residual_backward"] = float(bwd.rel_lowest.float().mean())
+            out["converged_backward"] = float(bwd.converged.float().mean())
+    elif hasattr(core, "nfe_forward"):  # the Neural ODE baselines
+        out["nfe_forward"] = float(core.nfe_forward)
+        nfe_b = getattr(core, "nfe_backward", None)
+        if nfe_b is not None:
+            out["nfe_backward"] = float(nfe_b)
+    return out
+
+
+def _batch_accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
+    """Top-1 accuracy (%) of a batch, or pixel accuracy (%) over non-ignored pixels for segmentation."""
+    with torch.no_grad():
+        if target.dim() == 1:
+            return 100.0 * topk_correct(logits, target, (1,))[0] / max(1, target.numel())
+        pred = _upsample(logits, target.shape[-2:]).argmax(1)
+        valid = target != IGNORE_INDEX
+        return 100.0 * float((pred.eq(target) & valid).sum()) / max(1, int(valid.sum()))
+
+
+def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+               images: torch.Tensor, targets: torch.Tensor, *, scaler: torch.amp.GradScaler | None = None,
+               autocast: contextlib.AbstractContextManager | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward, backward and optimiser step; returns (detached loss, detached logits).
+
+    The scheduler is stepped by the caller. With DDP the gradient all-reduce happens inside backward.
+    """
+    with autocast if autocast is not None else contextlib.nullcontext():
+        logits = model(images)
+        loss = criterion(logits, targets)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None and scaler.is_enabled():
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss.detach(), logits.detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data.
+
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` that can start an epoch after its first ``skip`` samples.
+
+    Why: the order of an epoch is a function of (seed, epoch) only, so a resumed run skips exactly the
+    batches the killed run consumed. Works in one process too (num_replicas=1, rank=0).
+    """
+
+    def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int, seed: int, shuffle: bool = True):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        super().set_epoch(epoch)
+        if not 0 <= skip <= self.num_samples:
+            raise ValueError(f"skip must be in [0, {self.num_samples}], got {skip}")
+        self.skip = skip
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
+class _ShardSampler(Sampler):
+    """Indices rank, rank + W, ...: every evaluation sample exactly once over all processes (no padding)."""
+
+    def __init__(self, n: int, rank: int, world_size: int):
+        self.indices = list(range(rank, n, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _data_root(cfg: ExperimentConfig, options: RunOptions) -> Path:
+    if options.data_root is not None:
+        return Path(options.data_root)
+    name = f"synthetic_{cfg.data.dataset}" if options.synthetic else cfg.data.dataset
+    return paths.DATA / name
+
+
+def _builder_options(cfg: ExperimentConfig, split: str) -> dict[str, Any]:
+    d = cfg.data
+    if d.dataset == "cifar10":
+        return {"augment": d.augment}
+    if d.dataset == "imagenet":
+        size = d.image_size if split == "train" else d.eval_image_size
+        if size[0] != size[1]:
+            raise ConfigError(f"ImageNet crops are square; data.{'image_size' if split == 'train' else 'eval_image_size'} "
+                              f"is {list(size)}")
+        return {"augment": d.augment, "image_size": size[0]}
+    return {"augment": d.augment, "crop_size": tuple(d.image_size)}
+
+
+def _build_datasets(cfg: ExperimentConfig, options: RunOptions, dist_info: DistInfo) -> tuple[Dataset, Dataset, str]:
+    from mdeq.data import build_dataset  # the data package is imported lazily: it pulls in PIL etc.
+
+    root = _data_root(cfg, options)
+    if options.synthetic and (not root.exists() or not any(root.iterdir())):
+        if dist_info.is_main:
+            from mdeq.data.synthetic import make_synthetic
+
+            log(f"writing a synthetic {cfg.data.dataset} copy to {root}")
+            make_synthetic(cfg.data.dataset, root)
+        distributed.barrier()
+    sets = {}
+    for split in ("train", "val"):
+        opts = {**_builder_options(cfg, split), **dict(options.data_options)}
+        sets[split] = build_dataset(cfg.data.dataset, root, split, **opts)
+    train_set, eval_set = sets["train"], sets["val"]
+    source_label = getattr(train_set, "source_label", "unknown")
+    n_classes = getattr(train_set, "num_classes", None)
+    if n_classes is not None and n_classes > cfg.data.num_classes:
+        raise ConfigError(f"the data set at {root} has {n_classes} classes but data.num_classes is "
+                          f"{cfg.data.num_classes}")
+    if options.limit_train is not None:
+        train_set = Subset(train_set, range(min(options.limit_train, len(train_set))))
+    if options.limit_eval is not None:
+        eval_set = Subset(eval_set, range(min(options.limit_eval, len(eval_set))))
+    return train_set, eval_set, source_label
+
+
+def _loader_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
+    """Seeds the DataLoader's worker base seed, so creating an epoch's iterator never touches torch's global RNG."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % (2**63))
+
+
+def _per_rank(batch: int, world: int, what: str, exact: bool) -> int:
+    if exact and batch % world:
+        raise ConfigError(f"{what} = {batch} (the global batch) must be divisible by the number of processes ({world})")
+    return max(1, math.ceil(batch / world))
+
+
+# ----------------------------------------------------------------------------------------------
+# One epoch, evaluation.
+
+@dataclass
+class _Context:
+    """What ``train_one_epoch`` needs besides the model and data (kept together to keep signatures short)."""
+
+    cfg: ExperimentConfig
+    options: RunOptions
+    out_dir: Path
+    device: torch.device
+    dist: DistInfo
+    autocast: Any
+    scaler: torch.amp.GradScaler
+    memory: PeakMemory
+    iterations_per_epoch: int
+    save: Any  # callable(state) -> None, writes the checkpoint (rank 0)
+
+
+def _autocast(device: torch.device, options: RunOptions):
+    dtype = _amp_dtype(device, options)
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=options.amp)
+
+
+def _amp_dtype(device: torch.device, options: RunOptions) -> torch.dtype:
+    if options.amp_dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    return getattr(torch, options.amp_dtype)
+
+
+def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                    loader: DataLoader, state: TrainState, ctx: _Context) -> MetricLogger:
+    """Run the rest of epoch ``state.epoch`` (from batch ``state.step_in_epoch``); returns the epoch's meters.
+
+    Each step picks the phase from the global step, steps the scheduler, records NFE and residuals,
+    appends to ``steps.jsonl`` every ``log_every`` steps and checkpoints every ``checkpoint_every`` steps.
+    Stops early when ``options.max_steps`` is reached.
+    """
+    from tqdm.auto import tqdm
+
+    cfg, options, device = ctx.cfg, ctx.options, ctx.device
+    core = unwrap_model(model)
+    model.train()
+    if hasattr(core, "deq"):
+        core.deq.warn = False  # non-convergence is logged as data (converged_*), not warned every step
+    meters = MetricLogger()
+    for name, (count, total) in state.meters.items():  # the part of this epoch done before a resume
+        meters.meters[name] = SmoothedValue(meters.window_size)
+        meters.meters[name].count, meters.meters[name].total = int(count), float(total)
+    show = options.progress if options.progress is not None else sys.stderr.isatty()
+    bar = tqdm(total=ctx.iterations_per_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch}",
+               disable=not (show and ctx.dist.is_main), dynamic_ncols=True, leave=False)
+    steps_path = ctx.out_dir / "steps.jsonl"
+    for images, targets in loader:
+        phase = set_phase(model, cfg, state.global_step)
+        if phase == "implicit" and state.global_step == cfg.train.pretrain_steps and cfg.train.pretrain_steps > 0:
+            log(f"step {state.global_step}: unrolled warm-up done, switching to the implicit solve "
+                f"(grad={cfg.solver.grad})")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # as the released code does at the switch
+        log_now = (state.global_step + 1) % options.log_every == 0 or state.global_step == 0
+        if hasattr(core, "deq"):
+            core.deq.measure_unrolled = log_now  # one extra f call, only on logged steps
+        lr = optimizer.param_groups[0]["lr"]
+        t0 = time.perf_counter()
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        loss, logits = train_step(model, criterion, optimizer, images, targets, scaler=ctx.scaler,
+                                  autocast=ctx.autocast)
+        scheduler.step()
+        loss_value = loss.item()  # synchronises the device, so the step time below is complete
+        step_ms = 1000.0 * (time.perf_counter() - t0)
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"non-finite training loss {loss_value} at step {state.global_step} "
+                                     f"(epoch {state.epoch}, phase {phase}); last checkpoint: "
+                                     f"{ctx.out_dir / CHECKPOINT_NAME}")
+        state.global_step += 1
+        state.step_in_epoch += 1
+        stats = solver_stats(core)
+        acc = _batch_accuracy(logits, targets)
+        meters.update(n=images.shape[0], loss=loss_value, acc=acc)
+        meters.update(step_time_ms=step_ms, **stats)
+        bar.update(1)
+        if bar.disable is False:
+            bar.set_postfix(loss=f"{loss_value:.3f}", phase=phase, nfe=stats.get("nfe_forward", float("nan")))
+        if log_now and ctx.dist.is_main:
+            record = {"step": state.global_step, "epoch": state.epoch, "iter": state.step_in_epoch, "phase": phase,
+                      "loss": loss_value, "acc": acc, "lr": lr, **stats, "step_time_ms": step_ms,
+                      "peak_mem_mb": ctx.memory.peak_mb(), "mem_kind": ctx.memory.kind}
+            _append_jsonl(steps_path, record)
+            if bar.disable:
+                log(f"epoch {state.epoch} [{state.step_in_epoch}/{ctx.iterations_per_epoch}] step {state.global_step} "
+                    f"{phase} loss {loss_value:.4f} acc {acc:.1f} lr {lr:.3g} nfe {stats.get('nfe_forward', 0):.0f}"
+                    f"/{stats.get('nfe_backward', 0):.0f} rel {stats.get('rel_residual_forward', float('nan')):.3g} "
+                    f"{step_ms:.0f} ms")
+        done = options.max_steps is not None and state.global_step >= options.max_steps
+        end_of_epoch = state.step_in_epoch >= ctx.iterations_per_epoch
+        if (options.checkpoint_every and state.global_step % options.checkpoint_every == 0
+                and not end_of_epoch and not done):
+            state.meters = {n: (m.count, m.total) for n, m in meters.meters.items()}
+            ctx.save(state)
+        if done:
+            break
+    bar.close()
+    return meters
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, *, num_classes: int, device: torch.device,
+             criterion: nn.Module | None = None, autocast=None) -> dict[str, Any]:
+    """Evaluate on this process's shard and reduce over processes.
+
+    Classification: ``top1``, ``top5`` (%), ``loss``; segmentation: ``miou`` (fraction), ``pixel_acc`` (%),
+    ``iou`` per class, ``loss``. Also ``nfe_forward`` and ``rel_residual_forward`` (means over batches).
+    The implicit layer solves for the equilibrium even if the warm-up mode is set (released old code).
+    """
+    core = unwrap_model(model)
+    was_training = core.training
+    core.eval()
+    deq = getattr(core, "deq", None)
+    old_grad = deq.grad if deq is not None else None
+    if deq is not None and old_grad == "unrolled":
+        deq.grad = "ift"  # under no_grad every implicit mode returns z*
+    confusion = None
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss*n, n, top1, top5, batches
+    solver = torch.zeros(3, dtype=torch.float64, device=device)  # nfe, rel residual, batches with a solve
+    try:
+        for images, targets in loader:
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            with autocast if autocast is not None else contextlib.nullcontext():
+                logits = core(images)
+                loss = criterion(logits, targets) if criterion is not None else None
+            n = targets.shape[0]
+            if loss is not None:
+                sums[0] += float(loss) * n
+            sums[1] += n
+            sums[4] += 1
+            if targets.dim() == 1:
+                c1, c5 = topk_correct(logits.float(), targets, (1, 5))
+                sums[2] += c1
+                sums[3] += c5
+            else:
+                if confusion is None:
+                    confusion = ConfusionMatrix(num_classes, IGNORE_INDEX)
+                pred = _upsample(logits.float(), targets.shape[-2:]).argmax(1)
+                confusion.update(targets, pred)
+            st = solver_stats(core)
+            if "nfe_forward" in st:
+                solver[0] += st["nfe_forward"]
+                solver[1] += st.get("rel_residual_forward", 0.0)
+                solver[2] += 1
+    finally:
+        if deq is not None:
+            deq.grad = old_grad
+        core.train(was_training)
+    distributed.all_reduce_sum(sums)
+    distributed.all_reduce_sum(solver)
+    n = max(sums[1].item(), 1.0)
+    result: dict[str, Any] = {"samples": int(sums[1].item()),
+                              "loss": sums[0].item() / n if criterion is not None else math.nan}
+    if solver[2] > 0:
+        result["nfe_forward"] = solver[0].item() / solver[2].item()
+        result["rel_residual_forward"] = solver[1].item() / solver[2].item()
+    segmentation = confusion is not None
+    if distributed.get_world_size() > 1:  # every process must take part in the same reductions
+        flag = torch.tensor([1.0 if confusion is not None else 0.0], device=device)
+        segmentation = distributed.all_reduce_sum(flag).item() > 0
+    if segmentation:
+        if confusion is None:
+            confusion = ConfusionMatrix(num_classes, IGNORE_INDEX)
+        confusion.ensure(device)
+        confusion.reduce_from_all_processes()
+        r = confusion.compute()
+        result.update(miou=r["miou"], pixel_acc=r["pixel_acc"], iou=r["iou"])
+    else:
+        result.update(top1=100.0 * sums[2].item() / n, top5=100.0 * sums[3].item() / n)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Logs.
+
+def _append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(_plain(record)) + "\n")
+
+
+def _plain(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, Mapping):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def _append_csv(path: Path, record: Mapping[str, Any], columns: Sequence[str]) -> None:
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow({k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v)
+                         for k, v in record.items()})
+
+
+def _trim_logs(out_dir: Path, epoch: int, global_step: int) -> None:
+    """Drop log records a killed run wrote after its last checkpoint, so the resumed run rewrites them."""
+    steps = out_dir / "steps.jsonl"
+    if steps.exists():
+        lines = [ln for ln in steps.read_text().splitlines() if ln.strip()]
+        keep = []
+        for ln in lines:
+            try:
+                if json.loads(ln)["step"] <= global_step:
+                    keep.append(ln)
+            except (json.JSONDecodeError, KeyError):
+                pass  # a line cut by the kill
+        _write_text_atomic(steps, "".join(ln + "\n" for ln in keep))
+    metrics = out_dir / "metrics.csv"
+    if metrics.exists():
+        with open(metrics, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        rows = [r for r in rows if r.get("epoch") not in (None, "") and int(r["epoch"]) < epoch]
+        tmp = metrics.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(EPOCH_COLUMNS), extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, metrics)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _hardware(device: torch.device, dist_info: DistInfo) -> dict[str, Any]:
+    hw: dict[str, Any] = {"host": socket.gethostname(), "cpu": platform.processor() or platform.machine(),
+                          "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                          "device": str(device), "world_size": dist_info.world_size}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    hw["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    if device.type == "cuda":
+        hw["gpu"] = torch.cuda.get_device_name(device)
+        hw["cuda"] = torch.version.cuda
+    return hw
+
+
+def _provenance(cfg, options, device, dist_info, source_label, eval_set_name, num_params) -> dict[str, Any]:
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": options.command or "mdeq.train.main(cfg, options) from Python",
+        "config": config_to_dict(cfg),
+        "baseline": options.baseline,
+        "options": _plain({k: (dict(v) if isinstance(v, Mapping) else v)
+                           for k, v in dataclasses.asdict(options).items()}),
+        "git_commit": git_commit(),
+        "git_dirty": git_dirty(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "hardware": _hardware(device, dist_info),
+        "data_source_label": source_label,
+        "eval_set": eval_set_name,
+        "num_params": num_params,
+        "model_selection": "none: the final epoch is reported; the best epoch is shown beside it for reference",
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# main.
+
+def _resolve_device(name: str, dist_info: DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' was requested but torch.cuda.is_available() is False")
+        if device.index is None:
+            device = torch.device("cuda", dist_info.local_rank)
+    elif device.type != "cpu":
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}")
+    return device
+
+
+def _build_network(cfg: ExperimentConfig, options: RunOptions) -> nn.Module:
+    if options.baseline is not None:
+        from mdeq.baselines import build_baseline
+
+        if cfg.model.head != "classification":
+            raise ConfigError(f"baseline {options.baseline!r} is a classifier; config {cfg.name!r} is "
+                              f"{cfg.model.head}")
+        return build_baseline(options.baseline, num_classes=cfg.data.num_classes)
+    from mdeq.model import build_model
+
+    return build_model(cfg)
+
+
+def _check_baseline(name: str | None) -> None:
+    if name is None:
+        return
+    from mdeq.baselines import BASELINES
+
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}; expected one of {', '.join(BASELINES)}")
+
+
+def _config_diff(a: Mapping, b: Mapping, prefix: str = "") -> list[str]:
+    keys = sorted(set(a) | set(b))
+    out = []
+    for k in keys:
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            out += _config_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: checkpoint {va!r} vs now {vb!r}")
+    return out
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def main(cfg: ExperimentConfig, options: RunOptions) -> dict[str, Any]:
+    """Train ``cfg`` with ``options``; returns what ``final.json`` holds (on every process).
+
+    Callable from a notebook: ``main(load_config("cifar10_tiny_smoke"), RunOptions(out_dir=...))``.
+    """
+    _check_baseline(options.baseline)
+    dist_info = distributed.init_distributed("cuda" if options.device.startswith("cuda") or
+                                             (options.device == "auto" and torch.cuda.is_available()) else "cpu")
+    old_threads = torch.get_num_threads()
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_bench = torch.backends.cudnn.benchmark
+    try:
+        if options.threads is not None:
+            torch.set_num_threads(options.threads)
+        device = _resolve_device(options.device, dist_info)
+        if options.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        elif device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # as the released configs (CUDNN.BENCHMARK true)
+        return _main(cfg, options, dist_info, device)
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.use_deterministic_algorithms(old_det)
+        torch.backends.cudnn.benchmark = old_bench
+        distributed.cleanup()
+
+
+def _main(cfg: ExperimentConfig, options: RunOptions, dist_info: DistInfo, device: torch.device) -> dict:
+    out_dir = Path(options.out_dir)
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    resuming = options.resume and ckpt_path.is_file()
+    if not options.resume and ckpt_path.is_file():
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume (RunOptions.resume=True) to continue that run, "
+                              f"or choose another output folder")
+    if options.resume and not resuming:
+        log(f"--resume: no checkpoint at {ckpt_path}, starting a new run")
+    world, rank = dist_info.world_size, dist_info.rank
+    batch = _per_rank(cfg.data.batch_size, world, "data.batch_size", exact=True)
+    eval_batch = _per_rank(cfg.data.eval_batch_size, world, "data.eval_batch_size", exact=False)
+    train_set, eval_set, source_label = _build_datasets(cfg, options, dist_info)
+    if dist_info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+
+    # Model: the same initial weights on every process (DDP also broadcasts rank 0's).
+    _seed_all(cfg.train.seed)
+    model = _build_network(cfg, options)
+    if cfg.train.pretrained and not resuming and options.baseline is None:
+        report = load_pretrained(model, cfg.train.pretrained)
+        log(f"train.pretrained {cfg.train.pretrained}: {report.summary()}")
+    model.to(device)
+    if world > 1 and cfg.model.head == "segmentation":
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            log("SyncBatchNorm needs GPUs; on CPU each process normalises with its own batch statistics")
+    num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    core = model
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=options.find_unused_parameters)
+    # The training stream (dropout masks, augmentation): a different seed per process.
+    _seed_all(cfg.train.seed + 1 + rank)
+
+    sampler = ResumableSampler(train_set, num_replicas=world, rank=rank, seed=cfg.train.seed, shuffle=True)
+    iterations_per_epoch = math.ceil(sampler.num_samples / batch)
+    optimizer = build_optimizer(core, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, iterations_per_epoch)
+    criterion = build_criterion(cfg).to(device)
+    autocast = _autocast(device, options)
+    scaler = torch.amp.GradScaler(device.type, enabled=options.amp and _amp_dtype(device, options) == torch.float16)
+    state = TrainState()
+    eval_name = ("CIFAR-10 test set (the released code's 'val')" if cfg.data.dataset == "cifar10"
+                 else f"{cfg.data.dataset} val")
+
+    def save(st: TrainState) -> None:
+        rng = capture_rng_state()
+        all_rng = [rng]
+        if world > 1:
+            all_rng = [None] * world
+            torch.distributed.all_gather_object(all_rng, rng)
+        if dist_info.is_main:
+            save_checkpoint(ckpt_path, {
+                "model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": st.epoch, "step_in_epoch": st.step_in_epoch, "global_step": st.global_step,
+                "best": st.best, "last_eval": _plain(st.last_eval), "meters": st.meters, "rng": all_rng,
+                "sampler": {"seed": sampler.seed, "epoch": st.epoch, "skip": st.step_in_epoch * batch},
+                "config": config_to_dict(cfg), "baseline": options.baseline, "world_size": world,
+                "git_commit": git_commit(), "torch": str(torch.__version__),
+            })
+        distributed.barrier()
+
+    if resuming:
+        ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+        diff = _config_diff(ckpt["config"], config_to_dict(cfg))
+        if ckpt.get("baseline") != options.baseline:
+            diff.append(f"baseline: checkpoint {ckpt.get('baseline')!r} vs now {options.baseline!r}")
+        if diff:
+            raise ConfigError(f"{ckpt_path} was written for another experiment ({'; '.join(diff)}); "
+                              f"resume with the same config, or start a new run in another folder")
+        core.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        state = TrainState(epoch=ckpt["epoch"], step_in_epoch=ckpt["step_in_epoch"], global_step=ckpt["global_step"],
+                           best=ckpt.get("best"), last_eval=ckpt.get("last_eval"),
+                           meters=dict(ckpt.get("meters") or {}))
+        rngs = ckpt["rng"]
+        if len(rngs) == world:
+            restore_rng_state(rngs[rank])
+        else:
+            log(f"the checkpoint was written by {len(rngs)} processes, this run has {world}: RNG streams are reseeded")
+            _seed_all(cfg.train.seed + 1 + rank + 7919 * state.global_step)
+        if dist_info.is_main:
+            _trim_logs(out_dir, state.epoch, state.global_step)
+            prov_path = out_dir / "provenance.json"
+            prov = json.loads(prov_path.read_text()) if prov_path.exists() else {}
+            prov.setdefault("resumes", []).append({
+                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "command": options.command, "git_commit": git_commit(), "from_step": state.global_step,
+                "from_epoch": state.epoch, "step_in_epoch": state.step_in_epoch})
+            _write_text_atomic(prov_path, json.dumps(_plain(prov), indent=2) + "\n")
+        log(f"resumed {ckpt_path}: epoch {state.epoch}, batch {state.step_in_epoch}/{iterations_per_epoch}, "
+            f"step {state.global_step}")
+    elif dist_info.is_main:
+        for name in ("steps.jsonl", "metrics.csv", "final.json"):
+            (out_dir / name).unlink(missing_ok=True)
+        prov = _provenance(cfg, options, device, dist_info, source_label, eval_name, num_params)
+        _write_text_atomic(out_dir / "provenance.json", json.dumps(_plain(prov), indent=2) + "\n")
+
+    log(f"{cfg.name} ({options.baseline or 'MDEQ'}, {num_params:,} parameters) on {device} x {world}; "
+        f"data: {source_label}; {len(train_set)} train / {len(eval_set)} eval samples, "
+        f"{iterations_per_epoch} iterations per epoch, warm-up {cfg.train.pretrain_steps} steps; out: {out_dir}")
+
+    eval_loader = DataLoader(eval_set, batch_size=eval_batch, sampler=_ShardSampler(len(eval_set), rank, world),
+                             num_workers=options.workers, pin_memory=device.type == "cuda",
+                             generator=_loader_generator(cfg.train.seed, -1, rank))
+    memory = PeakMemory(device)
+    ctx = _Context(cfg, options, out_dir, device, dist_info, autocast, scaler, memory, iterations_per_epoch, save)
+    partial = state.step_in_epoch > 0
+    metric = "miou" if cfg.model.head == "segmentation" else "top1"
+    while state.epoch < cfg.train.epochs:
+        if options.max_steps is not None and state.global_step >= options.max_steps:
+            break
+        epoch = state.epoch
+        sampler.set_epoch(epoch, skip=min(state.step_in_epoch * batch, sampler.num_samples))
+        loader = DataLoader(train_set, batch_size=batch, sampler=sampler, num_workers=options.workers,
+                            pin_memory=device.type == "cuda", drop_last=False,
+                            generator=_loader_generator(cfg.train.seed, epoch, rank))
+        phase_start = set_phase(model, cfg, state.global_step)
+        memory.reset()
+        t0 = time.perf_counter()
+        meters = train_one_epoch(model, criterion, optimizer, scheduler, loader, state, ctx)
+        epoch_time = time.perf_counter() - t0
+        peak = memory.peak_mb()
+        partial = state.step_in_epoch < iterations_per_epoch
+        phase_end = _phase_at(core, cfg, max(state.global_step - 1, 0))
+        phase = phase_start if phase_start == phase_end else f"{phase_start}->{phase_end}"
+        meters.synchronize_between_processes(device, names=_STEP_METERS)
+        last_eval = evaluate(model, eval_loader, num_classes=cfg.data.num_classes, device=device,
+                             criterion=criterion, autocast=autocast)
+        state.last_eval = last_eval
+        avg = meters.global_avgs()
+        record = {
+            "epoch": epoch, "step": state.global_step, "phase": phase,
+            "train_loss": avg.get("loss"), "train_acc": avg.get("acc"),
+            "eval_top1": last_eval.get("top1"), "eval_top5": last_eval.get("top5"),
+            "eval_miou": last_eval.get("miou"), "eval_pixel_acc": last_eval.get("pixel_acc"),
+            "eval_loss": last_eval.get("loss"), "lr": optimizer.param_groups[0]["lr"],
+            **{k: avg.get(k) for k in ("nfe_forward", "nfe_backward", "rel_residual_forward", "abs_residual_forward",
+                                       "converged_forward", "rel_residual_backward", "converged_backward")},
+            "eval_nfe_forward": last_eval.get("nfe_forward"),
+            "eval_rel_residual_forward": last_eval.get("rel_residual_forward"),
+            "step_time_ms": avg.get("step_time_ms"), "peak_mem_mb": peak, "mem_kind": memory.kind,
+            "epoch_time_s": epoch_time, "steps": state.step_in_epoch, "partial": partial,
+        }
+        value = last_eval.get(metric)
+        if value is not None and math.isfinite(value) and (state.best is None or value > state.best["value"]):
+            state.best = {"epoch": epoch, "step": state.global_step, "value": value}
+        if dist_info.is_main:
+            _append_csv(out_dir / "metrics.csv", record, EPOCH_COLUMNS)
+        shown = f"mIoU {100 * value:.2f}" if metric == "miou" else f"top-1 {value:.2f}%"
+        log(f"epoch {epoch} done ({phase}, step {state.global_step}): train loss {avg.get('loss', math.nan):.4f} "
+            f"acc {avg.get('acc', math.nan):.2f}; eval {shown}; nfe fwd {avg.get('nfe_forward', math.nan):.1f} "
+            f"bwd {avg.get('nfe_backward', math.nan):.1f}; {avg.get('step_time_ms', math.nan):.0f} ms/step; "
+            f"peak {peak:.0f} MB ({memory.kind})")
+        if not partial:
+            state.epoch += 1
+            state.step_in_epoch = 0
+        state.meters = {}
+        save(state)
+        if partial:
+            break
+
+    final = _final_record(cfg, options, state, state.last_eval, metric, partial, eval_name, source_label)
+    if dist_info.is_main:
+        _write_text_atomic(out_dir / "final.json", json.dumps(_plain(final), indent=2) + "\n")
+    log(f"final: {json.dumps(_plain({k: final[k] for k in ('metric', 'final_epoch', 'final')}))}; "
+        f"wrote {out_dir / 'final.json'}")
+    return final
+
+
+def _final_record(cfg, options, state, last_eval, metric, partial, eval_name, source_label) -> dict:
+    final_epoch = state.epoch - 1 if not partial else state.epoch
+    return {
+        "config": cfg.name,
+        "baseline": options.baseline,
+        "metric": metric,
+        "final_epoch": final_epoch if last_eval is not None else None,
+        "final": last_eval.get(metric) if last_eval is not None else None,
+        "final_eval": last_eval,
+        "global_step": state.global_step,
+        "epochs_planned": cfg.train.epochs,
+        "stopped_early": bool(partial or (last_eval is not None and final_epoch < cfg.train.epochs - 1)),
+        "best_epoch_for_reference_only": None if state.best is None else {
+            **state.best, "note": "the best evaluation-set figure over epochs; shown beside the final figure, "
+                                  "never used to select the reported model"},
+        "eval_set": eval_name,
+        "data_source_label": source_label,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line.
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mdeq.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="a name in mdeq/configs (e.g. cifar10_small_official) or a YAML path")
+    p.add_argument("--data-root", default=None, help="data set folder (default data/<dataset>)")
+    p.add_argument("--out", required=True, help="run folder for logs, checkpoints and final.json")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config overrides, e.g. --set train.epochs=2 solver.max_iter=5")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt if it exists")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    p.add_argument("--amp", action="store_true", help="mixed precision (autocast; float16 + GradScaler on CUDA)")
+    p.add_argument("--amp-dtype", default="auto", choices=("auto", "float16", "bfloat16"))
+    p.add_argument("--baseline", default=None, help="train a Table 1 baseline (resnet18_170k, node_172k, ...) instead")
+    p.add_argument("--synthetic", action="store_true", help="write a synthetic copy into an empty --data-root first")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (0: epoch ends)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps (smoke runs)")
+    p.add_argument("--limit-train", type=int, default=None, help="use the first N training samples")
+    p.add_argument("--limit-eval", type=int, default=None, help="use the first N evaluation samples")
+    p.add_argument("--data-option", dest="data_options", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="extra data set builder options, e.g. --data-option base_size=256")
+    p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms, no cudnn.benchmark")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar even on a terminal")
+    p.add_argument("--find-unused-parameters", action="store_true", help="DDP find_unused_parameters")
+    return p
+
+
+def _parse_kv(items: Sequence[str]) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for text in items:
+        if "=" not in text:
+            raise ValueError(f"--data-option must look like KEY=VALUE, got {text!r}")
+        k, v = text.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    """``python -m mdeq.train``: parse, run ``main``; known user errors print one line and return 2."""
+    from mdeq.data import DatasetNotFoundError
+
+    args = _parser().parse_args(argv)
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    try:  # what the user typed: a bad config key, baseline or option is one line, not a traceback
+        cfg = load_config(args.config, args.overrides)
+        _check_baseline(args.baseline)
+        options = RunOptions(
+            out_dir=args.out, data_root=args.data_root, device=args.device, amp=args.amp, amp_dtype=args.amp_dtype,
+            workers=args.workers, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
+            resume=args.resume, max_steps=args.max_steps, baseline=args.baseline, synthetic=args.synthetic,
+            limit_train=args.limit_train, limit_eval=args.limit_eval, data_options=_parse_kv(args.data_options),
+            deterministic=args.deterministic, threads=args.threads, progress=False if args.no_progress else None,
+            find_unused_parameters=args.find_unused_parameters,
+            command=shlex.join(["python", "-m", "mdeq.train", *argv_list]))
+    except ValueError as err:  # ConfigError is a ValueError
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        main(cfg, options)
+    except (ConfigError, DatasetNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
