@@ -490,19 +490,21 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, *, num_classes: int, device: torch.device,
-             criterion: nn.Module | None = None, autocast=None) -> dict[str, Any]:
+             criterion: nn.Module | None = None, autocast=None, equilibrium: bool = True) -> dict[str, Any]:
     """Evaluate on this process's shard and reduce over processes.
 
     Classification: ``top1``, ``top5`` (%), ``loss``; segmentation: ``miou`` (fraction), ``pixel_acc`` (%),
     ``iou`` per class, ``loss``. Also ``nfe_forward`` and ``rel_residual_forward`` (means over batches).
-    The implicit layer solves for the equilibrium even if the warm-up mode is set (released old code).
+    With ``equilibrium`` (the default) the implicit layer solves for the equilibrium even if the
+    warm-up mode is set (released old code); ``equilibrium=False`` evaluates a model trained only as
+    a weight-tied unrolled stack (``solver.grad: unrolled``, Table 2's unrolled row) as that stack.
     """
     core = unwrap_model(model)
     was_training = core.training
     core.eval()
     deq = getattr(core, "deq", None)
     old_grad = deq.grad if deq is not None else None
-    if deq is not None and old_grad == "unrolled":
+    if deq is not None and old_grad == "unrolled" and equilibrium:
         deq.grad = "ift"  # under no_grad every implicit mode returns z*
     confusion = None
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss*n, n, top1, top5, batches
@@ -881,7 +883,7 @@ def _main(cfg: ExperimentConfig, options: RunOptions, dist_info: DistInfo, devic
         phase = phase_start if phase_start == phase_end else f"{phase_start}->{phase_end}"
         meters.synchronize_between_processes(device, names=_STEP_METERS)
         last_eval = evaluate(model, eval_loader, num_classes=cfg.data.num_classes, device=device,
-                             criterion=criterion, autocast=autocast)
+                             criterion=criterion, autocast=autocast, equilibrium=cfg.solver.grad != "unrolled")
         state.last_eval = last_eval
         avg = meters.global_avgs()
         record = {

@@ -294,3 +294,24 @@ def test_solver_state_stays_float32_under_autocast(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randn(2, 3, 32, 32)).sum().backward()
     assert seen and all(d == torch.float32 for d in seen)
+
+
+def test_evaluate_keeps_an_unrolled_model_unrolled():
+    """Table 2's unrolled row is scored as the k-layer stack it was trained as, not as a DEQ."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from mdeq.model import build_model
+    from mdeq.train import evaluate
+
+    torch.manual_seed(0)
+    model = build_model(load_config("cifar10_tiny_smoke"))
+    data = DataLoader(TensorDataset(torch.randn(4, 3, 32, 32), torch.arange(4)), batch_size=4)
+    calls = []
+    model.f.register_forward_hook(lambda *a: calls.append(1))
+    model.deq.grad = "unrolled"
+    evaluate(model, data, num_classes=10, device=torch.device("cpu"), equilibrium=False)
+    assert len(calls) == model.deq.unroll_steps and model.last_info.mode == "unrolled"
+    calls.clear()
+    evaluate(model, data, num_classes=10, device=torch.device("cpu"))
+    assert model.last_info.mode != "unrolled" and len(calls) == model.last_info.forward.nfe
+    assert model.deq.grad == "unrolled"  # restored afterwards

@@ -1,0 +1,94 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # CIFAR-10: Table 1 and Fig. 4a
+#
+# **Reproduces** Table 1 of the paper (CIFAR-10 accuracy of MDEQ-small, the single-stream DEQ,
+# ResNet-18, neural ODE and augmented neural ODE at ~170K parameters without augmentation; MDEQ and
+# ResNet-18 at ~10M parameters with augmentation) and Fig. 4a (test accuracy per epoch).
+#
+# **Profiles** (`profile` parameter):
+# - `smoke` (default): every model of the table, shrunk (MDEQ widths / 2 or / 4, solver budgets 6),
+#   trained for a few steps on CPU on a synthetic CIFAR-10 copy; writes `results/smoke/` and
+#   `figures/smoke/`. A smoke run, **not a reproduction**.
+# - `full`: the paper's protocol on GPUs: `cifar10_small_<variant>` (MDEQ-small; the ResNet-18,
+#   NODE and ANODE baselines train with its settings: Adam 1e-3, 50 epochs, batch 128, no
+#   augmentation), `cifar10_single_stream_paper`, `cifar10_large_<variant>` (MDEQ and ResNet-18 10M,
+#   augmentation, 200 epochs), `variant` = `paper` (Appendix Table 4, default) or `official`; `seeds`
+#   runs per row (the paper's standard deviations are over 5). Real data under
+#   `<data_root>/cifar10/`. Logs go to `results/runs/<run>_seed<k>/`.
+# - `logs`: redraws the table and figure from `results/runs/` (and the committed smoke logs from
+#   `results/smoke/runs/`), computing nothing.
+#
+# **Writes** `results/table_1_cifar10.csv` and `figures/fig4a_cifar10_accuracy.{png,svg}` (smoke:
+# under `results/smoke/` and `figures/smoke/`).
+
+# %% tags=["parameters"]
+profile: str = "smoke"  # smoke | logs | full
+quick: bool = False  # smoke only: fewer steps (tests)
+seed: int = 0  # smoke: the training seed
+data_root: str = ""  # full: folder holding cifar10/ (empty: data/)
+output_root: str = ""  # empty: the repository's results/ and figures/
+variant: str = "paper"  # full: paper (Appendix Table 4) | official (released configs)
+nproc: int = 0  # full: GPUs per run (0: all visible)
+dry_run: bool = False  # full: print the training commands, launch nothing
+seeds: int = 5  # full: runs per row
+
+# %%
+from IPython.display import display
+
+from mdeq import report, reproduce
+
+params = report.check_parameters(globals(), "01_cifar10")
+ctx = report.setup(params)
+print(f"profile {profile}" + (" (quick)" if quick else "") + f"; draws: {', '.join(ctx.kinds())}")
+
+# %% [markdown]
+# ## Train (smoke and full profiles)
+
+# %%
+if profile == "smoke":
+    for run in reproduce.runs_for("01_cifar10"):
+        reproduce.train_smoke(run, ctx, variant=variant, seed=seed)
+elif profile == "full":
+    for launch in reproduce.run_full("01_cifar10", variant=variant, data_root=data_root, nproc=nproc,
+                                     seeds=seeds, dry_run=dry_run):
+        print(f"{launch.status:8s} {launch.run}: {launch.shell}")
+else:
+    print("logs profile: nothing is trained; reading results/")
+
+# %% [markdown]
+# ## Table 1: paper vs ours
+
+# %%
+for kind in ctx.kinds():
+    table = report.table1(ctx, kind)
+    report.save_table(table, "table_1_cifar10", ctx, kind)
+    display(report.show_table(table, kind))
+
+# %% [markdown]
+# ## Fig. 4a: test accuracy per epoch
+
+# %%
+ENTRIES = [(r.key, r.label, r.key.split("_", 1)[1]) for r in reproduce.runs_for("01_cifar10")]
+for kind in ctx.kinds():
+    fig = report.plot_training_curves(ctx, kind, ENTRIES, column="eval_top1", ylabel="test accuracy (%)",
+                                      title="CIFAR-10 test accuracy per epoch")
+    report.save_figure(fig, "fig4a_cifar10_accuracy", ctx, kind,
+                       caption="Test accuracy of each Table 1 model per training epoch, mean and std over "
+                               "runs; dashed: the with-augmentation models",
+                       source=f"{report.rel(ctx.logs_dir(kind))}/cifar10_*/metrics.csv")

@@ -1,0 +1,91 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # ImageNet: Table 2
+#
+# **Reproduces** the MDEQ rows of Table 2 (top-1 and top-5 accuracy and size of MDEQ-small,
+# MDEQ-large, MDEQ-XL, and the unrolled 5-layer MDEQ-large); the paper's other rows (ResNets,
+# HRNet, DenseNet, ...) are reference models and are listed in `results/paper_numbers.yaml` only.
+#
+# **Profiles** (`profile` parameter):
+# - `smoke` (default): the four models with widths / 8, solver budgets 6, 64 x 64 crops, a few steps on
+#   CPU on a synthetic ImageNet copy (10 classes); writes `results/smoke/`, `figures/smoke/`.
+#   A smoke run, **not a reproduction**.
+# - `full`: the paper's protocol on GPUs: `imagenet_small_<variant>`, `imagenet_large_<variant>`
+#   (`variant` = `paper`, Appendix Table 4: SGD 0.05 Nesterov, 100 epochs, batch 128; or `official`),
+#   the same large model trained as a weight-tied 5-layer stack (`solver.grad=unrolled`,
+#   `solver.unroll_steps=5`), and `imagenet_xl_official` (the XL model has no Table 4 column). Real data
+#   under `<data_root>/imagenet/` (ImageFolder layout). Logs go to `results/runs/<run>/`; the
+#   checkpoints in `runs/full/` initialise the Cityscapes models of `04_cityscapes`.
+# - `logs`: redraws from `results/runs/` (and the committed smoke logs), computing nothing.
+#
+# **Writes** `results/table_2_imagenet.csv` and `figures/imagenet_top1_per_epoch.{png,svg}`
+# (smoke: under `results/smoke/` and `figures/smoke/`).
+
+# %% tags=["parameters"]
+profile: str = "smoke"  # smoke | logs | full
+quick: bool = False  # smoke only: fewer steps (tests)
+seed: int = 0  # smoke: the training seed
+data_root: str = ""  # full: folder holding imagenet/ (empty: data/)
+output_root: str = ""  # empty: the repository's results/ and figures/
+variant: str = "paper"  # full: paper (Appendix Table 4) | official (released configs)
+nproc: int = 0  # full: GPUs per run (0: all visible)
+dry_run: bool = False  # full: print the training commands, launch nothing
+
+# %%
+from IPython.display import display
+
+from mdeq import report, reproduce
+
+params = report.check_parameters(globals(), "02_imagenet")
+ctx = report.setup(params)
+print(f"profile {profile}" + (" (quick)" if quick else "") + f"; draws: {', '.join(ctx.kinds())}")
+
+# %% [markdown]
+# ## Train (smoke and full profiles)
+
+# %%
+if profile == "smoke":
+    for run in reproduce.runs_for("02_imagenet"):
+        reproduce.train_smoke(run, ctx, variant=variant, seed=seed)
+elif profile == "full":
+    for launch in reproduce.run_full("02_imagenet", variant=variant, data_root=data_root, nproc=nproc,
+                                     dry_run=dry_run):
+        print(f"{launch.status:8s} {launch.run}: {launch.shell}")
+else:
+    print("logs profile: nothing is trained; reading results/")
+
+# %% [markdown]
+# ## Table 2: paper vs ours
+
+# %%
+for kind in ctx.kinds():
+    table = report.table2(ctx, kind)
+    report.save_table(table, "table_2_imagenet", ctx, kind)
+    display(report.show_table(table, kind))
+
+# %% [markdown]
+# ## Validation top-1 accuracy per epoch (not a figure of the paper)
+
+# %%
+ENTRIES = [(r.key, r.label, r.key.split("_", 1)[1]) for r in reproduce.runs_for("02_imagenet")]
+for kind in ctx.kinds():
+    fig = report.plot_training_curves(ctx, kind, ENTRIES, column="eval_top1", ylabel="val top-1 accuracy (%)",
+                                      title="ImageNet validation top-1 per epoch")
+    report.save_figure(fig, "imagenet_top1_per_epoch", ctx, kind,
+                       caption="Validation top-1 accuracy of the Table 2 MDEQs per training epoch",
+                       source=f"{report.rel(ctx.logs_dir(kind))}/imagenet_*/metrics.csv")

@@ -1,0 +1,97 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Runtime and memory: Fig. 4b
+#
+# **Reproduces** Fig. 4b: training time, inference time and peak training memory of MDEQ
+# (`cifar10_large_<variant>`), MDEQ-small (`cifar10_small_<variant>`), ResNet-18 (the 10M CIFAR
+# ResNet-18 of Table 1), ResNet-101 and ANODE (172K) on CIFAR-10-sized input (3 x 32 x 32), relative
+# to ResNet-101, and the numbers Section 4.4 states (ResNet-101 ~150 ms per batch of 32 on an RTX
+# 2080 Ti, a 2.7x slowdown of MDEQ, > 60% memory saved, MDEQ-small 3x faster than ANODE).
+# A training step is forward + backward (MDEQs in their implicit phase: Broyden forward with T_f,
+# IFT backward with T_b, from the initial weights, so every solve uses its full budget); inference is
+# a forward pass without gradients.
+#
+# **Profiles** (`profile` parameter):
+# - `smoke` (default): the real models on CPU with a batch of 4 (quick: 2) and 2 repetitions; memory
+#   is the increase of the process's peak resident set. A smoke run, **not a reproduction**: CPU
+#   ratios say little about GPU ones. Writes `results/smoke/`, `figures/smoke/`.
+# - `full`: batch `batch_size` (32, as the paper) on a GPU (`device`), 10 timed repetitions after 3
+#   warm-ups; memory is `torch.cuda.max_memory_allocated` during the training step.
+#   Writes `results/runtime_memory.json`.
+# - `logs`: redraws from `results/runtime_memory.json` (and the committed smoke measurement).
+#
+# **Writes** `results/table_fig4b_runtime_memory.csv` and `figures/fig4b_runtime_memory.{png,svg}`.
+
+# %% tags=["parameters"]
+profile: str = "smoke"  # smoke | logs | full
+quick: bool = False  # smoke only: smaller batch, one repetition (tests)
+seed: int = 0  # seed of the random input and of the initial weights
+data_root: str = ""  # unused: the input is random, of CIFAR-10's shape
+output_root: str = ""  # empty: the repository's results/ and figures/
+variant: str = "paper"  # paper (Appendix Table 4) | official (released configs) MDEQs
+dry_run: bool = False  # full: say what would be measured, measure nothing
+batch_size: int = 32  # full: batch size (the paper's 32); smoke uses 4 (quick: 2)
+device: str = "auto"  # auto | cpu | cuda; full with auto needs a GPU
+
+# %%
+from IPython.display import display
+
+from mdeq import report, reproduce
+
+params = report.check_parameters(globals(), "03_runtime_memory")
+ctx = report.setup(params)
+print(f"profile {profile}" + (" (quick)" if quick else "") + f"; draws: {', '.join(ctx.kinds())}")
+
+# %% [markdown]
+# ## Measure (smoke and full profiles)
+
+# %%
+NAME = "runtime_memory.json"
+if profile == "smoke":
+    measure = reproduce.measure_runtime(batch_size=2 if quick else 4, device="cpu", variant=variant,
+                                        repeats=1 if quick else 2, warmup=0 if quick else 1, seed=seed)
+    report.write_json(ctx.results_dir("smoke") / NAME, {**measure, "profile": "smoke", "quick": quick})
+elif profile == "full":
+    models = [m[1] for m in reproduce.RUNTIME_MODELS]
+    if dry_run:
+        print(f"would measure {', '.join(models)} at batch {batch_size} on device {device!r}")
+    else:
+        if device == "auto" and not reproduce.visible_gpus():
+            raise RuntimeError("the full profile measures on a GPU and none is visible; pass device='cpu' to "
+                           "measure on this CPU anyway (labelled as such), or use profile='smoke'")
+        measure = reproduce.measure_runtime(batch_size=batch_size, device=device, variant=variant, repeats=10,
+                                            warmup=3, seed=seed)
+        report.write_json(ctx.results_dir("real") / NAME, {**measure, "profile": "full"})
+else:
+    print("logs profile: nothing is measured; reading results/")
+
+# %% [markdown]
+# ## Fig. 4b and the numbers of Section 4.4: paper vs ours
+
+# %%
+for kind in ctx.kinds():
+    measure = report.read_json(ctx.inputs_dir(kind) / NAME)
+    table = report.table_fig4b(ctx, kind, measure)
+    report.save_table(table, "table_fig4b_runtime_memory", ctx, kind)
+    display(report.show_table(table, kind))
+    fig = report.plot_runtime_memory(measure, kind)
+    report.save_figure(fig, "fig4b_runtime_memory", ctx, kind,
+                       caption="Training time, inference time and peak training memory per batch relative to "
+                               "ResNet-101 (lower is better); MDEQs from their initial weights with the full "
+                               "solver budgets",
+                       source=report.rel(ctx.inputs_dir(kind) / NAME))

@@ -1,0 +1,99 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Cityscapes: Table 3 and Fig. 8
+#
+# **Reproduces** the MDEQ rows of Table 3 (Cityscapes val mIoU and size of MDEQ-small, -large and
+# -XL; the paper's other rows are reference models, listed in `results/paper_numbers.yaml` only) and
+# Fig. 8 (input, MDEQ-large prediction and ground truth in the Cityscapes palette).
+#
+# **Profiles** (`profile` parameter):
+# - `smoke` (default): the three models with widths / 8 and solver budgets 6, trained from scratch
+#   for a few steps on CPU on 64 x 128 crops of a synthetic Cityscapes copy (128 x 256 images,
+#   evaluated whole); writes `results/smoke/`, `figures/smoke/`. A smoke run, **not a reproduction**.
+# - `full`: the paper's protocol on GPUs: `cityscapes_small_<variant>`, `cityscapes_large_<variant>`
+#   (`variant` = `paper`, Appendix Table 4: SGD 0.01, 480 epochs, batch 12, 1024 x 512 crops, full
+#   2048 x 1024 evaluation; or `official`) and `cityscapes_xl_official`, each initialised from the
+#   ImageNet model of the same size trained by `02_imagenet` (`runs/full/imagenet_*/checkpoint.pt`).
+#   Real data under `<data_root>/cityscapes/` (`leftImg8bit/`, `gtFine/`). Logs go to
+#   `results/runs/<run>/`, the examples of Fig. 8 to `results/cityscapes_examples/`.
+# - `logs`: redraws from `results/` (and the committed smoke logs), computing nothing.
+#
+# **Writes** `results/table_3_cityscapes.csv` and `figures/fig8_cityscapes_examples.{png,svg}`
+# (smoke: under `results/smoke/` and `figures/smoke/`).
+
+# %% tags=["parameters"]
+profile: str = "smoke"  # smoke | logs | full
+quick: bool = False  # smoke only: fewer steps (tests)
+seed: int = 0  # smoke: the training seed
+data_root: str = ""  # full: folder holding cityscapes/ (empty: data/)
+output_root: str = ""  # empty: the repository's results/ and figures/
+variant: str = "paper"  # full: paper (Appendix Table 4) | official (released configs)
+nproc: int = 0  # full: GPUs per run (0: all visible)
+dry_run: bool = False  # full: print the training commands, launch nothing
+
+# %%
+from IPython.display import display
+
+from mdeq import report, reproduce
+
+params = report.check_parameters(globals(), "04_cityscapes")
+ctx = report.setup(params)
+print(f"profile {profile}" + (" (quick)" if quick else "") + f"; draws: {', '.join(ctx.kinds())}")
+
+# %% [markdown]
+# ## Train, then predict the examples of Fig. 8 (smoke and full profiles)
+
+# %%
+EXAMPLES = "cityscapes_examples"
+if profile == "smoke":
+    for run in reproduce.runs_for("04_cityscapes"):
+        reproduce.train_smoke(run, ctx, variant=variant, seed=seed)
+    root, options = reproduce.smoke_data("cityscapes", quick=quick)
+    reproduce.cityscapes_examples(reproduce.SMOKE_RUNS / ("quick" if quick else "default") / "cityscapes_mdeq_large",
+                                  ctx.results_dir("smoke") / EXAMPLES, data_root=root, data_options=options,
+                                  num=1 if quick else 2, device="cpu")
+elif profile == "full":
+    for launch in reproduce.run_full("04_cityscapes", variant=variant, data_root=data_root, nproc=nproc,
+                                     dry_run=dry_run):
+        print(f"{launch.status:8s} {launch.run}: {launch.shell}")
+    if not dry_run:
+        reproduce.cityscapes_examples(reproduce.FULL_RUNS / "cityscapes_mdeq_large", ctx.results_dir("real") / EXAMPLES,
+                                      data_root=reproduce.default_data_root("cityscapes", data_root), num=3)
+else:
+    print("logs profile: nothing is trained; reading results/")
+
+# %% [markdown]
+# ## Table 3: paper vs ours
+
+# %%
+for kind in ctx.kinds():
+    table = report.table3(ctx, kind)
+    report.save_table(table, "table_3_cityscapes", ctx, kind)
+    display(report.show_table(table, kind))
+
+# %% [markdown]
+# ## Fig. 8: segmentation examples
+
+# %%
+for kind in ctx.kinds():
+    folder = ctx.inputs_dir(kind) / EXAMPLES
+    fig = report.plot_segmentation_examples(folder, kind)
+    report.save_figure(fig, "fig8_cityscapes_examples", ctx, kind,
+                       caption="Cityscapes val images, the MDEQ-large prediction and the ground truth in the "
+                               "Cityscapes palette (void in black)",
+                       source=report.rel(folder))

@@ -1,0 +1,116 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Convergence to equilibrium: Figs. 5-7
+#
+# **Reproduces** Fig. 5 (= Appendix Fig. 6): the relative residual as a function of the number of
+# f evaluations, for limited-memory Broyden and for plain iteration of f, at CIFAR-10, ImageNet and
+# Cityscapes resolution, mean and std over 5 batches; the same for the backward (IFT) solve; and
+# Fig. 7: the per-scale convergence of the CIFAR-10 MDEQ against the single-stream DEQ.
+# The measure is our solvers' `||f(z) - z|| / ||f(z)||` per sample (for plain iteration this is the
+# paper's `||z[i+1] - z[i]|| / ||z[i]||` with the newer iterate in the denominator), averaged over
+# the batch; traces come from `mdeq.broyden` / `mdeq.fixed_point` (`stats.rel_trace`,
+# `stats.scale_rel_trace`, and `info.backward` after `.backward()`), with a tolerance of 1e-12 so
+# that every solve runs its whole budget.
+#
+# **Profiles** (`profile` parameter):
+# - `smoke` (default): shrunken models (widths / 8, CIFAR / 2) at their initial weights on synthetic
+#   data (ImageNet 64 x 64, Cityscapes 128 x 256), 40 f evaluations (quick: 15); writes
+#   `results/smoke/`, `figures/smoke/`. A smoke run, **not a reproduction**.
+# - `full`: `cifar10_large_<variant>`, `imagenet_large_<variant>` and `cityscapes_large_<variant>` at
+#   32 x 32, 224 x 224 and 1024 x 2048, batches of 32, 8 and 1, budgets of 50, 120 and 150; Fig. 7 with
+#   `cifar10_small_<variant>` and `cifar10_single_stream_paper`. The initial weights always, and the
+#   trained ones (`runs/full/<run>/checkpoint.pt` of notebooks 01, 02 and 04) where they exist, on
+#   validation batches of the real data under `data_root`. Writes `results/convergence_traces.json`.
+# - `logs`: redraws from `results/convergence_traces.json` (and the committed smoke traces).
+#
+# **Writes** `results/table_fig5_convergence.csv` and `figures/fig5_convergence_forward`,
+# `fig5_convergence_backward`, `fig7_per_scale_convergence` (`.png`, `.svg`).
+
+# %% tags=["parameters"]
+profile: str = "smoke"  # smoke | logs | full
+quick: bool = False  # smoke only: smaller budgets and batches (tests)
+seed: int = 0  # seed of the initial weights and of the batch selection
+data_root: str = ""  # full: folder holding cifar10/, imagenet/, cityscapes/ (empty: data/)
+output_root: str = ""  # empty: the repository's results/ and figures/
+variant: str = "paper"  # full: paper (Appendix Table 4) | official (released configs)
+dry_run: bool = False  # full: say what would be measured, measure nothing
+num_batches: int = 5  # batches per curve (the paper's 5)
+device: str = "auto"  # auto | cpu | cuda; full with auto needs a GPU
+
+# %%
+from IPython.display import display
+
+from mdeq import report, reproduce
+
+params = report.check_parameters(globals(), "05_convergence")
+ctx = report.setup(params)
+print(f"profile {profile}" + (" (quick)" if quick else "") + f"; draws: {', '.join(ctx.kinds())}")
+
+# %% [markdown]
+# ## Solve (smoke and full profiles)
+
+# %%
+NAME = "convergence_traces.json"
+if profile == "smoke":
+    traces = reproduce.convergence_traces(profile="smoke", quick=quick, variant=variant, num_batches=num_batches,
+                                          device="cpu", seed=seed)
+    report.write_json(ctx.results_dir("smoke") / NAME, traces)
+elif profile == "full":
+    if dry_run:
+        for dataset, (config, ckpt, batch, size) in reproduce.CONVERGENCE_SETS.items():
+            print(f"would trace {config.format(variant=variant)} on {num_batches} batches of {batch} x {size} "
+                  f"({dataset}), weights: initial and runs/full/{ckpt}/checkpoint.pt if present")
+    else:
+        if device == "auto" and not reproduce.visible_gpus():
+            raise RuntimeError("the full profile traces on a GPU and none is visible; pass device='cpu' to run "
+                               "on this CPU anyway (slow at 1024 x 2048), or use profile='smoke'")
+        traces = reproduce.convergence_traces(profile="full", variant=variant, data_root=data_root,
+                                              num_batches=num_batches, device=device, seed=seed)
+        report.write_json(ctx.results_dir("real") / NAME, traces)
+else:
+    print("logs profile: nothing is computed; reading results/")
+
+# %% [markdown]
+# ## Figs. 5/6: forward and backward convergence at three resolutions
+
+# %%
+for kind in ctx.kinds():
+    traces = report.read_json(ctx.inputs_dir(kind) / NAME)
+    source = report.rel(ctx.inputs_dir(kind) / NAME)
+    fig = report.plot_convergence(traces, kind, direction="forward")
+    report.save_figure(fig, "fig5_convergence_forward", ctx, kind, source=source,
+                       caption="Relative residual of the forward solve vs f evaluations, Broyden (blue) and "
+                               "plain iteration of f (yellow), mean and std over batches")
+    fig = report.plot_convergence(traces, kind, direction="backward")
+    report.save_figure(fig, "fig5_convergence_backward", ctx, kind, source=source,
+                       caption="Relative residual of the backward (IFT) Broyden solve vs evaluations of the "
+                               "vector-Jacobian product, mean and std over batches")
+    table = report.convergence_table(ctx, kind, traces)
+    report.save_table(table, "table_fig5_convergence", ctx, kind)
+    display(report.show_table(table, kind))
+
+# %% [markdown]
+# ## Fig. 7: per-scale convergence, MDEQ vs single-stream DEQ (CIFAR-10)
+
+# %%
+for kind in ctx.kinds():
+    traces = report.read_json(ctx.inputs_dir(kind) / NAME)
+    fig = report.plot_per_scale(traces, kind)
+    report.save_figure(fig, "fig7_per_scale_convergence", ctx, kind, source=report.rel(ctx.inputs_dir(kind) / NAME),
+                       caption="Per-scale relative residual of the Broyden forward solve of the CIFAR-10 MDEQ "
+                               "(scale 1 is the highest resolution) and of the single-stream DEQ")

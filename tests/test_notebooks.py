@@ -1,0 +1,108 @@
+"""The five notebooks: paired sources in sync, each runs under papermill (smoke quick, logs, full dry
+run) with this interpreter's kernel, bad parameters fail loudly, and the book builds with -W.
+
+Outputs of these runs go to a temporary ``output_root`` (quick smoke checkpoints and synthetic data
+to the ignored ``runs/``), so the tests never touch the committed results/ and figures/.
+"""
+from __future__ import annotations
+
+import importlib.util
+import time
+
+import pytest
+
+from mdeq import paths, report, reproduce
+
+papermill = pytest.importorskip("papermill")
+jupytext = pytest.importorskip("jupytext")
+
+NOTEBOOKS = list(report.NOTEBOOKS)
+SKIP_TAGS = {"injected-parameters", "papermill-error-cell-tag"}
+
+
+def _inputs(nb):
+    return [(c.cell_type, c.source.strip()) for c in nb.cells if not SKIP_TAGS & set(c.metadata.get("tags", []))]
+
+
+def _run(name, tmp_path, **parameters):
+    out = tmp_path / f"{name}.ipynb"
+    parameters.setdefault("output_root", str(tmp_path / "out"))
+    seconds = reproduce.execute_notebook(name, out, parameters, timeout=600)
+    return out, seconds
+
+
+def _stream_text(path):
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                   if o.output_type == "stream")
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_py_and_ipynb_in_sync(name):
+    py, ipynb = paths.NOTEBOOKS / f"{name}.py", paths.NOTEBOOKS / f"{name}.ipynb"
+    assert py.is_file() and ipynb.is_file()
+    assert _inputs(jupytext.read(py)) == _inputs(jupytext.read(ipynb)), (
+        f"{ipynb.name} differs from {py.name}: run `jupytext --to ipynb --update notebooks/{py.name}`")
+    tags = [c.metadata.get("tags", []) for c in jupytext.read(ipynb).cells]
+    assert ["parameters"] in tags and not any(SKIP_TAGS & set(t) for t in tags), "stray papermill cells"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_smoke_quick(name, tmp_path):
+    out, seconds = _run(name, tmp_path, quick=True)
+    figures = tmp_path / "out" / "figures" / "smoke"
+    owned = sorted(n for n, nb in report.FIGURE_OWNERS.items() if nb == name)
+    assert sorted({p.stem for p in figures.glob("*.png")}) == owned
+    tables = sorted(p.stem for p in (tmp_path / "out" / "results" / "smoke").glob("table_*.csv"))
+    assert tables == sorted(n for n, nb in report.TABLE_OWNERS.items() if nb == name)
+    assert not list((tmp_path / "out" / "figures").glob("*.png")), "a smoke run wrote a real figure"
+    print(f"{name} smoke quick: {seconds:.1f} s")
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_logs_profile(name, tmp_path):
+    t0 = time.perf_counter()
+    out, seconds = _run(name, tmp_path, profile="logs")
+    real = tmp_path / "out" / "results"
+    assert sorted(p.stem for p in real.glob("table_*.csv")) == sorted(
+        n for n, nb in report.TABLE_OWNERS.items() if nb == name)
+    assert sorted({p.stem for p in (tmp_path / "out" / "figures").glob("*.png")}) == sorted(
+        n for n, nb in report.FIGURE_OWNERS.items() if nb == name)
+    assert seconds < 60, f"the logs profile of {name} took {seconds:.0f} s"
+    print(f"{name} logs: {seconds:.1f} s ({time.perf_counter() - t0:.1f} s with the kernel)")
+
+
+@pytest.mark.parametrize("name", ["01_cifar10", "04_cityscapes"])
+def test_full_profile_dry_run_prints_the_launches(name, tmp_path):
+    out, _ = _run(name, tmp_path, profile="full", dry_run=True, nproc=4, data_root="/datasets")
+    text = _stream_text(out)
+    assert "dry-run" in text and "torch.distributed.run --standalone --nproc_per_node 4 -m mdeq.train" in text
+    assert "--data-root /datasets/" in text
+
+
+@pytest.mark.parametrize("parameters, message", [
+    ({"profile": "ful"}, "must be one of ['smoke', 'logs', 'full']"),
+    ({"profil": "logs"}, "unknown parameter(s) 'profil'"),
+    ({"quick": "yes"}, "must be of type bool"),
+])
+def test_bad_parameters_fail_loudly(parameters, message, tmp_path):
+    import nbformat
+
+    out = tmp_path / "bad.ipynb"
+    with reproduce.kernel_for_this_python() as kernel:
+        with pytest.raises(papermill.PapermillExecutionError) as exc:
+            papermill.execute_notebook(str(paths.NOTEBOOKS / "04_cityscapes.ipynb"), str(out), parameters=parameters,
+                                       kernel_name=kernel, cwd=str(paths.ROOT), progress_bar=False)
+    assert exc.value.ename == "ParameterError" and message in exc.value.evalue
+    nb = nbformat.read(out, as_version=4)
+    assert not any(o.get("output_type") == "display_data" for c in nb.cells for o in c.get("outputs", []))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jupyter_book") is None, reason="jupyter-book (the 'book' extra) is not installed")
+def test_book_builds_with_warnings_as_errors(tmp_path):
+    html = reproduce.build_book(paths.NOTEBOOKS, tmp_path, strict=True)
+    for name in NOTEBOOKS:
+        assert (html / "notebooks" / f"{name}.html").is_file()
+    assert "mdeq-repro" in (html / "intro.html").read_text()
