@@ -121,8 +121,10 @@ def bench_forward(make_f, z0, device, repeats, max_iters, tol, memory, with_torc
             times = timeit(run, device, repeats)
             nfe = counter.n
             rel = _rel_max(f, out["z"])
+            st = out.get("stats")
             rows.append({"impl": impl, "solver": solver, "options": opts, "max_iter": max_iter, "tol": tol,
-                         "nfe": nfe, "time_s": median(times), "times_s": times, "f_time_ms": 1e3 * t_f,
+                         "stop_reason": st.stop_reason if st else None,
+                         "restarts": st.extra.get("restarts") if st else None, "nfe": nfe, "time_s": median(times), "times_s": times, "f_time_ms": 1e3 * t_f,
                          "ratio": median(times) / (nfe * t_f), "rel_residual_max": rel,
                          "converged": rel < tol * 1.0001})
             print(f"  fwd  {impl:8s} {solver:16s} max_iter={max_iter:3d}  nfe={nfe:3d}  "
@@ -163,6 +165,7 @@ def bench_backward(make_f, z0, params, device, repeats, max_iter, tol, memory, w
                 rec["bwd"] = _now() - t0
                 rec["vjps"] = info.backward.nfe
                 rec["brel"] = info.backward.rel_lowest.max().item()
+                rec["stop"] = info.backward.stop_reason
         else:
             import torchdeq.grad as tg
             layer = _torchdeq_layer("broyden", max_iter, tol, b_max_iter=max_iter, ift=True).train()
@@ -212,6 +215,7 @@ def bench_backward(make_f, z0, params, device, repeats, max_iter, tol, memory, w
         n = int(median(vjps))
         ratio = (t - t_vjp_all) / (n * t_vjp_z)
         rows.append({"impl": impl, "solver": "broyden", "max_iter": max_iter, "tol": tol, "vjps": n,
+                     "stop_reason": rec.get("stop"),
                      "backward_time_s": t, "backward_times_s": bwd, "vjp_z_ms": 1e3 * t_vjp_z,
                      "vjp_all_ms": 1e3 * t_vjp_all, "backward_ratio": ratio, "backward_rel_max": median(brel)})
         print(f"  bwd  {impl:8s} broyden          max_iter={max_iter:3d}  vjps={n:3d}  time={t:.3f}s  "

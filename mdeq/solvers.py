@@ -169,8 +169,12 @@ class _Monitor:
     """
 
     def __init__(self, name, layout, max_iter, tol, stop_mode, stagnation_patience,
-                 divergence_factor, check_every, throw, warn):
+                 divergence_factor, check_every, throw, warn, restart_factor=None):
         self.name, self.layout = name, layout
+        self.restart_factor = restart_factor  # Broyden: restart samples whose residual blew up
+        self.best_g = None     # (B, D) f(z) - z at the lowest iterate (kept only for restarts)
+        self.restart = None    # (B,) bool, samples to restart after the last check, or None
+        self.restarts = 0
         self.max_iter, self.tol, self.stop_mode = max_iter, tol, stop_mode
         self.patience, self.div_factor = stagnation_patience, divergence_factor
         self.check_every, self.throw, self.warn = check_every, throw, warn
@@ -204,16 +208,23 @@ class _Monitor:
         self.scale_rel.append(dn / (fn + _EPS))
         res = rel_res if self.stop_mode == "rel" else abs_res
         res = torch.nan_to_num(res, nan=math.inf)
+        self.abs_res = abs_res
         if self.best is None:
             self.best = res.clone()
             self.best_z = z.clone()
             self.best_step = torch.zeros_like(res, dtype=torch.long)
             self.first_abs = abs_res
+            if self.restart_factor is not None:
+                self.best_g = g.clone()
+                self.best_abs = abs_res
         else:
             better = res < self.best
             self.best = torch.where(better, res, self.best)
             self.best_z = torch.where(better[:, None], z, self.best_z)
             self.best_step = torch.where(better, step, self.best_step)
+            if self.restart_factor is not None:
+                self.best_g = torch.where(better[:, None], g, self.best_g)
+                self.best_abs = torch.minimum(self.best_abs, abs_res)
         return g
 
     def should_stop(self, nstep: int) -> bool:
@@ -226,9 +237,15 @@ class _Monitor:
         if nstep % self.check_every:
             return False
         growth = (self.abs[-1] / (self.first_abs + _EPS)).max()
-        flags = torch.stack([self.best.max(), growth.to(self.best.dtype),
-                             (~torch.isfinite(self.last_scale_norms)).any().to(self.best.dtype)]).tolist()
-        best_max, growth, non_finite = flags
+        flags = [self.best.max(), growth.to(self.best.dtype),
+                 (~torch.isfinite(self.last_scale_norms)).any().to(self.best.dtype)]
+        if self.restart_factor is not None:
+            # on the abs residual: in rel mode a run-away iterate can keep a rel residual near 1
+            blown = self.abs_res > self.restart_factor * self.best_abs
+            flags.append(blown.any().to(self.best.dtype))
+        flags = torch.stack(flags).tolist()
+        best_max, growth, non_finite = flags[:3]
+        self.restart = blown if self.restart_factor is not None and flags[3] else None
         if non_finite:
             self._non_finite(nstep)
             return True
@@ -344,8 +361,8 @@ def fixed_point(f: Callable, z0, *, max_iter: int = 50, tol: float = 1e-3, stop_
 
 @_checked_options
 def broyden(f: Callable, z0, *, max_iter: int = 30, tol: float = 1e-3, stop_mode: str = "rel",
-            memory: int = 18, stagnation_patience: int = 50, divergence_factor: float = 1e6,
-            check_every: int = 1, throw: bool = False, warn: bool = True):
+            memory: int = 18, restart_factor: float | None = 10.0, stagnation_patience: int = 50,
+            divergence_factor: float = 1e6, check_every: int = 1, throw: bool = False, warn: bool = True):
     """Limited-memory Broyden's method for g(z) = f(z) - z = 0 (paper, Appendix B.1).
 
     Keeps the inverse-Jacobian estimate B = -I + U V^T per sample, updated by Sherman-Morrison
@@ -354,12 +371,20 @@ def broyden(f: Callable, z0, *, max_iter: int = 30, tol: float = 1e-3, stop_mode
     (B, m, D) buffers; once full, the oldest update is dropped (a ring buffer), so memory is
     O(m B D) whatever ``max_iter`` is. One iteration costs one f evaluation plus four low-rank
     products over the used history (torchdeq does six over a (B, D, max_iter) buffer).
+
+    Dropping old updates can make the estimate inconsistent, and a sample's iterate can then run
+    away. A sample whose absolute residual exceeds ``restart_factor`` times its lowest is restarted
+    from its lowest iterate with an empty history (B = -I) while the others go on; ``None`` disables
+    this.
+    ``stats.extra["restarts"]`` counts restarted samples.
     """
     if not (isinstance(memory, int) and memory >= 1):
         raise ValueError(f"memory must be a positive int, got {memory!r}")
+    if restart_factor is not None and not restart_factor > 1:
+        raise ValueError(f"restart_factor must be > 1 or None, got {restart_factor!r}")
     z, F, mon, result = _setup("broyden", f, z0, max_iter, tol, stop_mode,
                                stagnation_patience=stagnation_patience, divergence_factor=divergence_factor,
-                               check_every=check_every, throw=throw, warn=warn)
+                               check_every=check_every, throw=throw, warn=warn, restart_factor=restart_factor)
     B, D = z.shape
     m = min(memory, max_iter)
     U = z.new_empty(B, m, D)   # only the first n_used rows are ever read
@@ -377,6 +402,16 @@ def broyden(f: Callable, z0, *, max_iter: int = 30, tol: float = 1e-3, stop_mode
         nstep += 1
         if mon.should_stop(nstep):
             break
+        if mon.restart is not None:  # rare: restart the blown-up samples from their lowest iterate
+            bad = mon.restart[:, None]
+            z = torch.where(bad, mon.best_z, z)
+            g_new = torch.where(bad, mon.best_g, g_new)
+            g = torch.where(bad, mon.best_g, g)
+            delta = torch.where(bad, -g, delta)  # makes B_k g_k = -delta hold for them below
+            keep = (~mon.restart).to(U.dtype)[:, None, None]
+            U.mul_(keep)
+            Vt.mul_(keep)
+            mon.restarts += int(mon.restart.sum())
         # With s = delta = -B_k g_k:  B_k y = B_k g_new + delta, so u = (s - B_k y)/(v^T y) = -Bg / (v^T y).
         Uh, Vh = U[:, :n_used], Vt[:, :n_used]
         Bg = _rmatvec(Uh, Vh, g_new)           # B_k g_new
@@ -396,7 +431,7 @@ def broyden(f: Callable, z0, *, max_iter: int = 30, tol: float = 1e-3, stop_mode
         n_used = min(n_used + 1, m)
         g = g_new
     out = result(nstep)
-    out[1].extra.update(memory=m, history_bytes=2 * U.numel() * U.element_size())
+    out[1].extra.update(memory=m, history_bytes=2 * U.numel() * U.element_size(), restarts=mon.restarts)
     return out
 
 

@@ -183,3 +183,22 @@ def test_lower_precision_f_keeps_state_dtype():
     b = torch.randn(2, 6)
     z, st = broyden(lambda z: [(0.5 * z[0] + b).to(torch.bfloat16)], [torch.zeros(2, 6)], max_iter=20, tol=1e-2)
     assert z[0].dtype == torch.float32 and st.all_converged
+
+
+def test_broyden_restarts_a_blown_up_sample_and_the_batch_goes_on():
+    """A transient kick sends sample 0 far away; it restarts from its lowest iterate, all converge."""
+    calls = [0]
+    b = torch.randn(3, 5, dtype=torch.float64)
+
+    def f(z):
+        calls[0] += 1
+        out = 0.5 * torch.tanh(z[0]) + b
+        if calls[0] == 5:
+            out = out + torch.tensor([[1e4], [0.0], [0.0]], dtype=torch.float64)
+        return [out]
+
+    z, st = broyden(f, [torch.zeros(3, 5, dtype=torch.float64)], max_iter=60, tol=1e-10)
+    assert st.extra["restarts"] >= 1 and st.stop_reason == "tol" and st.all_converged
+    torch.testing.assert_close(z[0], 0.5 * torch.tanh(z[0]) + b, rtol=0, atol=1e-8)
+    with pytest.raises(ValueError, match="restart_factor"):
+        broyden(f, [torch.zeros(3, 5)], restart_factor=0.5)
