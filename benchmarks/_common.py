@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mdeq.distributed import DistInfo
+from mdeq.train import _hardware
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -49,18 +52,7 @@ def provenance(args, device) -> dict:
     except OSError:
         commit, dirty = "unknown", None
     dev = torch.device(device)
-    hw = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-          "torch_threads": torch.get_num_threads()}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    hw["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    if dev.type == "cuda":
-        hw["gpu"] = torch.cuda.get_device_name(dev)
+    hw = _hardware(dev, DistInfo())  # the same record the training engine writes
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name] + sys.argv),

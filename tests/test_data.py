@@ -26,7 +26,7 @@ from mdeq.data.synthetic import main as synthetic_main
 from mdeq.data.synthetic import make_synthetic
 from mdeq.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CityscapesTrainTransform
 
-SHARED = Path("/work/shared/data")
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # shared/ beside a checkout, if any
 BATCHES = (*cifar10.TRAIN_BATCHES, *cifar10.TEST_BATCHES)
 
 

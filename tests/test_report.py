@@ -30,7 +30,7 @@ PAPER_LINES = {
     ("table3", "MDEQ-XL (ours) [Implicit]"): "<b>MDEQ-XL (ours) [Implicit]</b>\tMDEQ\t70.9M\t80.3",
     ("table3", "PSPNet [64]"): "PSPNet [64]\tD-ResNet-101\t65.9M\t78.4",
 }
-PAPER_MD = Path("/work/shared/paper/paper.md")
+PAPER_MD = Path(__file__).resolve().parents[2] / "shared" / "paper" / "paper.md"  # beside a checkout, if any
 
 
 def _numbers(line: str) -> list[float]:
