@@ -485,17 +485,15 @@ def anderson(f: Callable, z0, *, max_iter: int = 50, tol: float = 1e-3, stop_mod
     G = x.new_empty(B, m, D)    # g_i = f(x_i) - x_i
     H = x.new_zeros(B, m, m)    # Gram matrix G G^T
     nstep = 0
-    k = 0
     while True:
         fx = F(x)
         g = mon.record(x, fx)
         if mon.should_stop(nstep):
             break
-        slot = k % m
+        slot = nstep % m
         Fh[:, slot] = fx
         G[:, slot] = g
-        k += 1
-        n = min(k, m)
+        n = min(nstep + 1, m)
         row = _coef(G[:, :n], g).squeeze(1)              # (B, n): g_j . g for every filled slot
         H[:, slot, :n] = row
         H[:, :n, slot] = row

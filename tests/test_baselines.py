@@ -11,14 +11,7 @@ EXACT = {"resnet18_170k": 176_402, "resnet18_10m": 10_151_691, "resnet101": 42_5
          "node_172k": 173_611, "anode_172k": 172_452}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads spin against other work (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _count(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

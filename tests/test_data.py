@@ -30,14 +30,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # shared/ besi
 BATCHES = (*cifar10.TRAIN_BATCHES, *cifar10.TEST_BATCHES)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads spin against other work (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def synthetic_root(tmp_path_factory):
