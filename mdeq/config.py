@@ -130,7 +130,11 @@ class SolverConfig:
     memory: int = 18  # limited-memory Broyden: number of low-rank updates kept
     backward_solver: str = "broyden"
     backward_max_iter: int = 20
-    backward_tol: float = 1e-3
+    # Relative per sample: the right-hand side dL/dz* scales with 1/B under a batch-mean loss, so an
+    # absolute rule stops at u0 = 0 at batch 128. 1e-6 is float32 rounding: the solve runs to its cap,
+    # as the released code's eps = 2e-10 sqrt(B D) makes it.
+    backward_tol: float = 1e-6
+    backward_stop_mode: str = "rel"
     grad: str = "ift"
     unroll_steps: int = 10
     phantom_steps: int = 5
@@ -143,6 +147,7 @@ class SolverConfig:
         _check_choice(self.backward_solver, SOLVER_NAMES, "solver.backward_solver")
         _check_choice(self.grad, GRAD_MODES, "solver.grad")
         _check_choice(self.stop_mode, STOP_MODES, "solver.stop_mode")
+        _check_choice(self.backward_stop_mode, STOP_MODES, "solver.backward_stop_mode")
         for name in ("max_iter", "backward_max_iter", "memory", "unroll_steps", "phantom_steps"):
             _check(getattr(self, name) >= 1, f"solver.{name} must be >= 1, got {getattr(self, name)}")
         _check(self.eval_max_iter is None or self.eval_max_iter >= 1,

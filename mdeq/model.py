@@ -354,6 +354,7 @@ def _implicit_layer(func: nn.Module, s: SolverConfig) -> ImplicitLayer:
         solver_options=_solver_options(s.solver, s.memory), eval_max_iter=s.eval_max_iter,
         eval_tol=s.eval_tol, grad=s.grad, backward_solver=s.backward_solver,
         backward_max_iter=s.backward_max_iter, backward_tol=s.backward_tol,
+        backward_stop_mode=s.backward_stop_mode,
         backward_options=_solver_options(s.backward_solver, s.memory), phantom_steps=s.phantom_steps,
         phantom_damping=s.phantom_damping, unroll_steps=s.unroll_steps)
 

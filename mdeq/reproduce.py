@@ -559,7 +559,7 @@ def _solve_traces(model, batches, solver: str, budget: int, device, backward: bo
     deq.tol = deq.eval_tol = 1e-12  # run the whole budget (or until stagnation)
     deq.stop_mode = "rel"
     deq.grad = "ift"
-    deq.backward_max_iter, deq.backward_tol = budget, 1e-12
+    deq.backward_max_iter, deq.backward_tol, deq.backward_stop_mode = budget, 1e-12, "rel"
     deq.backward_solver = SOLVERS["broyden"]
     deq.backward_options = {"memory": budget}
     deq.warn = False

@@ -14,7 +14,9 @@ of tensors sharing the batch size, dtype and device; a single tensor is accepted
 gets and returns a single tensor and a single tensor is returned. The returned ``z`` is, **per sample**, the iterate with the lowest residual seen (in
 the ``stop_mode`` measure), so different samples of a batch may come from different iterations:
 this guards against late divergence (as in torchdeq) and makes ``stats.converged`` true exactly for
-the samples whose returned iterate meets ``tol``.
+the samples whose returned iterate meets ``tol``. With ``exclude_initial=True`` z0 is traced but
+never returned and cannot stop the solve: the IFT backward starts from u0 = 0, and returning it
+would mean no gradient at all (the released code's failure at initialisation).
 
 Residuals, per sample b: abs = ||f(z) - z||, rel = ||f(z) - z|| / ||f(z)|| (norms over all scales),
 and per scale i: ||f_i(z) - z_i|| / ||f_i(z)||. If ``f`` returns a lower-precision dtype (autocast),
@@ -169,8 +171,9 @@ class _Monitor:
     """
 
     def __init__(self, name, layout, max_iter, tol, stop_mode, stagnation_patience,
-                 divergence_factor, check_every, throw, warn, restart_factor=None):
+                 divergence_factor, check_every, throw, warn, exclude_initial=False, restart_factor=None):
         self.name, self.layout = name, layout
+        self.exclude_initial = exclude_initial  # z0 is traced but never returned (the IFT backward)
         self.restart_factor = restart_factor  # Broyden: restart samples whose residual blew up
         self.best_g = None     # (B, D) f(z) - z at the lowest iterate (kept only for restarts)
         self.restart = None    # (B,) bool, samples to restart after the last check, or None
@@ -208,6 +211,8 @@ class _Monitor:
         self.scale_rel.append(dn / (fn + _EPS))
         res = rel_res if self.stop_mode == "rel" else abs_res
         res = torch.nan_to_num(res, nan=math.inf)
+        if step == 0 and self.exclude_initial:
+            res = torch.full_like(res, math.inf)  # any later iterate replaces z0, and tol cannot stop at 0
         self.abs_res = abs_res
         if self.best is None:
             self.best = res.clone()
@@ -338,7 +343,7 @@ def _setup(name, f, z0, max_iter, tol, stop_mode, **monitor_kw):
 @_checked_options
 def fixed_point(f: Callable, z0, *, max_iter: int = 50, tol: float = 1e-3, stop_mode: str = "rel",
                 damping: float = 1.0, stagnation_patience: int = 50, divergence_factor: float = 1e6,
-                check_every: int = 1, throw: bool = False, warn: bool = True):
+                check_every: int = 1, exclude_initial: bool = False, throw: bool = False, warn: bool = True):
     """Plain (optionally damped) iteration z <- (1 - damping) z + damping f(z).
 
     The baseline of the paper's Figs. 5-6. Each step costs exactly one f evaluation.
@@ -347,7 +352,7 @@ def fixed_point(f: Callable, z0, *, max_iter: int = 50, tol: float = 1e-3, stop_
         raise ValueError(f"damping must be in (0, 1], got {damping!r}")
     z, F, mon, result = _setup("fixed_point", f, z0, max_iter, tol, stop_mode,
                                stagnation_patience=stagnation_patience, divergence_factor=divergence_factor,
-                               check_every=check_every, throw=throw, warn=warn)
+                               check_every=check_every, exclude_initial=exclude_initial, throw=throw, warn=warn)
     nstep = 0
     while True:
         fz = F(z)
@@ -362,7 +367,8 @@ def fixed_point(f: Callable, z0, *, max_iter: int = 50, tol: float = 1e-3, stop_
 @_checked_options
 def broyden(f: Callable, z0, *, max_iter: int = 30, tol: float = 1e-3, stop_mode: str = "rel",
             memory: int = 18, restart_factor: float | None = 10.0, stagnation_patience: int = 50,
-            divergence_factor: float = 1e6, check_every: int = 1, throw: bool = False, warn: bool = True):
+            divergence_factor: float = 1e6, check_every: int = 1, exclude_initial: bool = False,
+            throw: bool = False, warn: bool = True):
     """Limited-memory Broyden's method for g(z) = f(z) - z = 0 (paper, Appendix B.1).
 
     Keeps the inverse-Jacobian estimate B = -I + U V^T per sample, updated by Sherman-Morrison
@@ -384,7 +390,8 @@ def broyden(f: Callable, z0, *, max_iter: int = 30, tol: float = 1e-3, stop_mode
         raise ValueError(f"restart_factor must be > 1 or None, got {restart_factor!r}")
     z, F, mon, result = _setup("broyden", f, z0, max_iter, tol, stop_mode,
                                stagnation_patience=stagnation_patience, divergence_factor=divergence_factor,
-                               check_every=check_every, throw=throw, warn=warn, restart_factor=restart_factor)
+                               check_every=check_every, exclude_initial=exclude_initial, throw=throw, warn=warn,
+                               restart_factor=restart_factor)
     B, D = z.shape
     m = min(memory, max_iter)
     U = z.new_empty(B, m, D)   # only the first n_used rows are ever read
@@ -465,7 +472,8 @@ def _lmatvec(U, Vt, x):
 @_checked_options
 def anderson(f: Callable, z0, *, max_iter: int = 50, tol: float = 1e-3, stop_mode: str = "rel",
              memory: int = 6, lam: float = 1e-4, beta: float = 1.0, stagnation_patience: int = 50,
-             divergence_factor: float = 1e6, check_every: int = 1, throw: bool = False, warn: bool = True):
+             divergence_factor: float = 1e6, check_every: int = 1, exclude_initial: bool = False,
+             throw: bool = False, warn: bool = True):
     """Anderson acceleration with history ``memory`` (m), regularisation ``lam``, mixing ``beta``.
 
     Minimises ||sum_i a_i g_i|| with sum_i a_i = 1 over the last m residuals g_i = f(x_i) - x_i,
@@ -478,7 +486,7 @@ def anderson(f: Callable, z0, *, max_iter: int = 50, tol: float = 1e-3, stop_mod
         raise ValueError(f"beta must be in (0, 1], got {beta!r}")
     x, F, mon, result = _setup("anderson", f, z0, max_iter, tol, stop_mode,
                                stagnation_patience=stagnation_patience, divergence_factor=divergence_factor,
-                               check_every=check_every, throw=throw, warn=warn)
+                               check_every=check_every, exclude_initial=exclude_initial, throw=throw, warn=warn)
     B, D = x.shape
     m = memory
     Fh = x.new_empty(B, m, D)   # f(x_i); only filled slots are read

@@ -817,7 +817,10 @@ def _main(cfg: ExperimentConfig, options: RunOptions, dist_info: DistInfo, devic
 
     if resuming:
         ckpt = load_checkpoint(ckpt_path, map_location="cpu")
-        diff = _config_diff(ckpt["config"], config_to_dict(cfg))
+        saved, now = ckpt["config"], config_to_dict(cfg)
+        if options.baseline is not None:  # a baseline reads only the data and train sections
+            saved, now = ({k: v for k, v in c.items() if k not in ("model", "solver")} for c in (saved, now))
+        diff = _config_diff(saved, now)
         if ckpt.get("baseline") != options.baseline:
             diff.append(f"baseline: checkpoint {ckpt.get('baseline')!r} vs now {options.baseline!r}")
         if diff:

@@ -181,3 +181,82 @@ def test_ift_stores_no_forward_activations():
             layer(zeros_like_state(xs), xs)
         counts.append(n[0])
     assert counts[0] == counts[1] > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The backward stopping rule: at the paper's batch of 128 and a batch-mean loss, dL/dz* is O(1/B)
+# per sample, so an absolute per-sample tolerance of 1e-3 returned u0 = 0 (no implicit gradient).
+
+class _PooledHead(torch.nn.Module):
+    """Global average pool of every scale, then a linear classifier: dL/dz* as small as MDEQ's."""
+
+    def __init__(self, shapes, classes=10):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        feats = sum(s[0] for s in shapes)
+        self.weight = torch.nn.Parameter(torch.randn(classes, feats, generator=g, dtype=torch.float64) / (2 * feats))
+
+    def forward(self, z):
+        pooled = torch.cat([t.mean((2, 3)) for t in z], 1)
+        return pooled @ self.weight.t()
+
+
+def _paper_batch_problem(batch=128):
+    fm = MultiscaleMap(gain=0.5)
+    xs = [x.requires_grad_() for x in inputs(batch=batch)]
+    head = _PooledHead([s for s in __import__("problems").SHAPES])
+    labels = torch.arange(batch) % 10
+    loss_fn = lambda z: torch.nn.functional.cross_entropy(head(z), labels)  # noqa: E731  (batch mean)
+    return fm, xs, loss_fn
+
+
+def test_backward_at_batch_128_runs_and_matches_float64_unrolled():
+    fm, xs, loss_fn = _paper_batch_problem()
+    params = list(fm.parameters()) + xs
+    z = zeros_like_state(xs)
+    for _ in range(200):  # the converged unrolled network: the true gradient of this contractive f
+        z = fm(z, xs)
+    want = torch.autograd.grad(loss_fn(z), params)
+    # the layer's default backward rule, with the forward solved tightly
+    layer = ImplicitLayer(fm, max_iter=100, tol=1e-13, backward_max_iter=30)
+    z, info = layer(zeros_like_state(xs), xs)
+    G = torch.autograd.grad(loss_fn(z), z, retain_graph=True)
+    rhs = torch.cat([g.flatten(1) for g in G], 1).norm(dim=1)
+    assert rhs.max() < 1e-3  # the regime of the bug: the right-hand side is below the old absolute tol
+    got = torch.autograd.grad(loss_fn(z), params)
+    assert info.backward.nstep >= 5 and info.backward.lowest_step.min() >= 1
+    for g, r in zip(got, want):  # the default tol is 1e-6 relative: the gradient is as close
+        assert ((g - r).norm() / r.norm()).item() < 1e-5
+    # the old rule (abs 1e-3, z0 eligible) stops at u0 = 0: no gradient reaches f or the input
+    old = ImplicitLayer(fm, max_iter=100, tol=1e-13, backward_max_iter=30, backward_tol=1e-3,
+                        backward_stop_mode="abs", backward_options={"exclude_initial": False})
+    z, info = old(zeros_like_state(xs), xs)
+    stale = torch.autograd.grad(loss_fn(z), params)
+    assert info.backward.nstep == 0 and all(float(g.abs().max()) == 0 for g in stale)
+
+
+def test_backward_rule_does_not_depend_on_the_loss_scale():
+    fm, xs, loss_fn = _paper_batch_problem(batch=16)
+    layer = ImplicitLayer(fm, max_iter=100, tol=1e-13, backward_max_iter=30, backward_tol=1e-9)
+    out = []
+    for scale in (1.0, 1e-6):
+        z, info = layer(zeros_like_state(xs), xs)
+        grads = torch.autograd.grad(scale * loss_fn(z), list(fm.parameters()))
+        out.append((info.backward.nstep, info.backward.lowest_step, grads))
+    (n1, low1, g1), (n2, low2, g2) = out
+    assert n1 == n2 > 1 and torch.equal(low1, low2)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(b, 1e-6 * a, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["rel", "abs"])
+def test_backward_never_returns_zero_for_a_nonzero_right_hand_side(mode):
+    """A backward whose residual only grows (u <- 1.5 u + G diverges) still returns u1 = G, not u0 = 0."""
+    xs = [x.requires_grad_() for x in inputs()]
+    lin = lambda z, x: [1.5 * a + b for a, b in zip(z, x)]  # noqa: E731  (z* = -2x)
+    layer = ImplicitLayer(lin, max_iter=20, tol=1e-12, backward_solver="fixed_point", backward_max_iter=6,
+                          backward_tol=1e-12, backward_stop_mode=mode, warn=False)
+    z, info = layer(zeros_like_state(xs), xs)
+    grads = torch.autograd.grad(sum(t.sum() for t in z), xs)
+    assert info.backward.nfe == 7 and info.backward.lowest_step.min() >= 1
+    assert all(float(g.abs().min()) > 0 for g in grads)

@@ -257,3 +257,25 @@ def test_wrong_channel_count_and_rank_raise():
         model(torch.randn(1, 1, 16, 16))
     with pytest.raises(ValueError, match=r"expected an image batch of shape \(B, 3, H, W\)"):
         model(torch.randn(3, 16, 16))
+
+
+def test_paper_config_backward_runs_to_its_cap_at_batch_128():
+    """cifar10_small_paper at init, train mode, batch 128, batch-mean cross-entropy: the backward
+    rule that stopped at u0 = 0 here (initial abs residual 8.4e-4 < 1e-3) now runs its T_b = 18,
+    and f_theta and the stem get an implicit gradient. The forward runs its T_f = 15 too."""
+    torch.manual_seed(0)
+    cfg = load_config("cifar10_small_paper")
+    model = build_model(cfg).train()
+    model.deq.grad = "ift"
+    model.deq.warn = False
+    logits = model(torch.rand(128, 3, 32, 32))
+    F.cross_entropy(logits, torch.randint(0, 10, (128,))).backward()
+    fwd, bwd = model.last_info.forward, model.last_info.backward
+    assert fwd.nstep == cfg.solver.max_iter and fwd.stop_reason == "max_iter"
+    assert bwd.nstep == cfg.solver.backward_max_iter and bwd.stop_reason == "max_iter"
+    assert (bwd.lowest_step >= 1).all()
+    assert bwd.abs_trace[:, 0].max() < 1e-3  # the regime of the old bug: dL/dz* per sample below 1e-3
+    implicit = [(n, p) for n, p in model.named_parameters() if n.startswith(("deq.", "stem.", "injection."))]
+    assert len(implicit) > 20
+    for name, p in implicit:
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no implicit gradient"
