@@ -109,6 +109,8 @@ class RunOptions:
     runs). limit_train / limit_eval: use the first N samples of each split. data_options: extra keyword
     options for the data set builder (e.g. ``{"base_size": 256}`` for a synthetic Cityscapes copy).
     threads: ``torch.set_num_threads`` for the run. progress: tqdm bar (None: when stderr is a terminal).
+    stop_at: a wall-clock time (``time.time()``) by which the run writes a checkpoint and exits, without
+    starting a step or an evaluation that would not end in time (chunked training, ``mdeq.campaign``).
     """
 
     out_dir: str | Path
@@ -131,6 +133,7 @@ class RunOptions:
     progress: bool | None = None
     find_unused_parameters: bool = False
     command: str | None = None
+    stop_at: float | None = None
 
     def __post_init__(self) -> None:
         if self.amp_dtype not in ("auto", "float16", "bfloat16"):
@@ -156,6 +159,54 @@ class TrainState:
     best: dict | None = None  # best evaluation-set figure so far (reported beside the final one, never used)
     last_eval: dict | None = None  # the latest evaluation (the final figure once training is over)
     meters: dict = field(default_factory=dict)  # {name: (count, total)} of the epoch in progress
+    stopped: str | None = None  # why this process stopped before the run's end ("stop_at", "SIGTERM")
+
+
+class _StopRule:
+    """When a chunk must end: before a step or an evaluation that would pass ``stop_at``, or after a signal.
+
+    SIGTERM and SIGINT (single process only) ask for a clean stop at the next step: a checkpoint is
+    written and the process exits; a second SIGINT interrupts at once.
+    """
+
+    def __init__(self, stop_at: float | None):
+        self.stop_at = stop_at
+        self.signal: str | None = None
+        self.step_s = 0.0        # running estimate of one training step
+        self.eval_s: float | None = None  # the last evaluation's duration in this process
+
+    def observe_step(self, seconds: float) -> None:
+        self.step_s = seconds if self.step_s == 0.0 else max(seconds, 0.8 * self.step_s + 0.2 * seconds)
+
+    def reason(self, upcoming_s: float) -> str | None:
+        if self.signal is not None:
+            return self.signal
+        if self.stop_at is not None and time.time() + upcoming_s > self.stop_at:
+            return "stop_at"
+        return None
+
+    @contextlib.contextmanager
+    def signals(self, enabled: bool):
+        import signal
+        import threading
+
+        if not enabled or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            name = signal.Signals(signum).name
+            if self.signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.signal = name
+            log(f"{name}: stopping at the next step with a checkpoint (SIGINT again to interrupt at once)")
+
+        old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, h in old.items():
+                signal.signal(sig, h)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,6 +449,7 @@ class _Context:
     memory: PeakMemory
     iterations_per_epoch: int
     save: Any  # callable(state) -> None, writes the checkpoint (rank 0)
+    stop: _StopRule = field(default_factory=lambda: _StopRule(None))
 
 
 def _autocast(device: torch.device, options: RunOptions):
@@ -434,7 +486,18 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
     bar = tqdm(total=ctx.iterations_per_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch}",
                disable=not (show and ctx.dist.is_main), dynamic_ncols=True, leave=False)
     steps_path = ctx.out_dir / "steps.jsonl"
-    for images, targets in loader:
+    batches = iter(loader)
+    while True:
+        reason = ctx.stop.reason(1.5 * ctx.stop.step_s)
+        if reason is not None:  # before the next batch is drawn: the same state as a checkpoint after a step
+            state.meters = {n: (m.count, m.total) for n, m in meters.meters.items()}
+            ctx.save(state)
+            state.stopped = reason
+            break
+        try:
+            images, targets = next(batches)
+        except StopIteration:
+            break
         phase = set_phase(model, cfg, state.global_step)
         if phase == "implicit" and state.global_step == cfg.train.pretrain_steps and cfg.train.pretrain_steps > 0:
             log(f"step {state.global_step}: unrolled warm-up done, switching to the implicit solve "
@@ -453,6 +516,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
         scheduler.step()
         loss_value = loss.item()  # synchronises the device, so the step time below is complete
         step_ms = 1000.0 * (time.perf_counter() - t0)
+        ctx.stop.observe_step(step_ms / 1000.0)
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"non-finite training loss {loss_value} at step {state.global_step} "
                                      f"(epoch {state.epoch}, phase {phase}); last checkpoint: "
@@ -843,17 +907,16 @@ def _main(cfg: ExperimentConfig, options: RunOptions, dist_info: DistInfo, devic
             _trim_logs(out_dir, state.epoch, state.global_step)
             prov_path = out_dir / "provenance.json"
             prov = json.loads(prov_path.read_text()) if prov_path.exists() else {}
-            prov.setdefault("resumes", []).append({
-                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "command": options.command, "git_commit": git_commit(), "from_step": state.global_step,
-                "from_epoch": state.epoch, "step_in_epoch": state.step_in_epoch})
+            prov.setdefault("chunks", []).append(_chunk_start(options, device, dist_info, state))
             _write_text_atomic(prov_path, json.dumps(_plain(prov), indent=2) + "\n")
+            (out_dir / "final.json").unlink(missing_ok=True)  # the run goes on: an earlier end is stale
         log(f"resumed {ckpt_path}: epoch {state.epoch}, batch {state.step_in_epoch}/{iterations_per_epoch}, "
             f"step {state.global_step}")
     elif dist_info.is_main:
         for name in ("steps.jsonl", "metrics.csv", "final.json"):
             (out_dir / name).unlink(missing_ok=True)
         prov = _provenance(cfg, options, device, dist_info, source_label, eval_name, num_params)
+        prov["chunks"] = [_chunk_start(options, device, dist_info, state)]
         _write_text_atomic(out_dir / "provenance.json", json.dumps(_plain(prov), indent=2) + "\n")
 
     log(f"{cfg.name} ({options.baseline or 'MDEQ'}, {num_params:,} parameters) on {device} x {world}; "
@@ -864,9 +927,30 @@ def _main(cfg: ExperimentConfig, options: RunOptions, dist_info: DistInfo, devic
                              num_workers=options.workers, pin_memory=device.type == "cuda",
                              generator=_loader_generator(cfg.train.seed, -1, rank))
     memory = PeakMemory(device)
-    ctx = _Context(cfg, options, out_dir, device, dist_info, autocast, scaler, memory, iterations_per_epoch, save)
-    partial = state.step_in_epoch > 0
+    stop = _StopRule(options.stop_at)
+    ctx = _Context(cfg, options, out_dir, device, dist_info, autocast, scaler, memory, iterations_per_epoch, save,
+                   stop)
     metric = "miou" if cfg.model.head == "segmentation" else "top1"
+    try:
+        with stop.signals(enabled=world == 1):
+            final = _train_epochs(model, core, criterion, optimizer, scheduler, sampler, train_set, eval_loader,
+                                  state, ctx, batch, metric, eval_name, source_label)
+    except BaseException as err:
+        if dist_info.is_main:
+            _chunk_end(out_dir, state, f"error: {type(err).__name__}: {err}"[:300])
+        raise
+    if dist_info.is_main:
+        _chunk_end(out_dir, state, state.stopped or ("finished" if state.epoch >= cfg.train.epochs else "max_steps"))
+    return final
+
+
+def _train_epochs(model, core, criterion, optimizer, scheduler, sampler, train_set, eval_loader, state, ctx,
+                  batch, metric, eval_name, source_label) -> dict:
+    """Epochs until the last one, ``max_steps`` or a stop (``_StopRule``); returns the final record."""
+    cfg, options, device, memory = ctx.cfg, ctx.options, ctx.device, ctx.memory
+    iterations_per_epoch, dist_info, out_dir = ctx.iterations_per_epoch, ctx.dist, ctx.out_dir
+    autocast, rank = ctx.autocast, dist_info.rank
+    partial = state.step_in_epoch > 0
     while state.epoch < cfg.train.epochs:
         if options.max_steps is not None and state.global_step >= options.max_steps:
             break
@@ -875,18 +959,31 @@ def _main(cfg: ExperimentConfig, options: RunOptions, dist_info: DistInfo, devic
         loader = DataLoader(train_set, batch_size=batch, sampler=sampler, num_workers=options.workers,
                             pin_memory=device.type == "cuda", drop_last=False,
                             generator=_loader_generator(cfg.train.seed, epoch, rank))
-        phase_start = set_phase(model, cfg, state.global_step)
+        set_phase(model, cfg, state.global_step)
+        phase_start = _phase_at(core, cfg, state.global_step - state.step_in_epoch)  # also after a mid-epoch resume
         memory.reset()
         t0 = time.perf_counter()
         meters = train_one_epoch(model, criterion, optimizer, scheduler, loader, state, ctx)
         epoch_time = time.perf_counter() - t0
+        if state.stopped is None and state.step_in_epoch >= iterations_per_epoch:
+            eval_estimate = ctx.stop.eval_s if ctx.stop.eval_s is not None else 0.5 * len(eval_loader) * ctx.stop.step_s
+            state.stopped = ctx.stop.reason(1.2 * eval_estimate)
+            if state.stopped is not None:  # the epoch is trained; its evaluation runs after the resume
+                state.meters = {n: (m.count, m.total) for n, m in meters.meters.items()}
+                ctx.save(state)
+        if state.stopped is not None:
+            log(f"stopped ({state.stopped}) at step {state.global_step}, epoch {state.epoch} batch "
+                f"{state.step_in_epoch}/{iterations_per_epoch}; checkpoint written, continue with --resume")
+            break
         peak = memory.peak_mb()
         partial = state.step_in_epoch < iterations_per_epoch
         phase_end = _phase_at(core, cfg, max(state.global_step - 1, 0))
         phase = phase_start if phase_start == phase_end else f"{phase_start}->{phase_end}"
         meters.synchronize_between_processes(device, names=_STEP_METERS)
+        t_eval = time.perf_counter()
         last_eval = evaluate(model, eval_loader, num_classes=cfg.data.num_classes, device=device,
                              criterion=criterion, autocast=autocast, equilibrium=cfg.solver.grad != "unrolled")
+        ctx.stop.eval_s = time.perf_counter() - t_eval
         state.last_eval = last_eval
         avg = meters.global_avgs()
         record = {
@@ -916,16 +1013,41 @@ def _main(cfg: ExperimentConfig, options: RunOptions, dist_info: DistInfo, devic
             state.epoch += 1
             state.step_in_epoch = 0
         state.meters = {}
-        save(state)
+        ctx.save(state)
         if partial:
             break
 
     final = _final_record(cfg, options, state, state.last_eval, metric, partial, eval_name, source_label)
+    if state.stopped is not None:  # a chunk of the run, not its end: no final.json
+        return {**final, "stopped": state.stopped}
     if dist_info.is_main:
         _write_text_atomic(out_dir / "final.json", json.dumps(_plain(final), indent=2) + "\n")
     log(f"final: {json.dumps(_plain({k: final[k] for k in ('metric', 'final_epoch', 'final')}))}; "
         f"wrote {out_dir / 'final.json'}")
     return final
+
+
+def _chunk_start(options: RunOptions, device, dist_info, state: TrainState) -> dict[str, Any]:
+    """One process's stretch of a run, as provenance.json's ``chunks`` records it (machine, code, steps)."""
+    return {"start": _now(), "host": socket.gethostname(), "hardware": _hardware(device, dist_info),
+            "torch": torch.__version__, "git_commit": git_commit(), "git_dirty": git_dirty(),
+            "command": options.command, "from_step": state.global_step, "from_epoch": state.epoch,
+            "from_step_in_epoch": state.step_in_epoch}
+
+
+def _chunk_end(out_dir: Path, state: TrainState, how: str) -> None:
+    path = out_dir / "provenance.json"
+    if not path.is_file():
+        return
+    prov = json.loads(path.read_text())
+    if prov.get("chunks"):
+        prov["chunks"][-1].update(end=_now(), to_step=state.global_step, to_epoch=state.epoch,
+                                  to_step_in_epoch=state.step_in_epoch, ended=how)
+        _write_text_atomic(path, json.dumps(_plain(prov), indent=2) + "\n")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _final_record(cfg, options, state, last_eval, metric, partial, eval_name, source_label) -> dict:
@@ -976,6 +1098,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar even on a terminal")
     p.add_argument("--find-unused-parameters", action="store_true", help="DDP find_unused_parameters")
+    p.add_argument("--stop-at", type=float, default=None, metavar="UNIX_TIME",
+                   help="checkpoint and exit before a step or evaluation that would end after this time "
+                        "(seconds since the epoch, as `date +%%s` prints)")
     return p
 
 
@@ -1006,7 +1131,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
             resume=args.resume, max_steps=args.max_steps, baseline=args.baseline, synthetic=args.synthetic,
             limit_train=args.limit_train, limit_eval=args.limit_eval, data_options=_parse_kv(args.data_options),
             deterministic=args.deterministic, threads=args.threads, progress=False if args.no_progress else None,
-            find_unused_parameters=args.find_unused_parameters,
+            find_unused_parameters=args.find_unused_parameters, stop_at=args.stop_at,
             command=shlex.join(["python", "-m", "mdeq.train", *argv_list]))
     except ValueError as err:  # ConfigError is a ValueError
         print(f"error: {err}", file=sys.stderr, flush=True)

@@ -129,7 +129,74 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(uninterrupted, cifar_roo
            [[r[k] for k in keys] for r in _rows(out / "metrics.csv")]
     assert [(s["step"], s["loss"]) for s in _steps(full_out / "steps.jsonl")] == \
            [(s["step"], s["loss"]) for s in _steps(out / "steps.jsonl")]
-    assert len(json.loads((out / "provenance.json").read_text())["resumes"]) == 1
+    chunks = json.loads((out / "provenance.json").read_text())["chunks"]
+    assert len(chunks) == 2 and "end" not in chunks[0] and chunks[1]["ended"] == "finished"
+    assert chunks[1]["from_step"] == killed["global_step"] and chunks[1]["to_step"] == 20
+    assert {"host", "hardware", "git_commit", "command", "start", "end"} <= set(chunks[1])
+
+
+def _assert_same_run(a_dir: Path, b_dir: Path) -> None:
+    a, b = load_checkpoint(a_dir / "checkpoint.pt"), load_checkpoint(b_dir / "checkpoint.pt")
+    assert a["global_step"] == b["global_step"]
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    keys = ("epoch", "step", "phase", "train_loss", "train_acc", "eval_top1", "nfe_forward", "nfe_backward")
+    assert [[r[k] for k in keys] for r in _rows(a_dir / "metrics.csv")] == \
+           [[r[k] for k in keys] for r in _rows(b_dir / "metrics.csv")]
+
+
+def test_chunks_stopped_before_a_step_and_before_an_evaluation_resume_bit_identical(
+        uninterrupted, cifar_root, tmp_path, monkeypatch):
+    """stop_at ends a chunk at a checkpoint without evaluating: here the stop rule fires at its 4th check
+    (before step 4 of epoch 0), then at its 8th (epoch 0 trained, its evaluation not started)."""
+    import mdeq.train as train_mod
+
+    full_out, full_final = uninterrupted
+    out = tmp_path / "chunked"
+    real = train_mod._StopRule.reason
+    for stop_at_call in (4, 8, None):
+        calls = [0]
+
+        def reason(self, upcoming_s, _n=stop_at_call, _calls=calls):
+            _calls[0] += 1
+            return "stop_at" if _calls[0] == _n else real(self, upcoming_s)
+
+        monkeypatch.setattr(train_mod._StopRule, "reason", reason)
+        final = main(load_config("cifar10_tiny_smoke", SMOKE_SET),
+                     RunOptions(out_dir=out, data_root=cifar_root, resume=True, **SMOKE_OPTIONS))
+        if stop_at_call is not None:
+            assert final["stopped"] == "stop_at" and not (out / "final.json").exists()
+    ckpts = json.loads((out / "provenance.json").read_text())["chunks"]
+    assert [(c["from_step"], c["to_step"], c["ended"]) for c in ckpts] == \
+           [(0, 3, "stop_at"), (3, 10, "stop_at"), (10, 20, "finished")]
+    assert ckpts[1]["to_step_in_epoch"] == 10  # the epoch was trained, its evaluation ran in the next chunk
+    _assert_same_run(full_out, out)
+    assert json.loads((out / "final.json").read_text())["final"] == full_final["final"]
+
+
+def test_sigterm_stops_at_a_checkpoint_with_exit_code_0(uninterrupted, cifar_root, tmp_path):
+    full_out, _ = uninterrupted
+    out = tmp_path / "run_term"
+    env = {**os.environ, "PYTHONPATH": str(paths.ROOT)}
+    env.pop("RANK", None)
+    cmd = _command(cifar_root, out)
+    cmd[cmd.index("--checkpoint-every") + 1] = "1000"  # so the only checkpoint is the one SIGTERM writes
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 120
+    while not (out / "steps.jsonl").exists() or len(_steps(out / "steps.jsonl")) < 3:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no steps logged: {proc.stdout.read().decode()[-2000:]}")
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    err, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    stopped = load_checkpoint(out / "checkpoint.pt")
+    assert stopped["global_step"] < 20 and not (out / "final.json").exists()
+    assert "SIGTERM: stopping at the next step" in err.decode()
+    main(load_config("cifar10_tiny_smoke", SMOKE_SET),
+         RunOptions(out_dir=out, data_root=cifar_root, resume=True, **SMOKE_OPTIONS))
+    _assert_same_run(full_out, out)
 
 
 def test_max_steps_stops_mid_epoch_and_resume_continues(cifar_root, tmp_path):

@@ -1,0 +1,360 @@
+"""A training campaign in resumable chunks: ``python -m mdeq.campaign --budget 150m``.
+
+Why: the paper's protocol is days of CPU time (Table 1's MDEQ-small is about 25 CPU-hours), and work
+on this machine comes in stretches of a few hours that can end without warning. One command
+continues the whole campaign for a wall-clock budget:
+
+- it takes the first run of the campaign (``mdeq/campaigns/<name>.yaml``) that has not finished,
+  continues it from its checkpoint with ``python -m mdeq.train --resume``, and goes on to the next
+  when one finishes;
+- the child checkpoints every ``checkpoint_every`` steps and, through ``--stop-at``, stops at a
+  checkpoint before a step or an evaluation that would pass the budget's end (never mid-write);
+  SIGTERM or Ctrl-C on the campaign asks the child for the same clean stop;
+- after every checkpoint the run's small logs (``metrics.csv``, ``steps.jsonl``, ``provenance.json``,
+  ``final.json``) and its latest ``checkpoint.pt`` are copied atomically into ``results/runs/<run>/``,
+  so committing that folder keeps the campaign, and a fresh clone continues it from there;
+- one campaign process at a time (a lock file in ``runs/campaign/``); a run's protocol is never
+  shortened: an unfinished run is reported as "epoch k of 50" (``--status``).
+
+Work folders are ``runs/campaign/<run>/`` (not committed; ``train.log`` is there).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime as _dt
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from mdeq import paths
+
+__all__ = ["CampaignSpec", "load_campaign", "run_status", "train_command", "sync_run", "restore_run",
+           "run_campaign", "main"]
+
+CAMPAIGNS = Path(__file__).resolve().parent / "campaigns"
+WORK = paths.RUNS / "campaign"
+RESULTS = paths.RESULTS / "runs"
+SYNCED = ("metrics.csv", "steps.jsonl", "provenance.json", "final.json", "checkpoint.pt")
+_POLL_S = 10.0
+_GRACE_S = 15 * 60  # how long past the budget a child may run (an evaluation it estimated too short)
+
+
+@dataclass(frozen=True)
+class CampaignSpec:
+    """A campaign file: which runs (registry keys), in order, and how their chunks run on this machine."""
+
+    name: str
+    runs: tuple[str, ...]
+    variant: str = "paper"
+    data_root: str = "data/cifar10"
+    data_options: dict = field(default_factory=dict)
+    threads: int = 2
+    workers: int = 0
+    checkpoint_every: int = 50
+    log_every: int = 50
+    # For tests and smoke campaigns only; a campaign that reproduces the paper sets none of these.
+    overrides: tuple[str, ...] = ()
+    limit_train: int | None = None
+    limit_eval: int | None = None
+
+
+def load_campaign(name_or_path: str | Path) -> CampaignSpec:
+    """A campaign by name (``mdeq/campaigns/<name>.yaml``) or YAML path; unknown keys and runs are errors."""
+    from mdeq.reproduce import spec
+
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CAMPAIGNS / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CAMPAIGNS.glob("*.yaml"))
+        raise FileNotFoundError(f"no campaign {str(name_or_path)!r}: expected a YAML path or one of {known}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    valid = {f.name for f in fields(CampaignSpec)}
+    unknown = sorted(set(raw) - valid)
+    if unknown:
+        raise ValueError(f"{path.name}: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
+    raw["runs"] = tuple(raw.get("runs") or ())
+    raw["overrides"] = tuple(raw.get("overrides") or ())
+    for key in raw["runs"]:
+        spec(key)  # KeyError naming the known runs
+    return CampaignSpec(**raw)
+
+
+# ----------------------------------------------------------------------------------------------
+# One run's state, command and files.
+
+def _epochs_planned(spec: CampaignSpec, key: str) -> int:
+    from mdeq.config import load_config
+    from mdeq.reproduce import config_name, spec as run_spec
+
+    run = run_spec(key)
+    return load_config(config_name(run, spec.variant), [*run.overrides, *spec.overrides]).train.epochs
+
+
+def run_status(spec: CampaignSpec, key: str, results: Path = RESULTS) -> dict[str, Any]:
+    """What ``results/runs/<key>/`` holds: epochs evaluated, the last evaluation, finished or not."""
+    folder = Path(results) / key
+    rows = []
+    if (folder / "metrics.csv").is_file():
+        with open(folder / "metrics.csv", newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if r.get("partial") != "True"]
+    final = json.loads((folder / "final.json").read_text()) if (folder / "final.json").is_file() else {}
+    planned = _epochs_planned(spec, key)
+    last = rows[-1] if rows else {}
+    return {
+        "run": key, "epochs_done": len(rows), "epochs_planned": planned,
+        "finished": bool(final) and not final.get("stopped_early", True) and len(rows) >= planned,
+        "last_eval_top1": float(last["eval_top1"]) if last.get("eval_top1") else None,
+        "last_step": int(last["step"]) if last.get("step") else 0,
+        "hours": sum(float(r["epoch_time_s"]) for r in rows if r.get("epoch_time_s")) / 3600.0,
+        "has_checkpoint": (folder / "checkpoint.pt").is_file(),
+    }
+
+
+def train_command(spec: CampaignSpec, key: str, *, stop_at: float | None, data_root: str | None = None,
+                  python: str | None = None) -> list[str]:
+    """The ``python -m mdeq.train`` line that continues run ``key`` in ``runs/campaign/<key>/``."""
+    from mdeq.reproduce import config_name, spec as run_spec
+
+    run = run_spec(key)
+    argv = [python or sys.executable, "-m", "mdeq.train", "--config", config_name(run, spec.variant),
+            "--data-root", str(data_root or spec.data_root), "--out", _shown(WORK / key), "--resume",
+            "--threads", str(spec.threads), "--workers", str(spec.workers),
+            "--checkpoint-every", str(spec.checkpoint_every), "--log-every", str(spec.log_every), "--no-progress"]
+    if spec.data_options:
+        argv += ["--data-option", *(f"{k}={v}" for k, v in spec.data_options.items())]
+    if run.overrides or spec.overrides:
+        argv += ["--set", *run.overrides, *spec.overrides]
+    for name in ("limit_train", "limit_eval"):
+        if getattr(spec, name) is not None:
+            argv += [f"--{name.replace('_', '-')}", str(getattr(spec, name))]
+    if run.baseline:
+        argv += ["--baseline", run.baseline]
+    if stop_at is not None:
+        argv += ["--stop-at", f"{stop_at:.0f}"]
+    return argv
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the repository when it is inside it (commands and logs stay machine-neutral)."""
+    try:
+        return str(Path(path).resolve().relative_to(paths.ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _check_data(spec: CampaignSpec, data_root: str | None) -> None:
+    root = paths.ROOT / (data_root or spec.data_root)
+    if not root.exists():
+        raise FileNotFoundError(f"the campaign's data root {_shown(root)} does not exist: put the data set there "
+                                f"(for CIFAR-10 JPEG-q75, the file cifar10_jpeg_q75_batch_order.npz) or pass --data-root")
+    for key, value in spec.data_options.items():
+        if isinstance(value, str) and ("/" in value or value.endswith(".npz")) and not (paths.ROOT / value).exists():
+            raise FileNotFoundError(f"data_options.{key} names {value}, which does not exist: every chunk of a run "
+                                    f"must read the same data")
+
+
+def _copy_atomic(src: Path, dest: Path) -> None:
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+
+
+def sync_run(work: Path, dest: Path) -> list[str]:
+    """Copy the run's small logs and latest checkpoint from ``work`` into ``dest`` (each file atomically)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in SYNCED:
+        if (work / name).is_file():
+            _copy_atomic(work / name, dest / name)
+            copied.append(name)
+    if not (work / "final.json").is_file():
+        (dest / "final.json").unlink(missing_ok=True)  # a run resumed after an earlier end goes on
+    return copied
+
+
+def _global_step(path: Path) -> int:
+    from mdeq.checkpoint import load_checkpoint
+
+    return int(load_checkpoint(path, map_location="cpu")["global_step"]) if path.is_file() else -1
+
+
+def restore_run(results_dir: Path, work: Path) -> bool:
+    """On a fresh machine, seed ``work`` from the committed ``results_dir`` if that is further along."""
+    ckpt = results_dir / "checkpoint.pt"
+    if not ckpt.is_file() or _global_step(ckpt) <= _global_step(work / "checkpoint.pt"):
+        return False
+    work.mkdir(parents=True, exist_ok=True)
+    for name in SYNCED:
+        if (results_dir / name).is_file():
+            _copy_atomic(results_dir / name, work / name)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# The campaign loop.
+
+def parse_budget(text: str) -> float:
+    """``"150m"``, ``"2.5h"``, ``"90s"`` or plain minutes, in seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
+    if not m:
+        raise ValueError(f"--budget must look like 150m, 2.5h or 90s, got {text!r}")
+    value, unit = float(m.group(1)), m.group(2) or "m"
+    return value * {"s": 1, "m": 60, "h": 3600}[unit]
+
+
+def _log(line: str, logfile: Path) -> None:
+    stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    print(f"[campaign {stamp}] {line}", flush=True)
+    with open(logfile, "a") as fh:
+        fh.write(f"{stamp} {line}\n")
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise RuntimeError(f"another campaign holds {path}; wait for it or stop it (its pid is in that file)") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def run_campaign(spec: CampaignSpec, budget_s: float, *, data_root: str | None = None,
+                 results: Path = RESULTS, min_start_s: float = 60.0) -> list[dict]:
+    """Continue ``spec`` for ``budget_s`` seconds of wall-clock time; returns each run's status after.
+
+    No run is started or continued with less than ``min_start_s`` of the budget left.
+    """
+    results = Path(results)
+    end = time.time() + budget_s
+    logfile = WORK / f"{spec.name}.log"
+    stop = {"asked": False}
+
+    def ask_stop(signum, frame):
+        stop["asked"] = True
+
+    _check_data(spec, data_root)
+    old = {s: signal.signal(s, ask_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with _lock(WORK / ".lock"):
+            _log(f"{spec.name}: budget {budget_s / 60:.0f} min, until "
+                 f"{_dt.datetime.fromtimestamp(end, _dt.timezone.utc).isoformat(timespec='seconds')}", logfile)
+            for key in spec.runs:
+                if stop["asked"] or time.time() > end - min_start_s:
+                    break
+                status = run_status(spec, key, results)
+                if status["finished"]:
+                    continue
+                work = WORK / key
+                if restore_run(results / key, work):
+                    _log(f"{key}: restored from {results / key}", logfile)
+                rc = _run_chunk(spec, key, end, work, results / key, data_root, logfile, stop)
+                status = run_status(spec, key, results)
+                _log(f"{key}: exit code {rc}; epoch {status['epochs_done']} of {status['epochs_planned']}"
+                     + (f", last top-1 {status['last_eval_top1']:.2f}%" if status["last_eval_top1"] is not None
+                        else ""), logfile)
+                if rc != 0:
+                    raise RuntimeError(f"{key}: mdeq.train exited with code {rc}; see {work / 'train.log'}")
+                if not status["finished"]:
+                    break  # stopped at the budget's end (or asked to): the next stretch continues here
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return [run_status(spec, key, results) for key in spec.runs]
+
+
+def _run_chunk(spec, key, end, work, dest, data_root, logfile, stop) -> int:
+    cmd = train_command(spec, key, stop_at=end, data_root=data_root)
+    work.mkdir(parents=True, exist_ok=True)
+    _log(f"{key}: $ {shlex.join(cmd)}", logfile)
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec.threads)}
+    with open(work / "train.log", "a") as out:
+        proc = subprocess.Popen(cmd, cwd=paths.ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+        seen, signalled = None, False
+        while True:
+            try:
+                rc = proc.wait(timeout=_POLL_S)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            mtime = (work / "checkpoint.pt").stat().st_mtime if (work / "checkpoint.pt").is_file() else None
+            if mtime is not None and mtime != seen:
+                time.sleep(0.5)  # the logs after a checkpoint are written right after it
+                sync_run(work, dest)
+                seen = mtime
+            if (stop["asked"] or time.time() > end + _GRACE_S) and not signalled:
+                proc.send_signal(signal.SIGTERM)  # the child stops at its next step, with a checkpoint
+                signalled = True
+                _log(f"{key}: asked the run to stop at its next step", logfile)
+    sync_run(work, dest)
+    return rc
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line.
+
+def _print_status(statuses: Sequence[dict]) -> None:
+    for s in statuses:
+        top1 = f"{s['last_eval_top1']:.2f}%" if s["last_eval_top1"] is not None else "-"
+        state = "finished" if s["finished"] else ("not started" if not s["epochs_done"] and not s["has_checkpoint"]
+                                                  else "unfinished")
+        print(f"{s['run']:24s} epoch {s['epochs_done']:>2d} of {s['epochs_planned']} ({state}); "
+              f"last test top-1 {top1}; step {s['last_step']}; {s['hours']:.2f} h of training epochs")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mdeq.campaign", description=__doc__.split("\n\n")[0])
+    p.add_argument("--campaign", default="table1_cifar10_cpu", help="a name in mdeq/campaigns or a YAML path")
+    p.add_argument("--budget", default=None, help="wall-clock budget, e.g. 150m or 2.5h")
+    p.add_argument("--data-root", default=None, help="override the campaign's data_root")
+    p.add_argument("--status", action="store_true", help="print where each run stands and exit")
+    p.add_argument("--dry-run", action="store_true", help="print the next command and exit")
+    args = p.parse_args(argv)
+    try:
+        spec = load_campaign(args.campaign)
+        if args.status:
+            _print_status([run_status(spec, key) for key in spec.runs])
+            return 0
+        if args.dry_run:
+            todo = [k for k in spec.runs if not run_status(spec, k)["finished"]]
+            print(shlex.join(train_command(spec, todo[0], stop_at=None, data_root=args.data_root)) if todo
+                  else "every run of the campaign has finished")
+            return 0
+        if args.budget is None:
+            raise ValueError("--budget is required (e.g. --budget 150m), or pass --status / --dry-run")
+        statuses = run_campaign(spec, parse_budget(args.budget), data_root=args.data_root)
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    _print_status(statuses)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""The chunked campaign: a budget that ends before the first step leaves a checkpoint and no result;
+the next call continues it, finishes the run and goes on to the next; logs and checkpoints land in
+results/runs/<run>/ and a fresh work folder is restored from there."""
+import json
+import shutil
+
+import pytest
+import yaml
+
+import mdeq.campaign as campaign
+from mdeq.campaign import load_campaign, parse_budget, run_campaign, run_status, train_command
+
+
+@pytest.fixture()
+def tiny_campaign(tmp_path, monkeypatch):
+    from mdeq.data.synthetic import make_synthetic
+
+    root = make_synthetic("cifar10", tmp_path / "data")
+    spec_path = tmp_path / "tiny.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "name": "tiny", "runs": ["cifar10_resnet18_170k", "cifar10_node"], "data_root": str(root),
+        "threads": 1, "checkpoint_every": 2, "log_every": 1,
+        "overrides": ["train.epochs=1", "data.batch_size=8", "data.eval_batch_size=8"],
+        "limit_train": 24, "limit_eval": 8}))
+    monkeypatch.setattr(campaign, "WORK", tmp_path / "work")
+    return load_campaign(spec_path), tmp_path / "results"
+
+
+def test_budget_chunks_resume_and_finish_every_run(tiny_campaign):
+    spec, results = tiny_campaign
+    # a budget that ends before the first step: the child writes a checkpoint at step 0 and exits cleanly
+    first = run_campaign(spec, 1.0, results=results, min_start_s=0)
+    assert [s["finished"] for s in first] == [False, False]
+    res = results / "cifar10_resnet18_170k"
+    assert (res / "checkpoint.pt").is_file() and not (res / "final.json").exists()
+    # a fresh machine: the work folder is gone and is restored from results/
+    shutil.rmtree(campaign.WORK / "cifar10_resnet18_170k")
+    after = run_campaign(spec, 600.0, results=results)
+    assert [s["finished"] for s in after] == [True, True]
+    assert [s["epochs_done"] for s in after] == [1, 1]
+    chunks = json.loads((res / "provenance.json").read_text())["chunks"]
+    assert [c["ended"] for c in chunks] == ["stop_at", "finished"] and chunks[1]["from_step"] == 0
+    assert chunks[1]["to_step"] == 3 and "hardware" in chunks[1]
+    final = json.loads((res / "final.json").read_text())
+    assert final["final_epoch"] == 0 and not final["stopped_early"]
+    assert "restored" in (campaign.WORK / "tiny.log").read_text()
+    # a third call has nothing left to do
+    assert [s["finished"] for s in run_campaign(spec, 600.0, results=results)] == [True, True]
+
+
+def test_status_command_and_bad_input(tiny_campaign, capsys):
+    spec, results = tiny_campaign
+    s = run_status(spec, "cifar10_node", results)
+    assert s["epochs_done"] == 0 and s["epochs_planned"] == 1 and not s["finished"]
+    cmd = train_command(spec, "cifar10_node", stop_at=123.0)
+    assert cmd[cmd.index("--baseline") + 1] == "node_172k" and cmd[cmd.index("--stop-at") + 1] == "123"
+    assert parse_budget("150m") == 9000 and parse_budget("2.5h") == 9000 and parse_budget("90s") == 90
+    with pytest.raises(ValueError, match="--budget must look like"):
+        parse_budget("soon")
+    assert campaign.main(["--campaign", "nope"]) == 2
+    assert "no campaign 'nope'" in capsys.readouterr().err
+
+
+def test_shipped_campaign_is_table1_with_the_paper_protocol():
+    spec = load_campaign("table1_cifar10_cpu")
+    assert spec.runs[:2] == ("cifar10_resnet18_170k", "cifar10_mdeq_small")
+    assert spec.variant == "paper" and not spec.overrides and spec.limit_train is None
+    assert spec.data_options["source"] == "jpeg_q75" and spec.workers == 0
