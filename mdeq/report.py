@@ -159,6 +159,7 @@ def check_parameters(namespace: Mapping[str, Any], notebook: str) -> Params:
 # notebooks' sources and the files in figures/ against these maps).
 FIGURE_OWNERS = {
     "fig4a_cifar10_accuracy": "01_cifar10",
+    "table1_training_and_solver": "01_cifar10",
     "imagenet_top1_per_epoch": "02_imagenet",
     "fig4b_runtime_memory": "03_runtime_memory",
     "fig8_cityscapes_examples": "04_cityscapes",
@@ -414,14 +415,31 @@ class RunLog:
     def finished(self) -> bool:
         return bool(self.final)
 
+    @property
+    def epochs_done(self) -> int:
+        """Epochs trained and evaluated (rows of metrics.csv that are not partial)."""
+        if not len(self.metrics) or "epoch" not in self.metrics:
+            return 0
+        rows = self.metrics
+        if "partial" in rows:
+            rows = rows[~rows["partial"].astype(str).eq("True")]
+        return int(rows["epoch"].nunique())
+
+    @property
+    def epochs_planned(self) -> int | None:
+        return _lookup(self.provenance, "config.train.epochs")
+
     def value(self, *keys: str) -> float | None:
         """The first of ``keys`` present in final.json (or in the last metrics row), as a float."""
         for key in keys:
             v = _lookup(self.final, key)
             if v is not None:
                 return float(v)
-        if len(self.metrics):
-            last = self.metrics.iloc[-1]
+        rows = self.metrics
+        if len(rows) and "partial" in rows:
+            rows = rows[~rows["partial"].astype(str).eq("True")]
+        if len(rows):
+            last = rows.iloc[-1]
             for key in keys:
                 if key in last.index and not _isnan(last[key]):
                     return float(last[key])
@@ -539,7 +557,8 @@ def _status(kind: str, runs: Sequence[RunLog]) -> str:
         return NOT_RUN
     notes = [f"{len(runs)} run{'s' if len(runs) != 1 else ''}"]
     if any(not r.finished for r in runs):
-        notes.append("unfinished")
+        notes.append("unfinished: " + ", ".join(f"epoch {r.epochs_done} of {r.epochs_planned or '?'}"
+                                                for r in runs if not r.finished))
     elif any(r.final.get("stopped_early") for r in runs):
         notes.append("stopped early")
     if kind == "smoke":
@@ -557,7 +576,9 @@ def _row(table: str, row: str, metric: str, paper: float | None, runs: Sequence[
         "paper": paper, "paper_std": paper_std,
         "ours": round(mean, 4) if mean is not None else NOT_RUN,
         "ours_std": round(std, 4) if std is not None else None,
-        "delta": round(mean - paper, 4) if (mean is not None and paper is not None) else None,
+        # no delta for an unfinished run: its number is an intermediate epoch's, not a result
+        "delta": (round(mean - paper, 4) if (mean is not None and paper is not None
+                                             and all(r.finished for r in runs)) else None),
         "paper_params": paper_params, "ours_params": ours_params,
         "ours_source": runs_source(ctx, kind, runs) or NOT_RUN, "status": _status(kind, runs),
     }
@@ -571,7 +592,7 @@ def table1(ctx: Context, kind: str, numbers: Mapping | None = None):
     rows = []
     for pr in numbers["table1"]["rows"]:
         runs = read_runs(ctx.logs_dir(kind), pr["ours"])
-        vals = [r.value("final", "final_eval.top1") for r in runs]
+        vals = [r.value("final", "final_eval.top1", "eval_top1") for r in runs]  # unfinished: the latest epoch
         rows.append(_row("Table 1", pr["row"], "test accuracy (%)", pr["accuracy"], runs, vals, ctx, kind,
                          paper_std=pr["accuracy_std"], paper_params=pr["params"], setting=pr["setting"]))
     return pd.DataFrame(rows)
@@ -628,8 +649,12 @@ def show_table(df, kind: str):
 # Figures.
 
 def _curves(runs: Sequence[RunLog], column: str, scale: float = 1.0):
-    """Epochs (1-based) and mean/std over runs of ``metrics.csv``'s ``column``."""
-    series = [r.metrics[["epoch", column]].dropna() for r in runs if len(r.metrics) and column in r.metrics]
+    """Epochs (1-based) and mean/std over runs of ``metrics.csv``'s ``column`` (partial epochs left out)."""
+    def full_rows(m):
+        return m[~m["partial"].astype(str).eq("True")] if "partial" in m else m
+
+    series = [full_rows(r.metrics)[["epoch", column]].dropna() for r in runs
+              if len(r.metrics) and column in r.metrics]
     series = [s for s in series if len(s)]
     if not series:
         return None
@@ -671,6 +696,46 @@ def plot_training_curves(ctx: Context, kind: str, entries: Sequence[tuple[str, s
     else:
         no_data(ax, f"{NOT_RUN}: no training logs in {rel(ctx.logs_dir(kind))}")
     ax.set_title(figure_title(title, kind))
+    return fig
+
+
+def plot_training_panels(ctx: Context, kind: str, entries: Sequence[tuple[str, str, str]],
+                         panels: Sequence[tuple[str, str, bool]], *, title: str, ncols: int = 3):
+    """One panel per (metrics column, y label, log scale) with a curve per run entry; one legend for all."""
+    import matplotlib.pyplot as plt
+
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, 2.6 * nrows), squeeze=False)
+    handles = {}
+    for ax, (column, ylabel, logy) in zip(axes.flat, panels):
+        for key, label, colour in entries:
+            runs = read_runs(ctx.logs_dir(kind), key)
+            c = _curves(runs, column)
+            if c is None:
+                continue
+            epochs, mean, _ = c
+            unfinished = [r for r in runs if not r.finished]
+            shown = label + (f" (epoch {unfinished[0].epochs_done} of {unfinished[0].epochs_planned})"
+                             if unfinished else "")
+            (line,) = ax.plot(epochs, mean, "--" if key in DASHED else "-", color=COLORS.get(colour),
+                              marker="o" if len(epochs) < 8 else None, ms=3)
+            handles.setdefault(shown, line)
+        if not ax.lines:
+            no_data(ax, f"{NOT_RUN}: no {column} in {rel(ctx.logs_dir(kind))}")
+        if logy and ax.lines:
+            ax.set_yscale("log")
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 3),
+                   bbox_to_anchor=(0.5, 1.0), frameon=False)
+    fig.suptitle(figure_title(title, kind), y=1.08 + 0.04 * math.ceil(len(handles) / 3))
+    fig.tight_layout()
     return fig
 
 

@@ -89,6 +89,27 @@ for kind in ctx.kinds():
     fig = report.plot_training_curves(ctx, kind, ENTRIES, column="eval_top1", ylabel="test accuracy (%)",
                                       title="CIFAR-10 test accuracy per epoch")
     report.save_figure(fig, "fig4a_cifar10_accuracy", ctx, kind,
-                       caption="Test accuracy of each Table 1 model per training epoch, mean and std over "
-                               "runs; dashed: the with-augmentation models",
+                       caption="Test accuracy of each Table 1 model per training epoch (the mean over a "
+                               "row's runs, with their std where there is more than one; the legend gives "
+                               "the number of runs); dashed: the with-augmentation models",
+                       source=f"{report.rel(ctx.logs_dir(kind))}/cifar10_*/metrics.csv")
+
+# %% [markdown]
+# ## Training curves and the equilibrium during training
+#
+# Train loss and test accuracy per epoch, and for the DEQ rows the solver statistics of the
+# training steps (epoch means): forward and backward NFE and the relative residual
+# ||f(z) - z|| / ||f(z)|| at the end of each solve. A forward residual that grows over the
+# epochs, or a loss that stalls after the warm-up, would mean the equilibrium is not reached.
+
+# %%
+PANELS = [("train_loss", "train loss", True), ("eval_top1", "test accuracy (%)", False),
+          ("nfe_forward", "forward NFE (train)", False), ("rel_residual_forward", "forward rel. residual", True),
+          ("nfe_backward", "backward NFE (train)", False), ("rel_residual_backward", "backward rel. residual", True)]
+for kind in ctx.kinds():
+    fig = report.plot_training_panels(ctx, kind, ENTRIES, PANELS, title="Table 1 runs: training and solver statistics")
+    report.save_figure(fig, "table1_training_and_solver", ctx, kind,
+                       caption="Per epoch: train loss, test accuracy, and the mean NFE and final relative "
+                               "residual of the forward and backward solves of the training steps (DEQ rows; "
+                               "the unrolled warm-up steps have no backward solve)",
                        source=f"{report.rel(ctx.logs_dir(kind))}/cifar10_*/metrics.csv")

@@ -224,6 +224,25 @@ def test_table1_mean_std_delta_and_source_from_logs(tmp_path, monkeypatch):
     assert other["ours"] == report.NOT_RUN
 
 
+def test_table1_unfinished_run_shows_its_latest_epoch_without_a_delta(tmp_path, monkeypatch):
+    folder = tmp_path / "runs" / "cifar10_resnet18_170k"
+    folder.mkdir(parents=True)
+    (folder / "provenance.json").write_text(json.dumps({"config": {"train": {"epochs": 50}},
+                                                        "hardware": {"cpu": "X", "torch_threads": 2}}))
+    (folder / "metrics.csv").write_text("epoch,eval_top1,partial\n0,50.0,False\n1,60.0,False\n2,65.0,True\n")
+    monkeypatch.setattr(report.Context, "inputs_dir", lambda self, kind: tmp_path)
+    df = report.table1(_ctx(tmp_path), "real")
+    row = df[df["row"] == "ResNet-18 [26] [Explicit]"].iloc[0]
+    assert row["ours"] == 60.0 and pd_isna(row["delta"])
+    assert row["status"] == "1 run; unfinished: epoch 2 of 50"
+
+
+def pd_isna(x):
+    import pandas as pd
+
+    return pd.isna(x)
+
+
 def test_save_figure_checks_the_owner_and_labels_smoke(tmp_path):
     import matplotlib
 
