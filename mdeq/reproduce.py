@@ -777,6 +777,22 @@ def strip_execution_metadata(path: Path) -> None:
     nbformat.write(nb, path)
 
 
+def normalize_ipynb(src: Path, dest: Path | None = None) -> Path:
+    """Write ``src`` as JupyterLab would save it: papermill's empty ``tags`` lists dropped, nbformat's layout.
+
+    Why: the committed ``.ipynb`` must not change when a user opens and saves it unchanged.
+    """
+    import nbformat
+
+    nb = nbformat.read(src, as_version=4)
+    for cell in nb.cells:
+        if cell.metadata.get("tags") == []:
+            del cell.metadata["tags"]
+    dest = Path(dest) if dest is not None else Path(src)
+    nbformat.write(nb, dest)
+    return dest
+
+
 def execute_notebook(name: str, out: Path, parameters: dict | None = None, *, timeout: int = 3600,
                      log_output: bool = False) -> float:
     """Run ``notebooks/<name>.ipynb`` with papermill into ``out``; returns the wall time in seconds."""
@@ -870,7 +886,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out / "timings.json").write_text(json.dumps({"profile": label, "seconds": times}, indent=1) + "\n")
     if args.update_notebooks:
         for name in names:
-            shutil.copyfile(out / f"{name}.ipynb", paths.NOTEBOOKS / f"{name}.ipynb")
+            normalize_ipynb(out / f"{name}.ipynb", paths.NOTEBOOKS / f"{name}.ipynb")
         print("updated notebooks/*.ipynb with the executed smoke run")
     if not args.no_book:
         if set(names) != set(NOTEBOOKS):
