@@ -189,10 +189,12 @@ class Context:
     written: list = field(default_factory=list)
 
     def _out_base(self) -> tuple[Path, Path]:
+        """``output_root`` if given; a smoke run's own outputs go under the ignored runs/ (the committed
+        reference copy in results/smoke/ is written only by ``python -m mdeq.reproduce --update-committed``)."""
         if self.output_root is not None:
             return self.output_root / "results", self.output_root / "figures"
-        if self.quick:
-            base = paths.RUNS / "notebooks" / "quick_outputs"
+        if self.profile == "smoke":
+            base = paths.RUNS / "notebooks" / ("quick_outputs" if self.quick else "smoke_outputs")
             return base / "results", base / "figures"
         return paths.RESULTS, paths.FIGURES
 
@@ -206,9 +208,10 @@ class Context:
         return base / "smoke" if _kind(kind) == "smoke" else base
 
     def inputs_dir(self, kind: str) -> Path:
-        """Where logs of ``kind`` are read: the committed ones, except for the smoke profile's own run."""
-        if _kind(kind) == "smoke" and self.profile == "smoke":
-            return self.results_dir("smoke")
+        """Where logs of ``kind`` are read: what this run wrote for the kind it computes (smoke in the smoke
+        profile, real in the full one, wherever ``output_root`` puts it), else the committed ones."""
+        if (_kind(kind), self.profile) in (("smoke", "smoke"), ("real", "full")):
+            return self.results_dir(kind)
         return paths.RESULTS / "smoke" if kind == "smoke" else paths.RESULTS
 
     def logs_dir(self, kind: str) -> Path:

@@ -23,7 +23,7 @@ book from those executed notebooks (``book/``, Jupyter Book 1.x, warnings are er
     python -m mdeq.reproduce --profile full --data-root /data --dry-run   # print the GPU launches
     python -m mdeq.reproduce --only 04_cityscapes       # one notebook
     python -m mdeq.reproduce --book-only                # build the book from the committed notebooks
-    python -m mdeq.reproduce --update-notebooks         # smoke run written back into notebooks/*.ipynb
+    python -m mdeq.reproduce --update-committed         # smoke run written into notebooks/*.ipynb, results/smoke/, figures/smoke/
 """
 from __future__ import annotations
 
@@ -777,14 +777,18 @@ def strip_execution_metadata(path: Path) -> None:
     nbformat.write(nb, path)
 
 
-def normalize_ipynb(src: Path, dest: Path | None = None) -> Path:
+def normalize_ipynb(src: Path, dest: Path | None = None, *, drop_injected: bool = False) -> Path:
     """Write ``src`` as JupyterLab would save it: papermill's empty ``tags`` lists dropped, nbformat's layout.
 
     Why: the committed ``.ipynb`` must not change when a user opens and saves it unchanged.
+    ``drop_injected`` removes papermill's injected-parameters cell (the committed notebooks show the
+    default parameters).
     """
     import nbformat
 
     nb = nbformat.read(src, as_version=4)
+    if drop_injected:
+        nb.cells = [c for c in nb.cells if "injected-parameters" not in c.metadata.get("tags", [])]
     for cell in nb.cells:
         if cell.metadata.get("tags") == []:
             del cell.metadata["tags"]
@@ -852,14 +856,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "(default runs/reproduce/<profile>[-quick])")
     p.add_argument("--no-book", action="store_true", help="do not build the book")
     p.add_argument("--book-only", action="store_true", help="only build the book from the committed notebooks")
-    p.add_argument("--update-notebooks", action="store_true",
-                   help="smoke (default parameters) only: write the executed notebooks back into notebooks/")
+    p.add_argument("--update-committed", "--update-notebooks", dest="update_committed", action="store_true",
+                   help="smoke (default parameters) only: write the committed reference outputs "
+                        "(results/smoke/, figures/smoke/, and the executed notebooks into notebooks/)")
     args = p.parse_args(argv)
     if args.quick and args.profile != "smoke":
         p.error("--quick applies to the smoke profile only")
-    if args.update_notebooks and (args.profile != "smoke" or args.quick or args.only):
-        p.error("--update-notebooks writes the committed notebooks: only with the default smoke profile, "
-                "without --quick and --only")
+    if args.update_committed and (args.profile != "smoke" or args.quick or args.only):
+        p.error("--update-committed writes the committed notebooks and smoke outputs: only with the default "
+                "smoke profile, without --quick and --only")
     label = args.profile + ("-quick" if args.quick else "")
     out = Path(args.out) if args.out else REPRODUCE / label
     if args.book_only:
@@ -879,15 +884,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if key in spec:
                     params[key] = value
         params = {k: v for k, v in params.items() if v != spec[k][1]}  # defaults: no injected cell
+        if args.update_committed:
+            params["output_root"] = str(paths.ROOT)  # the injected cell is dropped again below
         print(f"== {name} ({label})" + (f" {params}" if params else ""), flush=True)
         times[name] = execute_notebook(name, out / f"{name}.ipynb", params)
         strip_execution_metadata(out / f"{name}.ipynb")
         print(f"   {times[name]:.1f} s -> {out / f'{name}.ipynb'}", flush=True)
     (out / "timings.json").write_text(json.dumps({"profile": label, "seconds": times}, indent=1) + "\n")
-    if args.update_notebooks:
+    if args.update_committed:
         for name in names:
-            normalize_ipynb(out / f"{name}.ipynb", paths.NOTEBOOKS / f"{name}.ipynb")
-        print("updated notebooks/*.ipynb with the executed smoke run")
+            normalize_ipynb(out / f"{name}.ipynb", paths.NOTEBOOKS / f"{name}.ipynb", drop_injected=True)
+        print("updated notebooks/*.ipynb, results/smoke/ and figures/smoke/ with the executed smoke run")
     if not args.no_book:
         if set(names) != set(NOTEBOOKS):
             for n in NOTEBOOKS:  # the book needs all five: take the committed ones for the others

@@ -23,8 +23,9 @@
 #
 # **Profiles** (`profile` parameter):
 # - `smoke` (default): every model of the table, shrunk (MDEQ widths / 2 or / 4, solver budgets 6),
-#   trained for a few steps on CPU on a synthetic CIFAR-10 copy; writes `results/smoke/` and
-#   `figures/smoke/`. A smoke run, **not a reproduction**.
+#   trained for a few steps on CPU on a synthetic CIFAR-10 copy; writes under the ignored
+#   `runs/notebooks/smoke_outputs/` (the committed copy in `results/smoke/` and `figures/smoke/` is
+#   written by `python -m mdeq.reproduce --update-committed`). A smoke run, **not a reproduction**.
 # - `full`: the paper's protocol on GPUs: `cifar10_small_<variant>` (MDEQ-small; the ResNet-18,
 #   NODE and ANODE baselines train with its settings: Adam 1e-3, 50 epochs, batch 128, no
 #   augmentation), `cifar10_single_stream_paper`, `cifar10_large_<variant>` (MDEQ and ResNet-18 10M,
@@ -35,7 +36,7 @@
 #   `results/smoke/runs/`), computing nothing.
 #
 # **Writes** `results/table_1_cifar10.csv` and `figures/fig4a_cifar10_accuracy.{png,svg}` (smoke:
-# under `results/smoke/` and `figures/smoke/`).
+# under `runs/notebooks/smoke_outputs/`).
 
 # %% tags=["parameters"]
 profile: str = "smoke"  # smoke | logs | full

@@ -23,7 +23,8 @@
 #
 # **Profiles** (`profile` parameter):
 # - `smoke` (default): the four models with widths / 8, solver budgets 6, 64 x 64 crops, a few steps on
-#   CPU on a synthetic ImageNet copy (10 classes); writes `results/smoke/`, `figures/smoke/`.
+#   CPU on a synthetic ImageNet copy (10 classes); writes under the ignored
+#   `runs/notebooks/smoke_outputs/` (the committed copy: `--update-committed`).
 #   A smoke run, **not a reproduction**.
 # - `full`: the paper's protocol on GPUs: `imagenet_small_<variant>`, `imagenet_large_<variant>`
 #   (`variant` = `paper`, Appendix Table 4: SGD 0.05 Nesterov, 100 epochs, batch 128; or `official`),
@@ -34,7 +35,7 @@
 # - `logs`: redraws from `results/runs/` (and the committed smoke logs), computing nothing.
 #
 # **Writes** `results/table_2_imagenet.csv` and `figures/imagenet_top1_per_epoch.{png,svg}`
-# (smoke: under `results/smoke/` and `figures/smoke/`).
+# (smoke: under `runs/notebooks/smoke_outputs/`).
 
 # %% tags=["parameters"]
 profile: str = "smoke"  # smoke | logs | full

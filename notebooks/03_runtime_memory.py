@@ -29,7 +29,8 @@
 # **Profiles** (`profile` parameter):
 # - `smoke` (default): the real models on CPU with a batch of 4 (quick: 2) and 2 repetitions; memory
 #   is the increase of the process's peak resident set. A smoke run, **not a reproduction**: CPU
-#   ratios say little about GPU ones. Writes `results/smoke/`, `figures/smoke/`.
+#   ratios say little about GPU ones. Writes under the ignored
+#   `runs/notebooks/smoke_outputs/` (the committed copy: `--update-committed`).
 # - `full`: batch `batch_size` (32, as the paper) on a GPU (`device`), 10 timed repetitions after 3
 #   warm-ups; memory is `torch.cuda.max_memory_allocated` during the training step.
 #   Writes `results/runtime_memory.json`.

@@ -24,7 +24,8 @@
 # **Profiles** (`profile` parameter):
 # - `smoke` (default): the three models with widths / 8 and solver budgets 6, trained from scratch
 #   for a few steps on CPU on 64 x 128 crops of a synthetic Cityscapes copy (128 x 256 images,
-#   evaluated whole); writes `results/smoke/`, `figures/smoke/`. A smoke run, **not a reproduction**.
+#   evaluated whole); writes under the ignored
+#   `runs/notebooks/smoke_outputs/` (the committed copy: `--update-committed`). A smoke run, **not a reproduction**.
 # - `full`: the paper's protocol on GPUs: `cityscapes_small_<variant>`, `cityscapes_large_<variant>`
 #   (`variant` = `paper`, Appendix Table 4: SGD 0.01, 480 epochs, batch 12, 1024 x 512 crops, full
 #   2048 x 1024 evaluation; or `official`) and `cityscapes_xl_official`, each initialised from the
@@ -34,7 +35,7 @@
 # - `logs`: redraws from `results/` (and the committed smoke logs), computing nothing.
 #
 # **Writes** `results/table_3_cityscapes.csv` and `figures/fig8_cityscapes_examples.{png,svg}`
-# (smoke: under `results/smoke/` and `figures/smoke/`).
+# (smoke: under `runs/notebooks/smoke_outputs/`).
 
 # %% tags=["parameters"]
 profile: str = "smoke"  # smoke | logs | full

@@ -30,7 +30,7 @@
 # **Profiles** (`profile` parameter):
 # - `smoke` (default): shrunken models (widths / 8, CIFAR / 2) at their initial weights on synthetic
 #   data (ImageNet 64 x 64, Cityscapes 128 x 256), 40 f evaluations (quick: 15); writes
-#   `results/smoke/`, `figures/smoke/`. A smoke run, **not a reproduction**.
+#   `runs/notebooks/smoke_outputs/` (the committed copy: `--update-committed`). A smoke run, **not a reproduction**.
 # - `full`: `cifar10_large_<variant>`, `imagenet_large_<variant>` and `cityscapes_large_<variant>` at
 #   32 x 32, 224 x 224 and 1024 x 2048, batches of 32, 8 and 1, budgets of 50, 120 and 150; Fig. 7 with
 #   `cifar10_small_<variant>` and `cifar10_single_stream_paper`. The initial weights always, and the

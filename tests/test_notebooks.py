@@ -49,7 +49,10 @@ def test_py_and_ipynb_in_sync(name):
     assert ["parameters"] in tags and not any(SKIP_TAGS & set(t) for t in tags), "stray papermill cells"
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
+# One notebook's smoke run in the default test run (the quickest, 04); the other four are marked slow
+# (`python -m pytest -m slow`, which CI runs too) to keep the default run under 3 minutes.
+@pytest.mark.parametrize("name", [n if n == "04_cityscapes" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in NOTEBOOKS])
 def test_smoke_quick(name, tmp_path):
     out, seconds = _run(name, tmp_path, quick=True)
     figures = tmp_path / "out" / "figures" / "smoke"
@@ -106,3 +109,31 @@ def test_book_builds_with_warnings_as_errors(tmp_path):
     for name in NOTEBOOKS:
         assert (html / "notebooks" / f"{name}.html").is_file()
     assert "mdeq-repro" in (html / "intro.html").read_text()
+
+
+@pytest.mark.slow
+def test_readme_main_command_leaves_git_status_clean(tmp_path):
+    """`python -m mdeq.reproduce --profile smoke` (here one notebook and the book) on a fresh copy of the
+    repository writes only ignored files: the committed results/smoke/ and figures/smoke/ stay as they are."""
+    import shutil
+    import subprocess
+    import sys
+
+    def git(*args, cwd):
+        return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+    repo = tmp_path / "clone"
+    for rel in git("ls-files", "-co", "--exclude-standard", cwd=paths.ROOT).splitlines():
+        src = paths.ROOT / rel
+        if src.is_file():
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, repo / rel)
+    git("init", "-q", cwd=repo)
+    git("add", "-A", cwd=repo)
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy", cwd=repo)
+    proc = subprocess.run([sys.executable, "-m", "mdeq.reproduce", "--profile", "smoke", "--only", "04_cityscapes"],
+                          cwd=repo, capture_output=True, text=True, env={**__import__("os").environ,
+                                                                         "PYTHONPATH": str(repo)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (repo / "runs" / "notebooks" / "smoke_outputs" / "results" / "smoke" / "table_3_cityscapes.csv").is_file()
+    assert git("status", "--porcelain", cwd=repo) == ""

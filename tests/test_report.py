@@ -269,7 +269,13 @@ def test_context_keeps_smoke_and_quick_away_from_real_results(tmp_path):
     assert real.results_dir("real") == paths.RESULTS and real.figures_dir("real") == paths.FIGURES
     assert real.results_dir("smoke") == paths.RESULTS / "smoke" and real.kinds() == ("real", "smoke")
     smoke = report.Context("01_cifar10", "smoke")
-    assert smoke.kinds() == ("smoke",) and smoke.results_dir("smoke") == paths.RESULTS / "smoke"
+    assert smoke.kinds() == ("smoke",) and paths.RUNS in smoke.results_dir("smoke").parents  # never committed files
+    assert paths.RUNS in smoke.figures_dir("smoke").parents and smoke.inputs_dir("smoke") == smoke.results_dir("smoke")
+    committed = report.Context("01_cifar10", "smoke", False, paths.ROOT)  # --update-committed
+    assert committed.results_dir("smoke") == paths.RESULTS / "smoke"
+    full = report.Context("01_cifar10", "full", False, tmp_path)  # output_root: read where it writes
+    assert full.inputs_dir("real") == full.results_dir("real") == tmp_path / "results"
+    assert report.Context("01_cifar10", "logs", False, tmp_path).inputs_dir("real") == paths.RESULTS
     quick = report.Context("01_cifar10", "smoke", True)
     assert paths.RUNS in quick.results_dir("smoke").parents and paths.RUNS in quick.figures_dir("smoke").parents
     assert report.Context("01_cifar10", "full").kinds() == ("real",)
@@ -364,7 +370,7 @@ def test_reproduce_cli_rejects_bad_combinations(capsys):
     with pytest.raises(SystemExit):
         reproduce.main(["--profile", "logs", "--quick"])
     with pytest.raises(SystemExit):
-        reproduce.main(["--profile", "smoke", "--quick", "--update-notebooks"])
+        reproduce.main(["--profile", "smoke", "--quick", "--update-committed"])
     with pytest.raises(SystemExit):
         reproduce.main(["--profile", "nope"])
     with pytest.raises(ValueError, match="unknown parameter"):
