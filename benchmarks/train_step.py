@@ -10,6 +10,8 @@ runtime alone is several hundred MB. Step times are medians over ``--steps`` aft
 
     python benchmarks/train_step.py                  # CPU, 1 thread: results/benchmarks/train_step_cpu.json
     python benchmarks/train_step.py --device cuda    # results/benchmarks/train_step_cuda.json
+    python benchmarks/train_step.py --config cifar10_small_paper --baseline anode_172k --batch 128
+                                                     # a Table 1 baseline (one phase, "none")
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, provenance, sync, write_json  # noqa: E402
 
 PHASES = ("unrolled", "implicit")
+BASELINE_PHASES = ("none",)
 
 
 def _rss_mb() -> float:
@@ -50,15 +53,20 @@ def run_phase(args) -> dict:
     device = torch.device(args.device)
     cfg = load_config(args.config, {"data.batch_size": args.batch})
     torch.manual_seed(0)
-    model = build_model(cfg).to(device).train()
-    model.deq.warn = False
+    if args.baseline:
+        from mdeq.baselines import build_baseline
+
+        model = build_baseline(args.baseline, num_classes=cfg.data.num_classes).to(device).train()
+    else:
+        model = build_model(cfg).to(device).train()
+        model.deq.warn = False
     optimizer = build_optimizer(model, cfg.train)
     criterion = build_criterion(cfg).to(device)
     h, w = cfg.data.image_size
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, h, w, generator=g).to(device)
     y = torch.randint(0, cfg.data.num_classes, (args.batch,), generator=g).to(device)
-    phase = set_phase(model, cfg, 0 if args.child == "unrolled" else cfg.train.pretrain_steps)
+    phase = set_phase(model, cfg, 0 if args.child in ("unrolled", "none") else cfg.train.pretrain_steps)
     assert phase == args.child, (phase, args.child)
     memory = PeakMemory(device)
     setup_mb = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else _rss_mb()
@@ -107,16 +115,19 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="default results/benchmarks/train_step_<device>.json")
-    p.add_argument("--child", choices=PHASES, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--baseline", default=None, help="time a Table 1 baseline (e.g. anode_172k) with the config's data")
+    p.add_argument("--child", choices=PHASES + BASELINE_PHASES, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child is not None:
         print(json.dumps(run_phase(args)))
         return
     results = {}
-    for phase in PHASES:
+    for phase in (BASELINE_PHASES if args.baseline else PHASES):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", phase, "--config", args.config,
                "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--threads", str(args.threads), "--device", args.device]
+        if args.baseline:
+            cmd += ["--baseline", args.baseline]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if out.returncode != 0:
             raise RuntimeError(f"{phase} child failed:\n{out.stderr[-3000:]}")
@@ -128,7 +139,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)  # so the provenance records the children's thread count
     device_name = torch.device(args.device).type
     path = Path(args.out) if args.out else ROOT / "results" / "benchmarks" / f"train_step_{device_name}.json"
-    write_json(path, {"benchmark": "train_step", "config": args.config, "batch": args.batch, "results": results,
+    write_json(path, {"benchmark": "train_step", "config": args.config, "baseline": args.baseline,
+                      "batch": args.batch, "results": results,
                       "provenance": provenance(args, args.device)})
     print(f"wrote {path}")
 
