@@ -325,7 +325,7 @@ def set_style() -> None:
         if not inline:
             matplotlib.use("Agg")
     matplotlib.rcParams.update({
-        "figure.dpi": 100, "savefig.dpi": 110, "font.size": 9, "axes.titlesize": 10,
+        "figure.dpi": 100, "savefig.dpi": 200, "font.size": 9, "axes.titlesize": 10,
         "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
         "legend.frameon": False, "legend.fontsize": 8, "lines.linewidth": 1.6,
         "svg.hashsalt": "mdeq-repro", "svg.fonttype": "path", "image.interpolation": "nearest",
@@ -346,15 +346,14 @@ def caption_text(caption: str, notebook: str, kind: str, source: str) -> str:
 def save_figure(fig, name: str, ctx: Context, kind: str, *, caption: str, source: str) -> dict:
     """Write ``fig`` as PNG and SVG (plus a JSON sidecar with its caption and writer) and return paths.
 
-    The caption goes under the figure; a smoke figure says "smoke run, not a reproduction" in its
-    caption (and its title, via ``figure_title``). ``name`` must belong to ``ctx.notebook``.
+    The caption is text, not pixels: in a notebook it is shown under the figure as Markdown (and so in
+    the book), and it is stored in the sidecar. A smoke figure says "smoke run, not a reproduction" in
+    its caption (and its title, via ``figure_title``). ``name`` must belong to ``ctx.notebook``.
     """
     owner = FIGURE_OWNERS.get(name)
     if owner != ctx.notebook:
         raise ValueError(f"figure {name!r} belongs to {owner!r}, not {ctx.notebook!r} (report.FIGURE_OWNERS)")
     text = caption_text(caption, ctx.notebook, kind, source)
-    fig.text(0.0, -0.01, "\n".join(textwrap.wrap(text, 120)), ha="left", va="top", fontsize=7.5,
-             color="#333333", transform=fig.transFigure)
     folder = ctx.figures_dir(kind)
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
@@ -367,7 +366,53 @@ def save_figure(fig, name: str, ctx: Context, kind: str, *, caption: str, source
     out["json"] = folder / f"{name}.json"
     out["json"].write_text(json.dumps(sidecar, indent=1) + "\n")
     ctx.written += list(out.values())
+    if _display(fig, f"*Figure ({name}).* {text}"):
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)  # shown once, with its caption under it
     return out
+
+
+def _display(*objects) -> bool:
+    """Show figures and Markdown strings in a running notebook; False outside one."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import Markdown, display
+    except ImportError:  # pragma: no cover
+        return False
+    if get_ipython() is None:
+        return False
+    for obj in objects:
+        display(Markdown(obj) if isinstance(obj, str) else obj)
+    return True
+
+
+def banner(ctx: Context) -> str:
+    """The line a page opens with: which profile produced it and what data and hardware are behind it."""
+    if ctx.profile == "smoke":
+        return (f"> **Smoke profile: toy models on synthetic data, {SMOKE_NOTE}.** Every number and curve on "
+                "this page comes from shrunken models trained or measured for seconds on a CPU; the paper's "
+                "numbers stand beside them for orientation only.")
+    if ctx.profile == "full":
+        return f"> **Full profile**: the paper's protocol, on {hardware_label()}."
+    runs = sorted(p for p in ctx.logs_dir("real").iterdir() if p.is_dir()) if ctx.logs_dir("real").is_dir() else []
+    lines = []
+    for path in runs:
+        r = read_run(path)
+        if r is None:
+            continue
+        state = "finished" if r.finished else f"epoch {r.epochs_done} of {r.epochs_planned or '?'}"
+        lines.append(f"`{r.name}` ({state}; {r.meta('data_source_label', default='unknown data')}; "
+                     f"{run_hardware(r.provenance)})")
+    real = ("real runs in results/runs/: " + ", ".join(lines)) if lines else "no real training run is committed yet"
+    return (f"> **Logs profile**: redrawn from the committed logs, nothing computed; {real}. Rows and figures "
+            f"marked smoke are toy models on synthetic data, {SMOKE_NOTE}.")
+
+
+def show_banner(ctx: Context) -> None:
+    text = banner(ctx)
+    if not _display(text):
+        print(text.lstrip("> "))
 
 
 def save_table(df, name: str, ctx: Context, kind: str) -> Path:
@@ -580,7 +625,7 @@ def _row(table: str, row: str, metric: str, paper: float | None, runs: Sequence[
         "ours": round(mean, 4) if mean is not None else NOT_RUN,
         "ours_std": round(std, 4) if std is not None else None,
         # no delta for an unfinished run: its number is an intermediate epoch's, not a result
-        "delta": (round(mean - paper, 4) if (mean is not None and paper is not None
+        "delta": (round(mean - paper, 4) if (mean is not None and paper is not None and kind != "smoke"
                                              and all(r.finished for r in runs)) else None),
         "paper_params": paper_params, "ours_params": ours_params,
         "ours_source": runs_source(ctx, kind, runs) or NOT_RUN, "status": _status(kind, runs),
@@ -635,16 +680,37 @@ def table3(ctx: Context, kind: str, numbers: Mapping | None = None):
     return pd.DataFrame(rows)
 
 
-def show_table(df, kind: str):
-    """The table as the notebooks display it (a caption saying smoke where it is)."""
-    cols = [c for c in ("setting", "row", "metric", "paper", "paper_std", "ours", "ours_std", "delta", "paper_params",
-                        "ours_params", "status") if c in df.columns]
-    shown = df[cols].copy()
-    for c in ("paper_params", "ours_params"):
-        if c in shown:
-            shown[c] = [fmt_params(v) if v is not None and not _isnan(v) else "-" for v in shown[c]]
-    styler = shown.style.hide(axis="index").format(na_rep="", precision=2)
-    title = "paper vs ours" + (f" ({SMOKE_NOTE})" if kind == "smoke" else "")
+def show_table(df, kind: str, csv: str | Path | None = None):
+    """The table as a page shows it: few columns (value ± std, sizes as "paper / ours"), padded cells,
+    human row names; the full table (sources, notes, keys) is the CSV, named in the caption."""
+    def pm(v, sd):
+        if v is None or (isinstance(v, float) and _isnan(v)):
+            return ""
+        text = f"{v:.2f}" if isinstance(v, float) else str(v)
+        return text + (f" ± {sd:.2f}" if sd is not None and not _isnan(sd) else "")
+
+    shown = {}
+    for c in ("setting", "row", "metric"):
+        if c in df.columns and df[c].astype(str).str.len().gt(0).any():
+            shown[c] = df[c].fillna("")
+    shown["paper"] = [pm(v, s) for v, s in zip(df["paper"], df.get("paper_std", [None] * len(df)))]
+    shown["ours"] = [pm(v, s) for v, s in zip(df["ours"], df.get("ours_std", [None] * len(df)))]
+    if kind != "smoke" and "delta" in df.columns and df["delta"].notna().any():
+        shown["delta"] = [pm(v, None) for v in df["delta"]]
+    if "paper_params" in df.columns:
+        shown["params (paper / ours)"] = [
+            f"{fmt_params(a)} / {fmt_params(b)}" for a, b in zip(df["paper_params"], df.get("ours_params", df["paper_params"]))]
+    if "status" in df.columns:
+        shown["status"] = df["status"]
+    import pandas as pd
+
+    table = pd.DataFrame(shown)
+    styler = table.style.hide(axis="index").set_table_styles(
+        [{"selector": "th, td", "props": "padding: 2px 10px; text-align: left; vertical-align: top;"},
+         {"selector": "caption", "props": "caption-side: top; text-align: left; font-weight: bold;"}])
+    title = "Paper vs ours" + (f" ({SMOKE_NOTE}: no comparison with the paper is meant)" if kind == "smoke" else "")
+    if csv is not None:
+        title += f". Every column, with the data and hardware behind each number: {rel(csv)}"
     return styler.set_caption(title)
 
 
@@ -793,7 +859,7 @@ def table_fig4b(ctx: Context, kind: str, measure: Mapping | None, numbers: Mappi
     metric = {
         "resnet101_ms_per_batch": "ResNet-101 training time per batch (ms)",
         "mdeq_slowdown_vs_resnet101": "training time MDEQ / ResNet-101",
-        "mdeq_train_memory_saving_vs_resnets": "peak training memory MDEQ / ResNet-101 (paper: below)",
+        "mdeq_train_memory_saving_vs_resnets": "peak training memory MDEQ / ResNet-101",
         "mdeq_small_speedup_vs_anode": "training time ANODE / MDEQ-small",
     }
     hw = (measure or {}).get("hardware", "")
@@ -803,9 +869,9 @@ def table_fig4b(ctx: Context, kind: str, measure: Mapping | None, numbers: Mappi
     for key, label in metric.items():
         v = ours[key]
         paper = st[key]["value"]
-        rows.append({"table": "Fig. 4b", "setting": "", "row": key, "metric": label, "paper": paper,
+        rows.append({"table": "Fig. 4b", "setting": "", "row": label, "key": key, "metric": label, "paper": paper,
                      "ours": round(v, 4) if v is not None else NOT_RUN,
-                     "delta": round(v - paper, 4) if v is not None else None,
+                     "delta": round(v - paper, 4) if v is not None and kind != "smoke" else None,
                      "paper_note": st[key]["text"], "ours_source": source,
                      "status": (SMOKE_NOTE if kind == "smoke" else "measured") if v is not None else NOT_RUN})
     return pd.DataFrame(rows)
@@ -924,6 +990,15 @@ def plot_per_scale(traces: Mapping | None, kind: str):
     return fig
 
 
+def _last_finite(values) -> float | None:
+    """The last finite entry of a trace (its end), or None."""
+    if values is None:
+        return None
+    finite = np.asarray(values, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    return float(finite[-1]) if finite.size else None
+
+
 def convergence_table(ctx: Context, kind: str, traces: Mapping | None, numbers: Mapping | None = None,
                       threshold: float = 1e-2):
     """F evaluations until the mean Broyden trace falls below ``threshold`` (the paper states ~30 on
@@ -945,11 +1020,11 @@ def convergence_table(ctx: Context, kind: str, traces: Mapping | None, numbers: 
             n = int(below[0] + 1) if len(below) else None
             ours = n if n is not None else (f"> {len(mean)} (not reached)" if mean is not None else NOT_RUN)
             p = paper.get(dataset) if key.startswith("broyden") else None
-            rows.append({"table": "Figs. 5-6", "setting": title, "row": key,
+            rows.append({"table": "Figs. 5-6", "setting": title, "row": _CURVE_STYLE[key][0], "key": key,
                          "metric": f"f evaluations until the mean rel. residual < {threshold:g}",
                          "paper": p, "ours": ours,
-                         "delta": (n - p) if (n is not None and p is not None) else None,
-                         "last_rel_residual": float(np.nanmin(mean)) if mean is not None else None,
+                         "delta": (n - p) if (n is not None and p is not None and kind != "smoke") else None,
+                         "last_rel_residual": _last_finite(mean),
                          "ours_source": ctx.source(kind, entry["data"], traces["hardware"]) if entry else NOT_RUN,
                          "status": (SMOKE_NOTE if kind == "smoke" else "measured") if entry else NOT_RUN,
                          "paper_note": "paper: 'within 30 steps' (CIFAR-10), 'over 100 steps' (Cityscapes); "

@@ -17,7 +17,7 @@
 # %% [markdown]
 # # CIFAR-10: Table 1 and Fig. 4a
 #
-# **Reproduces** Table 1 of the paper (CIFAR-10 accuracy of MDEQ-small, the single-stream DEQ,
+# **Paper item:** Table 1 of the paper (CIFAR-10 accuracy of MDEQ-small, the single-stream DEQ,
 # ResNet-18, neural ODE and augmented neural ODE at ~170K parameters without augmentation; MDEQ and
 # ResNet-18 at ~10M parameters with augmentation) and Fig. 4a (test accuracy per epoch).
 #
@@ -56,7 +56,7 @@ from mdeq import report, reproduce
 
 params = report.check_parameters(globals(), "01_cifar10")
 ctx = report.setup(params)
-print(f"profile {profile}" + (" (quick)" if quick else "") + f"; draws: {', '.join(ctx.kinds())}")
+report.show_banner(ctx)
 
 # %% [markdown]
 # ## Train (smoke and full profiles)
@@ -78,8 +78,8 @@ else:
 # %%
 for kind in ctx.kinds():
     table = report.table1(ctx, kind)
-    report.save_table(table, "table_1_cifar10", ctx, kind)
-    display(report.show_table(table, kind))
+    csv = report.save_table(table, "table_1_cifar10", ctx, kind)
+    display(report.show_table(table, kind, csv))
 
 # %% [markdown]
 # ## Fig. 4a: test accuracy per epoch

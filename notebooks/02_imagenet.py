@@ -17,7 +17,7 @@
 # %% [markdown]
 # # ImageNet: Table 2
 #
-# **Reproduces** the MDEQ rows of Table 2 (top-1 and top-5 accuracy and size of MDEQ-small,
+# **Paper item:** the MDEQ rows of Table 2 (top-1 and top-5 accuracy and size of MDEQ-small,
 # MDEQ-large, MDEQ-XL, and the unrolled 5-layer MDEQ-large); the paper's other rows (ResNets,
 # HRNet, DenseNet, ...) are reference models and are listed in `results/paper_numbers.yaml` only.
 #
@@ -54,7 +54,7 @@ from mdeq import report, reproduce
 
 params = report.check_parameters(globals(), "02_imagenet")
 ctx = report.setup(params)
-print(f"profile {profile}" + (" (quick)" if quick else "") + f"; draws: {', '.join(ctx.kinds())}")
+report.show_banner(ctx)
 
 # %% [markdown]
 # ## Train (smoke and full profiles)
@@ -76,8 +76,8 @@ else:
 # %%
 for kind in ctx.kinds():
     table = report.table2(ctx, kind)
-    report.save_table(table, "table_2_imagenet", ctx, kind)
-    display(report.show_table(table, kind))
+    csv = report.save_table(table, "table_2_imagenet", ctx, kind)
+    display(report.show_table(table, kind, csv))
 
 # %% [markdown]
 # ## Validation top-1 accuracy per epoch (not a figure of the paper)

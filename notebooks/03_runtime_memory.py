@@ -17,7 +17,7 @@
 # %% [markdown]
 # # Runtime and memory: Fig. 4b
 #
-# **Reproduces** Fig. 4b: training time, inference time and peak training memory of MDEQ
+# **Paper item:** Fig. 4b: training time, inference time and peak training memory of MDEQ
 # (`cifar10_large_<variant>`), MDEQ-small (`cifar10_small_<variant>`), ResNet-18 (the 10M CIFAR
 # ResNet-18 of Table 1), ResNet-101 and ANODE (172K) on CIFAR-10-sized input (3 x 32 x 32), relative
 # to ResNet-101, and the numbers Section 4.4 states (ResNet-101 ~150 ms per batch of 32 on an RTX
@@ -56,7 +56,7 @@ from mdeq import report, reproduce
 
 params = report.check_parameters(globals(), "03_runtime_memory")
 ctx = report.setup(params)
-print(f"profile {profile}" + (" (quick)" if quick else "") + f"; draws: {', '.join(ctx.kinds())}")
+report.show_banner(ctx)
 
 # %% [markdown]
 # ## Measure (smoke and full profiles)
@@ -88,8 +88,8 @@ else:
 for kind in ctx.kinds():
     measure = report.read_json(ctx.inputs_dir(kind) / NAME)
     table = report.table_fig4b(ctx, kind, measure)
-    report.save_table(table, "table_fig4b_runtime_memory", ctx, kind)
-    display(report.show_table(table, kind))
+    csv = report.save_table(table, "table_fig4b_runtime_memory", ctx, kind)
+    display(report.show_table(table, kind, csv))
     fig = report.plot_runtime_memory(measure, kind)
     report.save_figure(fig, "fig4b_runtime_memory", ctx, kind,
                        caption="Training time, inference time and peak training memory per batch relative to "

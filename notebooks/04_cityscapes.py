@@ -17,7 +17,7 @@
 # %% [markdown]
 # # Cityscapes: Table 3 and Fig. 8
 #
-# **Reproduces** the MDEQ rows of Table 3 (Cityscapes val mIoU and size of MDEQ-small, -large and
+# **Paper item:** the MDEQ rows of Table 3 (Cityscapes val mIoU and size of MDEQ-small, -large and
 # -XL; the paper's other rows are reference models, listed in `results/paper_numbers.yaml` only) and
 # Fig. 8 (input, MDEQ-large prediction and ground truth in the Cityscapes palette).
 #
@@ -54,7 +54,7 @@ from mdeq import report, reproduce
 
 params = report.check_parameters(globals(), "04_cityscapes")
 ctx = report.setup(params)
-print(f"profile {profile}" + (" (quick)" if quick else "") + f"; draws: {', '.join(ctx.kinds())}")
+report.show_banner(ctx)
 
 # %% [markdown]
 # ## Train, then predict the examples of Fig. 8 (smoke and full profiles)
@@ -84,8 +84,8 @@ else:
 # %%
 for kind in ctx.kinds():
     table = report.table3(ctx, kind)
-    report.save_table(table, "table_3_cityscapes", ctx, kind)
-    display(report.show_table(table, kind))
+    csv = report.save_table(table, "table_3_cityscapes", ctx, kind)
+    display(report.show_table(table, kind, csv))
 
 # %% [markdown]
 # ## Fig. 8: segmentation examples

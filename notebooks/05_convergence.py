@@ -17,7 +17,7 @@
 # %% [markdown]
 # # Convergence to equilibrium: Figs. 5-7
 #
-# **Reproduces** Fig. 5 (= Appendix Fig. 6): the relative residual as a function of the number of
+# **Paper item:** Fig. 5 (= Appendix Fig. 6): the relative residual as a function of the number of
 # f evaluations, for limited-memory Broyden and for plain iteration of f, at CIFAR-10, ImageNet and
 # Cityscapes resolution, mean and std over 5 batches; the same for the backward (IFT) solve; and
 # Fig. 7: the per-scale convergence of the CIFAR-10 MDEQ against the single-stream DEQ.
@@ -59,7 +59,7 @@ from mdeq import report, reproduce
 
 params = report.check_parameters(globals(), "05_convergence")
 ctx = report.setup(params)
-print(f"profile {profile}" + (" (quick)" if quick else "") + f"; draws: {', '.join(ctx.kinds())}")
+report.show_banner(ctx)
 
 # %% [markdown]
 # ## Solve (smoke and full profiles)
@@ -101,8 +101,8 @@ for kind in ctx.kinds():
                        caption="Relative residual of the backward (IFT) Broyden solve vs evaluations of the "
                                "vector-Jacobian product, mean and std over batches")
     table = report.convergence_table(ctx, kind, traces)
-    report.save_table(table, "table_fig5_convergence", ctx, kind)
-    display(report.show_table(table, kind))
+    csv = report.save_table(table, "table_fig5_convergence", ctx, kind)
+    display(report.show_table(table, kind, csv))
 
 # %% [markdown]
 # ## Fig. 7: per-scale convergence, MDEQ vs single-stream DEQ (CIFAR-10)
