@@ -14,7 +14,11 @@ continues the whole campaign for a wall-clock budget:
   ``final.json``) and its latest ``checkpoint.pt`` are copied atomically into ``results/runs/<run>/``,
   so committing that folder keeps the campaign, and a fresh clone continues it from there;
 - one campaign process at a time (a lock file in ``runs/campaign/``); a run's protocol is never
-  shortened: an unfinished run is reported as "epoch k of 50" (``--status``).
+  shortened: an unfinished run is reported as "epoch k of 50" (``--status``);
+- each chunk runs the code of the last commit, from a git worktree in ``runs/campaign/code/``
+  (``code="head"``, the default), so editing the working tree while the campaign runs never changes
+  a run mid-way and every chunk's provenance names a clean commit; ``--code tree`` runs the working
+  tree instead.
 
 Work folders are ``runs/campaign/<run>/`` (not committed; ``train.log`` is there).
 """
@@ -125,17 +129,22 @@ def run_status(spec: CampaignSpec, key: str, results: Path = RESULTS) -> dict[st
 
 
 def train_command(spec: CampaignSpec, key: str, *, stop_at: float | None, data_root: str | None = None,
-                  python: str | None = None) -> list[str]:
-    """The ``python -m mdeq.train`` line that continues run ``key`` in ``runs/campaign/<key>/``."""
+                  python: str | None = None, absolute: bool = False) -> list[str]:
+    """The ``python -m mdeq.train`` line that continues run ``key`` in ``runs/campaign/<key>/``.
+
+    ``absolute`` gives every path absolute (for a child that runs in the code worktree).
+    """
     from mdeq.reproduce import config_name, spec as run_spec
 
     run = run_spec(key)
+    where = (lambda p: str((paths.ROOT / p).resolve())) if absolute else _shown  # noqa: E731
+    data_options = {k: (where(v) if absolute and _is_path(v) else v) for k, v in spec.data_options.items()}
     argv = [python or sys.executable, "-m", "mdeq.train", "--config", config_name(run, spec.variant),
-            "--data-root", str(data_root or spec.data_root), "--out", _shown(WORK / key), "--resume",
+            "--data-root", where(data_root or spec.data_root), "--out", where(WORK / key), "--resume",
             "--threads", str(spec.threads), "--workers", str(spec.workers),
             "--checkpoint-every", str(spec.checkpoint_every), "--log-every", str(spec.log_every), "--no-progress"]
-    if spec.data_options:
-        argv += ["--data-option", *(f"{k}={v}" for k, v in spec.data_options.items())]
+    if data_options:
+        argv += ["--data-option", *(f"{k}={v}" for k, v in data_options.items())]
     if run.overrides or spec.overrides:
         argv += ["--set", *run.overrides, *spec.overrides]
     for name in ("limit_train", "limit_eval"):
@@ -156,13 +165,32 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def _is_path(value) -> bool:
+    return isinstance(value, str) and ("/" in value or value.endswith(".npz"))
+
+
+def code_worktree(commit: str | None = None) -> tuple[Path, str]:
+    """A git worktree of ``commit`` (default HEAD) in ``runs/campaign/code/``: the code a chunk runs."""
+    def git(*args, cwd=paths.ROOT):
+        return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+    sha = git("rev-parse", commit or "HEAD")
+    tree = WORK / "code"
+    if not (tree / ".git").exists():
+        git("worktree", "prune")
+        git("worktree", "add", "--detach", str(tree), sha)
+    elif git("rev-parse", "HEAD", cwd=tree) != sha:
+        git("checkout", "--quiet", "--detach", sha, cwd=tree)
+    return tree, sha
+
+
 def _check_data(spec: CampaignSpec, data_root: str | None) -> None:
     root = paths.ROOT / (data_root or spec.data_root)
     if not root.exists():
         raise FileNotFoundError(f"the campaign's data root {_shown(root)} does not exist: put the data set there "
                                 f"(for CIFAR-10 JPEG-q75, the file cifar10_jpeg_q75_batch_order.npz) or pass --data-root")
     for key, value in spec.data_options.items():
-        if isinstance(value, str) and ("/" in value or value.endswith(".npz")) and not (paths.ROOT / value).exists():
+        if _is_path(value) and not (paths.ROOT / value).exists():
             raise FileNotFoundError(f"data_options.{key} names {value}, which does not exist: every chunk of a run "
                                     f"must read the same data")
 
@@ -246,11 +274,14 @@ def _lock(path: Path):
 
 
 def run_campaign(spec: CampaignSpec, budget_s: float, *, data_root: str | None = None,
-                 results: Path = RESULTS, min_start_s: float = 60.0) -> list[dict]:
+                 results: Path = RESULTS, min_start_s: float = 60.0, code: str = "head") -> list[dict]:
     """Continue ``spec`` for ``budget_s`` seconds of wall-clock time; returns each run's status after.
 
-    No run is started or continued with less than ``min_start_s`` of the budget left.
+    No run is started or continued with less than ``min_start_s`` of the budget left. ``code``:
+    "head" runs each chunk from a worktree of the last commit, "tree" from the working tree.
     """
+    if code not in ("head", "tree"):
+        raise ValueError(f"code must be 'head' or 'tree', got {code!r}")
     results = Path(results)
     end = time.time() + budget_s
     logfile = WORK / f"{spec.name}.log"
@@ -274,7 +305,7 @@ def run_campaign(spec: CampaignSpec, budget_s: float, *, data_root: str | None =
                 work = WORK / key
                 if restore_run(results / key, work):
                     _log(f"{key}: restored from {results / key}", logfile)
-                rc = _run_chunk(spec, key, end, work, results / key, data_root, logfile, stop)
+                rc = _run_chunk(spec, key, end, work, results / key, data_root, logfile, stop, code)
                 status = run_status(spec, key, results)
                 _log(f"{key}: exit code {rc}; epoch {status['epochs_done']} of {status['epochs_planned']}"
                      + (f", last top-1 {status['last_eval_top1']:.2f}%" if status["last_eval_top1"] is not None
@@ -289,13 +320,18 @@ def run_campaign(spec: CampaignSpec, budget_s: float, *, data_root: str | None =
     return [run_status(spec, key, results) for key in spec.runs]
 
 
-def _run_chunk(spec, key, end, work, dest, data_root, logfile, stop) -> int:
-    cmd = train_command(spec, key, stop_at=end, data_root=data_root)
+def _run_chunk(spec, key, end, work, dest, data_root, logfile, stop, code) -> int:
+    cwd = paths.ROOT
+    if code == "head":
+        cwd, sha = code_worktree()
+        _log(f"{key}: code of commit {sha} (worktree {_shown(cwd)})", logfile)
+    cmd = train_command(spec, key, stop_at=end, data_root=data_root, absolute=code == "head")
     work.mkdir(parents=True, exist_ok=True)
     _log(f"{key}: $ {shlex.join(cmd)}", logfile)
     env = {**os.environ, "OMP_NUM_THREADS": str(spec.threads)}
+    env.pop("PYTHONPATH", None)  # python -m puts cwd first: the child imports the chosen code's mdeq
     with open(work / "train.log", "a") as out:
-        proc = subprocess.Popen(cmd, cwd=paths.ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
         seen, signalled = None, False
         while True:
             try:
@@ -333,6 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--campaign", default="table1_cifar10_cpu", help="a name in mdeq/campaigns or a YAML path")
     p.add_argument("--budget", default=None, help="wall-clock budget, e.g. 150m or 2.5h")
     p.add_argument("--data-root", default=None, help="override the campaign's data_root")
+    p.add_argument("--code", choices=("head", "tree"), default="head",
+                   help="run each chunk from a worktree of the last commit (default) or from the working tree")
     p.add_argument("--status", action="store_true", help="print where each run stands and exit")
     p.add_argument("--dry-run", action="store_true", help="print the next command and exit")
     args = p.parse_args(argv)
@@ -348,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.budget is None:
             raise ValueError("--budget is required (e.g. --budget 150m), or pass --status / --dry-run")
-        statuses = run_campaign(spec, parse_budget(args.budget), data_root=args.data_root)
+        statuses = run_campaign(spec, parse_budget(args.budget), data_root=args.data_root, code=args.code)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2

@@ -29,13 +29,13 @@ def tiny_campaign(tmp_path, monkeypatch):
 def test_budget_chunks_resume_and_finish_every_run(tiny_campaign):
     spec, results = tiny_campaign
     # a budget that ends before the first step: the child writes a checkpoint at step 0 and exits cleanly
-    first = run_campaign(spec, 1.0, results=results, min_start_s=0)
+    first = run_campaign(spec, 1.0, results=results, min_start_s=0, code="tree")
     assert [s["finished"] for s in first] == [False, False]
     res = results / "cifar10_resnet18_170k"
     assert (res / "checkpoint.pt").is_file() and not (res / "final.json").exists()
     # a fresh machine: the work folder is gone and is restored from results/
     shutil.rmtree(campaign.WORK / "cifar10_resnet18_170k")
-    after = run_campaign(spec, 600.0, results=results)
+    after = run_campaign(spec, 600.0, results=results, code="tree")
     assert [s["finished"] for s in after] == [True, True]
     assert [s["epochs_done"] for s in after] == [1, 1]
     chunks = json.loads((res / "provenance.json").read_text())["chunks"]
@@ -45,7 +45,7 @@ def test_budget_chunks_resume_and_finish_every_run(tiny_campaign):
     assert final["final_epoch"] == 0 and not final["stopped_early"]
     assert "restored" in (campaign.WORK / "tiny.log").read_text()
     # a third call has nothing left to do
-    assert [s["finished"] for s in run_campaign(spec, 600.0, results=results)] == [True, True]
+    assert [s["finished"] for s in run_campaign(spec, 600.0, results=results, code="tree")] == [True, True]
 
 
 def test_status_command_and_bad_input(tiny_campaign, capsys):
@@ -66,3 +66,23 @@ def test_shipped_campaign_is_table1_with_the_paper_protocol():
     assert spec.runs[:2] == ("cifar10_resnet18_170k", "cifar10_mdeq_small")
     assert spec.variant == "paper" and not spec.overrides and spec.limit_train is None
     assert spec.data_options["source"] == "jpeg_q75" and spec.workers == 0
+
+
+def test_chunks_run_the_last_commit_from_a_worktree(tiny_campaign):
+    """code="head": the child imports the committed code, so edits to the working tree cannot reach a run."""
+    import subprocess
+    import sys
+
+    from mdeq import paths
+
+    tree, sha = campaign.code_worktree()
+    try:
+        assert sha == subprocess.run(["git", "rev-parse", "HEAD"], cwd=paths.ROOT, capture_output=True,
+                                     text=True, check=True).stdout.strip()
+        out = subprocess.run([sys.executable, "-c", "import mdeq; print(mdeq.__file__)"], cwd=tree,
+                             capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"})
+        assert out.stdout.strip().startswith(str(tree))
+        cmd = train_command(tiny_campaign[0], "cifar10_node", stop_at=None, absolute=True)
+        assert all(not a.startswith("runs/") for a in cmd) and cmd[cmd.index("--out") + 1].startswith("/")
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=paths.ROOT, check=False)
