@@ -10,8 +10,11 @@ run resumes bit for bit. Everything stored is plain data or tensors, so ``torch.
 """
 from __future__ import annotations
 
+import errno
 import os
+import pickle
 import random
+import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -24,10 +27,16 @@ from torch import nn
 
 from mdeq import paths
 
-__all__ = ["save_checkpoint", "load_checkpoint", "capture_rng_state", "restore_rng_state", "unwrap_model",
-           "git_commit", "git_dirty", "LoadReport", "load_matching_state", "load_pretrained"]
+__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "TEMP_PATTERN", "capture_rng_state",
+           "restore_rng_state", "unwrap_model", "git_commit", "git_dirty", "LoadReport", "load_matching_state",
+           "load_pretrained"]
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel/DataParallel, torch.compile
+TEMP_PATTERN = ".{name}.*.tmp"  # save_checkpoint's temporary files, e.g. .checkpoint.pt.k3j9x1.tmp
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read back (truncated, corrupted, or not written by ``save_checkpoint``)."""
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -112,11 +121,15 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        io_error = isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "inline_container" in str(exc))
+        error = _write_error(path, exc) if io_error else None  # torch.save on a full disk: "unexpected pos 704 vs 598"
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if error is not None:
+            raise error from exc
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -129,12 +142,36 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> Path:
     return path
 
 
+def _write_error(path: Path, exc: BaseException) -> OSError:
+    """An OSError that names the checkpoint and says whether its disk is full (torch's own message does not)."""
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    code = getattr(exc, "errno", None)
+    full = code == errno.ENOSPC or (free is not None and free < 16 << 20)
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    room = "" if free is None else f"; {free / 2**20:.1f} MiB were free"
+    what = "no space left on device" if full else "the write failed"
+    return OSError(errno.ENOSPC if full else (code or errno.EIO),
+                   f"could not write the checkpoint {path}: {what} ({detail}{room}); the previous checkpoint, "
+                   f"if any, is unchanged")
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by ``save_checkpoint`` (``weights_only=True``: plain data and tensors only)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except PermissionError:
+        raise
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as exc:  # a cut file: EINVAL too
+        detail = str(exc).splitlines()[0].split(". ")[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path} ({path.stat().st_size} bytes) is not a readable checkpoint ({detail}): it "
+                              f"is truncated or corrupted; restore a good copy, or move it away to start the run "
+                              f"again") from exc
 
 
 # ----------------------------------------------------------------------------------------------

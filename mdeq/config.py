@@ -336,6 +336,13 @@ def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     return plain(dataclasses.asdict(cfg))
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: what went wrong and where (line and column, 1-based)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return problem if mark is None else f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+
+
 def _parse_overrides(overrides: Mapping[str, Any] | Sequence[str] | None) -> list[tuple[list[str], Any]]:
     if overrides is None:
         return []
@@ -354,7 +361,10 @@ def _parse_overrides(overrides: Mapping[str, Any] | Sequence[str] | None) -> lis
             if not isinstance(text, str) or "=" not in text:
                 raise ConfigError(f"an override must look like 'section.key=value', got {text!r}")
             key, value = text.split("=", 1)
-            items.append((key.strip(), yaml.safe_load(value)))
+            try:
+                items.append((key.strip(), yaml.safe_load(value)))
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"override {text!r}: the value is not valid YAML ({_yaml_problem(exc)})") from None
     else:
         raise ConfigError("overrides must be a dict or a list of 'section.key=value' strings, "
                           f"got {type(overrides).__name__}")
@@ -402,7 +412,10 @@ def load_config(name_or_path: str | Path,
     """
     path = _resolve_path(name_or_path)
     with open(path) as fh:
-        raw = yaml.safe_load(fh) or {}
+        try:
+            raw = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping at the top level")
     for key_path, value in _parse_overrides(overrides):

@@ -44,6 +44,13 @@ and at each epoch's end) and ``final.json``. ``--resume`` continues from ``check
 the RNG states, the sampler's epoch and the number of batches already consumed are restored, so with
 ``workers=0`` on a CPU a killed and resumed run ends bit-identical to an uninterrupted one.
 
+A run folder has one writer: ``<out>/.lock`` is held (``flock``, released by the OS when the process
+dies) from before anything is read until the end. A start without ``--resume`` in a folder holding a
+run's files is refused, and a resume must match the checkpoint in everything that shapes the schedule
+and the data (config, limits, processes). A diverging run stops before its checkpoint is overwritten
+(``_DivergenceGuard``). ``python -m mdeq.train`` ends every error in one line (exit code 2 for bad
+input, 1 for a fault; ``--traceback`` or ``MDEQ_TRACEBACK=1`` shows the stack).
+
     python -m mdeq.train --config cifar10_tiny_smoke --data-root data/synthetic_cifar10 --synthetic \\
         --out runs/smoke --set train.epochs=2 --limit-train 256
 """
@@ -63,6 +70,7 @@ import shlex
 import socket
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -74,18 +82,21 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from mdeq import distributed, paths
-from mdeq.checkpoint import (capture_rng_state, git_commit, git_dirty, load_checkpoint, load_pretrained,
-                             restore_rng_state, save_checkpoint, unwrap_model)
+from mdeq.checkpoint import (TEMP_PATTERN, CheckpointError, capture_rng_state, git_commit, git_dirty,
+                             load_checkpoint, load_pretrained, restore_rng_state, save_checkpoint, unwrap_model)
 from mdeq.config import ConfigError, ExperimentConfig, TrainConfig, config_to_dict, load_config
 from mdeq.distributed import DistInfo, log
 from mdeq.metrics import ConfusionMatrix, MetricLogger, PeakMemory, SmoothedValue, topk_correct
 
 __all__ = ["RunOptions", "TrainState", "main", "cli", "train_one_epoch", "evaluate", "train_step",
            "build_optimizer", "build_scheduler", "build_criterion", "set_phase", "solver_stats", "ResumableSampler",
-           "EPOCH_COLUMNS"]
+           "EPOCH_COLUMNS", "RUN_FILES", "LOCK_NAME", "RunFolderInUse", "DivergenceError"]
 
 IGNORE_INDEX = 255  # the Cityscapes void label (mdeq.data.IGNORE_INDEX)
 CHECKPOINT_NAME = "checkpoint.pt"
+RUN_FILES = (CHECKPOINT_NAME, "steps.jsonl", "metrics.csv", "final.json", "provenance.json")  # a run's own files
+LOCK_NAME = ".lock"  # in the run folder; like train.log (which mdeq.campaign writes), not a run file
+TRACEBACK_ENV = "MDEQ_TRACEBACK"  # set to 1: python -m mdeq.train prints the stack with an error
 EPOCH_COLUMNS = (
     "epoch", "step", "phase", "train_loss", "train_acc", "eval_top1", "eval_top5", "eval_miou",
     "eval_pixel_acc", "eval_loss", "lr", "nfe_forward", "nfe_backward", "rel_residual_forward",
@@ -111,6 +122,9 @@ class RunOptions:
     threads: ``torch.set_num_threads`` for the run. progress: tqdm bar (None: when stderr is a terminal).
     stop_at: a wall-clock time (``time.time()``) by which the run writes a checkpoint and exits, without
     starting a step or an evaluation that would not end in time (chunked training, ``mdeq.campaign``).
+    divergence_factor / max_param_abs: the run stops as diverged when a step's loss exceeds this many
+    times its reference loss, or a parameter this magnitude (None: no such check; a non-finite loss or
+    parameter always stops it); see ``_DivergenceGuard``.
     """
 
     out_dir: str | Path
@@ -134,6 +148,8 @@ class RunOptions:
     find_unused_parameters: bool = False
     command: str | None = None
     stop_at: float | None = None
+    divergence_factor: float | None = 100.0
+    max_param_abs: float | None = 1e6
 
     def __post_init__(self) -> None:
         if self.amp_dtype not in ("auto", "float16", "bfloat16"):
@@ -147,6 +163,10 @@ class RunOptions:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be None or >= 1, got {v}")
+        for name in ("divergence_factor", "max_param_abs"):
+            v = getattr(self, name)
+            if v is not None and not (v > 1 and math.isfinite(v)):
+                raise ValueError(f"{name} must be None or a finite number > 1, got {v}")
 
 
 @dataclass
@@ -160,6 +180,66 @@ class TrainState:
     last_eval: dict | None = None  # the latest evaluation (the final figure once training is over)
     meters: dict = field(default_factory=dict)  # {name: (count, total)} of the epoch in progress
     stopped: str | None = None  # why this process stopped before the run's end ("stop_at", "SIGTERM")
+    loss_reference: tuple = (0, 0.0)  # (count, sum) of the run's first losses (_DivergenceGuard)
+    checkpoint_step: int | None = None  # the global step of the checkpoint on disk, if any
+
+
+class RunFolderInUse(RuntimeError):
+    """Another process holds the run folder's lock: two writers would interleave or delete each other's records."""
+
+
+class DivergenceError(FloatingPointError):
+    """Training diverged (loss or parameters far beyond a healthy run's); the last checkpoint is kept."""
+
+
+class _DivergenceGuard:
+    """Stops a diverging run before diverged weights overwrite the last good checkpoint.
+
+    Why: a non-finite loss was the only check, so Adam at lr 1e6 trained to the end at a loss of 1e6 with
+    weights of 6e29. The bounds are far from any healthy run: a step's loss above ``factor`` times the
+    run's reference loss (the mean of its first ``REFERENCE_STEPS`` losses, and at least ln(num_classes),
+    the loss of a uniform prediction), or a parameter above ``max_param_abs`` in magnitude or not finite.
+    The loss is checked every step, the parameters on logged steps, before an evaluation and before
+    every checkpoint.
+    """
+
+    REFERENCE_STEPS = 20
+
+    def __init__(self, factor: float | None, max_param_abs: float | None, num_classes: int, ckpt_path: Path):
+        self.factor, self.max_param_abs, self.ckpt_path = factor, max_param_abs, ckpt_path
+        self.floor = math.log(max(2, num_classes))
+
+    def reference(self, state: TrainState) -> float:
+        n, total = state.loss_reference
+        return max(total / n if n else 0.0, self.floor)
+
+    def check_loss(self, loss: float, state: TrainState) -> None:
+        """Call with each finite training loss, before the step is counted."""
+        ref = self.reference(state)
+        if self.factor is not None and loss > self.factor * ref:
+            raise DivergenceError(
+                f"training diverged at step {state.global_step + 1} (epoch {state.epoch}): loss {loss:.4g} is more "
+                f"than {self.factor:g}x the run's reference loss {ref:.4g}; {self.kept(state)}; lower train.lr, "
+                f"or pass --divergence-factor with a larger bound")
+        n, total = state.loss_reference
+        if n < self.REFERENCE_STEPS:
+            state.loss_reference = (n + 1, total + loss)
+
+    def check_parameters(self, model: nn.Module, state: TrainState) -> None:
+        peaks = [p.detach().abs().max().float() for p in model.parameters() if p.numel()]
+        if not peaks:
+            return
+        peak = torch.stack(peaks).max().item()
+        if not math.isfinite(peak) or (self.max_param_abs is not None and peak > self.max_param_abs):
+            bound = "not finite" if not math.isfinite(peak) else f"above the bound {self.max_param_abs:g}"
+            raise DivergenceError(
+                f"training diverged by step {state.global_step} (epoch {state.epoch}): a parameter is {peak:.4g} "
+                f"({bound}); {self.kept(state)}; lower train.lr, or pass --max-param-abs with a larger bound")
+
+    def kept(self, state: TrainState) -> str:
+        if state.checkpoint_step is None:
+            return "no checkpoint was written"
+        return f"the checkpoint {self.ckpt_path} (step {state.checkpoint_step}) is kept"
 
 
 class _StopRule:
@@ -450,6 +530,7 @@ class _Context:
     iterations_per_epoch: int
     save: Any  # callable(state) -> None, writes the checkpoint (rank 0)
     stop: _StopRule = field(default_factory=lambda: _StopRule(None))
+    guard: _DivergenceGuard | None = None
 
 
 def _autocast(device: torch.device, options: RunOptions):
@@ -518,11 +599,16 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
         step_ms = 1000.0 * (time.perf_counter() - t0)
         ctx.stop.observe_step(step_ms / 1000.0)
         if not math.isfinite(loss_value):
+            kept = (ctx.guard.kept(state) if ctx.guard is not None
+                    else f"last checkpoint: {ctx.out_dir / CHECKPOINT_NAME}")
             raise FloatingPointError(f"non-finite training loss {loss_value} at step {state.global_step} "
-                                     f"(epoch {state.epoch}, phase {phase}); last checkpoint: "
-                                     f"{ctx.out_dir / CHECKPOINT_NAME}")
+                                     f"(epoch {state.epoch}, phase {phase}); {kept}")
+        if ctx.guard is not None:
+            ctx.guard.check_loss(loss_value, state)
         state.global_step += 1
         state.step_in_epoch += 1
+        if log_now and ctx.guard is not None:
+            ctx.guard.check_parameters(core, state)
         stats = solver_stats(core)
         acc = _batch_accuracy(logits, targets)
         meters.update(n=images.shape[0], loss=loss_value, acc=acc)
@@ -630,8 +716,19 @@ def evaluate(model: nn.Module, loader: DataLoader, *, num_classes: int, device: 
 # ----------------------------------------------------------------------------------------------
 # Logs.
 
+@contextlib.contextmanager
+def _writing(path: Path):
+    """Name the file in an OSError: a full disk says only "No space left on device"."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, f"could not write {path}: {exc.strerror or exc}") from exc
+        raise
+
+
 def _append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
-    with open(path, "a") as fh:
+    with _writing(path), open(path, "a") as fh:
         fh.write(json.dumps(_plain(record)) + "\n")
 
 
@@ -649,7 +746,7 @@ def _plain(x):
 
 def _append_csv(path: Path, record: Mapping[str, Any], columns: Sequence[str]) -> None:
     new = not path.exists() or path.stat().st_size == 0
-    with open(path, "a", newline="") as fh:
+    with _writing(path), open(path, "a", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
         if new:
             writer.writeheader()
@@ -675,18 +772,92 @@ def _trim_logs(out_dir: Path, epoch: int, global_step: int) -> None:
         with open(metrics, newline="") as fh:
             rows = list(csv.DictReader(fh))
         rows = [r for r in rows if r.get("epoch") not in (None, "") and int(r["epoch"]) < epoch]
-        tmp = metrics.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(EPOCH_COLUMNS), extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, metrics)
+        tmp = _temp_name(metrics)
+        try:
+            with _writing(metrics), open(tmp, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(EPOCH_COLUMNS), extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
+            os.replace(tmp, metrics)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write to ``.<name>.tmp`` and rename; a failed write (a full disk) leaves neither a partial file nor the temp."""
+    tmp = _temp_name(path)
+    try:
+        with _writing(path):
+            tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _sweep_temp_files(out_dir: Path) -> list[str]:
+    """Remove the temporary files a killed or failed writer left (the folder is locked, so none is live)."""
+    stale = [_temp_name(out_dir / name) for name in RUN_FILES]
+    stale += [p for name in RUN_FILES for p in out_dir.glob(TEMP_PATTERN.format(name=name))]
+    stale.append(out_dir / "metrics.csv.tmp")  # the name _trim_logs used before
+    removed = []
+    for path in stale:
+        if path.is_file():
+            path.unlink()
+            removed.append(path.name)
+    return sorted(removed)
+
+
+@contextlib.contextmanager
+def _run_folder_lock(out_dir: Path):
+    """One writer per run folder: an exclusive ``flock`` on ``<out>/.lock`` that names its holder.
+
+    The OS releases the lock when the process ends, however it ends, so a killed run never blocks its
+    own resume; the file itself stays (removing it would let two processes lock two different files).
+    """
+    import fcntl
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / LOCK_NAME
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown (it has not written its pid yet)"
+        fh.close()
+        raise RunFolderInUse(f"{out_dir} is in use: process {holder} holds {path}; wait for that run to end "
+                             f"(or stop it), or choose another output folder") from None
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        yield
+    finally:
+        fh.close()  # releases the lock
+
+
+def _resume_hint(options: RunOptions) -> str:
+    """The command that continues this run: the same one, with ``--resume`` and without ``--stop-at``."""
+    if options.command is None or not options.command.startswith("python -m mdeq.train "):
+        return "the same command with --resume (RunOptions.resume=True)"
+    argv = shlex.split(options.command)
+    out = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--stop-at":
+            skip = True
+        elif not arg.startswith("--stop-at="):
+            out.append(arg)
+    return shlex.join(out if "--resume" in out else [*out, "--resume"])
 
 
 def _hardware(device: torch.device, dist_info: DistInfo) -> dict[str, Any]:
@@ -778,6 +949,32 @@ def _config_diff(a: Mapping, b: Mapping, prefix: str = "") -> list[str]:
     return out
 
 
+def _run_shape(options: RunOptions, world: int, train_set, eval_set, iterations_per_epoch: int,
+               source_label: str) -> dict[str, Any]:
+    """What shapes the schedule and the data besides the config; a resumed run must match it."""
+    return {"limit_train": options.limit_train, "limit_eval": options.limit_eval, "world_size": world,
+            "train_samples": len(train_set), "eval_samples": len(eval_set),
+            "iterations_per_epoch": iterations_per_epoch, "data_source_label": source_label,
+            "data_options": _plain(dict(options.data_options))}
+
+
+def _shape_diff(ckpt: Mapping[str, Any], shape: Mapping[str, Any], scheduler) -> list[str]:
+    """How this run's schedule and data differ from the checkpoint's (checkpoints without "run": what they hold)."""
+    names = {"limit_train": "--limit-train", "limit_eval": "--limit-eval", "world_size": "processes",
+             "train_samples": "training samples", "eval_samples": "evaluation samples",
+             "iterations_per_epoch": "iterations per epoch", "data_source_label": "data",
+             "data_options": "--data-option"}
+    saved = dict(ckpt.get("run") or {})
+    saved.setdefault("world_size", ckpt.get("world_size", len(ckpt.get("rng") or [None])))
+    out = [f"{names.get(k, k)}: checkpoint {saved[k]!r} vs now {shape[k]!r}"
+           for k in shape if k in saved and saved[k] != shape[k]]
+    t_max = (ckpt.get("scheduler") or {}).get("T_max")
+    if t_max is not None and t_max != scheduler.T_max:
+        out.append(f"cosine schedule length (iterations per epoch x train.epochs): checkpoint {t_max} vs now "
+                   f"{scheduler.T_max}")
+    return out
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -813,14 +1010,28 @@ def main(cfg: ExperimentConfig, options: RunOptions) -> dict[str, Any]:
 
 
 def _main(cfg: ExperimentConfig, options: RunOptions, dist_info: DistInfo, device: torch.device) -> dict:
+    """``_run`` holding the run folder's lock (rank 0 writes every file, so rank 0 holds it)."""
     out_dir = Path(options.out_dir)
+    if not dist_info.is_main:
+        return _run(cfg, options, dist_info, device, out_dir)
+    with _run_folder_lock(out_dir):
+        swept = _sweep_temp_files(out_dir)
+        if swept:
+            log(f"removed temporary files an earlier writer left in {out_dir}: {', '.join(swept)}")
+        return _run(cfg, options, dist_info, device, out_dir)
+
+
+def _run(cfg: ExperimentConfig, options: RunOptions, dist_info: DistInfo, device: torch.device,
+         out_dir: Path) -> dict:
     ckpt_path = out_dir / CHECKPOINT_NAME
+    found = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if found and not options.resume:
+        raise FileExistsError(f"{out_dir} already holds a run ({', '.join(found)}): pass --resume "
+                              f"(RunOptions.resume=True) to continue it, or choose another output folder")
     resuming = options.resume and ckpt_path.is_file()
-    if not options.resume and ckpt_path.is_file():
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume (RunOptions.resume=True) to continue that run, "
-                              f"or choose another output folder")
     if options.resume and not resuming:
-        log(f"--resume: no checkpoint at {ckpt_path}, starting a new run")
+        log(f"--resume: no checkpoint at {ckpt_path}, starting a new run"
+            + (f" (its {', '.join(found)} are replaced)" if found else ""))
     world, rank = dist_info.world_size, dist_info.rank
     batch = _per_rank(cfg.data.batch_size, world, "data.batch_size", exact=True)
     eval_batch = _per_rank(cfg.data.eval_batch_size, world, "data.eval_batch_size", exact=False)
@@ -861,7 +1072,11 @@ def _main(cfg: ExperimentConfig, options: RunOptions, dist_info: DistInfo, devic
     eval_name = ("CIFAR-10 test set (the released code's 'val')" if cfg.data.dataset == "cifar10"
                  else f"{cfg.data.dataset} val")
 
+    guard = _DivergenceGuard(options.divergence_factor, options.max_param_abs, cfg.data.num_classes, ckpt_path)
+    shape = _run_shape(options, world, train_set, eval_set, iterations_per_epoch, source_label)
+
     def save(st: TrainState) -> None:
+        guard.check_parameters(core, st)  # never overwrite the last good checkpoint with diverged weights
         rng = capture_rng_state()
         all_rng = [rng]
         if world > 1:
@@ -876,7 +1091,9 @@ def _main(cfg: ExperimentConfig, options: RunOptions, dist_info: DistInfo, devic
                 "sampler": {"seed": sampler.seed, "epoch": st.epoch, "skip": st.step_in_epoch * batch},
                 "config": config_to_dict(cfg), "baseline": options.baseline, "world_size": world,
                 "git_commit": git_commit(), "torch": str(torch.__version__),
+                "loss_reference": list(st.loss_reference), "run": shape,
             })
+        st.checkpoint_step = st.global_step
         distributed.barrier()
 
     if resuming:
@@ -887,22 +1104,20 @@ def _main(cfg: ExperimentConfig, options: RunOptions, dist_info: DistInfo, devic
         diff = _config_diff(saved, now)
         if ckpt.get("baseline") != options.baseline:
             diff.append(f"baseline: checkpoint {ckpt.get('baseline')!r} vs now {options.baseline!r}")
+        diff += _shape_diff(ckpt, shape, scheduler)
         if diff:
-            raise ConfigError(f"{ckpt_path} was written for another experiment ({'; '.join(diff)}); "
-                              f"resume with the same config, or start a new run in another folder")
+            raise ConfigError(f"{ckpt_path} was written for another run ({'; '.join(diff)}); resume with the "
+                              f"same config and options, or start a new run in another folder")
         core.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         state = TrainState(epoch=ckpt["epoch"], step_in_epoch=ckpt["step_in_epoch"], global_step=ckpt["global_step"],
                            best=ckpt.get("best"), last_eval=ckpt.get("last_eval"),
-                           meters=dict(ckpt.get("meters") or {}))
-        rngs = ckpt["rng"]
-        if len(rngs) == world:
-            restore_rng_state(rngs[rank])
-        else:
-            log(f"the checkpoint was written by {len(rngs)} processes, this run has {world}: RNG streams are reseeded")
-            _seed_all(cfg.train.seed + 1 + rank + 7919 * state.global_step)
+                           meters=dict(ckpt.get("meters") or {}),
+                           loss_reference=tuple(ckpt.get("loss_reference") or (0, 0.0)),
+                           checkpoint_step=ckpt["global_step"])
+        restore_rng_state(ckpt["rng"][rank])  # _shape_diff: written by as many processes
         if dist_info.is_main:
             _trim_logs(out_dir, state.epoch, state.global_step)
             prov_path = out_dir / "provenance.json"
@@ -929,7 +1144,7 @@ def _main(cfg: ExperimentConfig, options: RunOptions, dist_info: DistInfo, devic
     memory = PeakMemory(device)
     stop = _StopRule(options.stop_at)
     ctx = _Context(cfg, options, out_dir, device, dist_info, autocast, scaler, memory, iterations_per_epoch, save,
-                   stop)
+                   stop, guard)
     metric = "miou" if cfg.model.head == "segmentation" else "top1"
     try:
         with stop.signals(enabled=world == 1):
@@ -937,7 +1152,8 @@ def _main(cfg: ExperimentConfig, options: RunOptions, dist_info: DistInfo, devic
                                   state, ctx, batch, metric, eval_name, source_label)
     except BaseException as err:
         if dist_info.is_main:
-            _chunk_end(out_dir, state, f"error: {type(err).__name__}: {err}"[:300])
+            with contextlib.suppress(OSError, ValueError):  # a full disk: the error itself matters more
+                _chunk_end(out_dir, state, f"error: {type(err).__name__}: {err}"[:300])
         raise
     if dist_info.is_main:
         _chunk_end(out_dir, state, state.stopped or ("finished" if state.epoch >= cfg.train.epochs else "max_steps"))
@@ -973,13 +1189,16 @@ def _train_epochs(model, core, criterion, optimizer, scheduler, sampler, train_s
                 ctx.save(state)
         if state.stopped is not None:
             log(f"stopped ({state.stopped}) at step {state.global_step}, epoch {state.epoch} batch "
-                f"{state.step_in_epoch}/{iterations_per_epoch}; checkpoint written, continue with --resume")
+                f"{state.step_in_epoch}/{iterations_per_epoch}; checkpoint {out_dir / CHECKPOINT_NAME} written; "
+                f"to continue: {_resume_hint(options)}")
             break
         peak = memory.peak_mb()
         partial = state.step_in_epoch < iterations_per_epoch
         phase_end = _phase_at(core, cfg, max(state.global_step - 1, 0))
         phase = phase_start if phase_start == phase_end else f"{phase_start}->{phase_end}"
         meters.synchronize_between_processes(device, names=_STEP_METERS)
+        if ctx.guard is not None:
+            ctx.guard.check_parameters(core, state)  # diverged weights are not worth an evaluation
         t_eval = time.perf_counter()
         last_eval = evaluate(model, eval_loader, num_classes=cfg.data.num_classes, device=device,
                              criterion=criterion, autocast=autocast, equilibrium=cfg.solver.grad != "unrolled")
@@ -1101,6 +1320,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-at", type=float, default=None, metavar="UNIX_TIME",
                    help="checkpoint and exit before a step or evaluation that would end after this time "
                         "(seconds since the epoch, as `date +%%s` prints)")
+    p.add_argument("--divergence-factor", type=float, default=100.0, metavar="F",
+                   help="stop as diverged when a step's loss exceeds F times the run's first losses (0: no check)")
+    p.add_argument("--max-param-abs", type=float, default=1e6, metavar="X",
+                   help="stop as diverged when a parameter exceeds X in magnitude (0: only non-finite ones)")
+    p.add_argument("--traceback", action="store_true",
+                   help=f"print the stack with an error (or set {TRACEBACK_ENV}=1)")
     return p
 
 
@@ -1112,16 +1337,46 @@ def _parse_kv(items: Sequence[str]) -> dict[str, Any]:
         if "=" not in text:
             raise ValueError(f"--data-option must look like KEY=VALUE, got {text!r}")
         k, v = text.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--data-option {text!r}: the value is not valid YAML "
+                             f"({getattr(exc, 'problem', None) or exc})") from None
     return out
 
 
-def cli(argv: Sequence[str] | None = None) -> int:
-    """``python -m mdeq.train``: parse, run ``main``; known user errors print one line and return 2."""
-    from mdeq.data import DatasetNotFoundError
+def _is_input_error(err: BaseException) -> bool:
+    """Bad input (exit code 2): the config, the options, the data, the run folder; anything else is a fault (1)."""
+    from mdeq.data import DatasetIntegrityError
 
+    return isinstance(err, (ValueError, FileExistsError, FileNotFoundError, DatasetIntegrityError, CheckpointError,
+                            RunFolderInUse))
+
+
+def _one_line(err: BaseException) -> str:
+    """The error as one line: its own summary, a DataLoader worker's original error, or the first line."""
+    text = (getattr(err, "summary", None) or str(err)).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return type(err).__name__
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: its error is the last line
+        name, sep, rest = lines[-1].partition(": ")
+        return rest if sep and " " not in name else lines[-1]
+    return lines[0] + (" [...]" if len(lines) > 1 else "")
+
+
+def _error_line(err: BaseException) -> str:
+    line = _one_line(err)
+    if _is_input_error(err) or isinstance(err, (FloatingPointError, OSError)):
+        return f"error: {line}"
+    return f"error: {type(err).__name__}: {line} (--traceback or {TRACEBACK_ENV}=1 shows where)"
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    """``python -m mdeq.train``: parse, run ``main``; every error is one line, exit code 2 (bad input) or 1 (fault)."""
     args = _parser().parse_args(argv)
     argv_list = list(sys.argv[1:] if argv is None else argv)
+    show_stack = args.traceback or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
     try:  # what the user typed: a bad config key, baseline or option is one line, not a traceback
         cfg = load_config(args.config, args.overrides)
         _check_baseline(args.baseline)
@@ -1132,15 +1387,20 @@ def cli(argv: Sequence[str] | None = None) -> int:
             limit_train=args.limit_train, limit_eval=args.limit_eval, data_options=_parse_kv(args.data_options),
             deterministic=args.deterministic, threads=args.threads, progress=False if args.no_progress else None,
             find_unused_parameters=args.find_unused_parameters, stop_at=args.stop_at,
+            divergence_factor=args.divergence_factor or None, max_param_abs=args.max_param_abs or None,
             command=shlex.join(["python", "-m", "mdeq.train", *argv_list]))
-    except ValueError as err:  # ConfigError is a ValueError
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    try:
         main(cfg, options)
-    except (ConfigError, DatasetNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        if show_stack:
+            traceback.print_exc()
+        print(f"error: interrupted; {Path(args.out) / CHECKPOINT_NAME}, if there, is the last checkpoint: continue "
+              f"with --resume", file=sys.stderr, flush=True)
+        return 130
+    except Exception as err:  # noqa: BLE001 (every error ends in one line; --traceback shows the stack)
+        if show_stack:
+            traceback.print_exc()
+        print(_error_line(err), file=sys.stderr, flush=True)
+        return 2 if _is_input_error(err) else 1
     return 0
 
 

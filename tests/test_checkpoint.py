@@ -30,6 +30,27 @@ def test_save_is_atomic_when_the_write_fails(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left behind
 
 
+def test_a_failed_write_names_the_checkpoint_and_a_truncated_file_is_a_clear_error(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"step": 1, "w": torch.arange(1000)})
+
+    def full_disk(obj, fh):  # what torch.save raises when the disk fills
+        fh.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", full_disk)
+    with pytest.raises(OSError, match=f"could not write the checkpoint {path}: .*unexpected pos 704 vs 598"):
+        save_checkpoint(path, {"step": 2})
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"] and load_checkpoint(path)["step"] == 1
+    data = path.read_bytes()
+    for cut in (data[:len(data) // 2], data[:5000], b""):
+        path.write_bytes(cut)
+        with pytest.raises(ckpt_mod.CheckpointError, match=f"{path} \\({len(cut)} bytes\\) is not a readable "
+                                                           f"checkpoint .*truncated or corrupted"):
+            load_checkpoint(path)
+
+
 def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     np.random.standard_normal()  # leaves a cached gaussian in numpy's state

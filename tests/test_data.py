@@ -212,7 +212,8 @@ def test_real_jpeg_npz_matches_the_exact_subset():
 
 
 def test_imagenet_synthetic_imagefolder(synthetic_root):
-    sets = build_datasets("imagenet", synthetic_root / "imagenet", image_size=48)
+    with pytest.warns(UserWarning, match="996 of the 1000 ILSVRC-2012 class folders are missing"):
+        sets = build_datasets("imagenet", synthetic_root / "imagenet", image_size=48, allow_missing_classes=True)
     train, val = sets["train"], sets["val"]
     assert train.classes == val.classes and train.num_classes == 4 and train.classes[0] == "n01440764"
     assert (len(train), len(val)) == (32, 12) and "synthetic" in val.source_label
@@ -235,6 +236,67 @@ def test_imagenet_wrong_layout(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="loose images.*sorted into class folders") as info:
         build_dataset("imagenet", tmp_path, "val")
     assert "val/<wnid>/*.JPEG" in str(info.value)
+
+
+def _imagenet_folder(root: Path, wnids, n: int = 2, size=(8, 8)) -> None:
+    for split in ("train", "val"):
+        for wnid in wnids:
+            (root / split / wnid).mkdir(parents=True, exist_ok=True)
+            for k in range(n):
+                Image.new("RGB", size, (40 * k, 80, 120)).save(root / split / wnid / f"{wnid}_{k}.JPEG")
+
+
+def test_imagenet_labels_are_the_standard_index_whatever_folders_are_present(tmp_path):
+    from mdeq.data.imagenet import standard_wnids
+
+    wnids = standard_wnids()
+    assert len(wnids) == 1000 and wnids[0] == "n01440764" and list(wnids) == sorted(wnids)
+    present = [wnids[1], wnids[9], wnids[999]]
+    _imagenet_folder(tmp_path, present)
+    with pytest.raises(DatasetNotFoundError, match=r"has 3 of the 1000 ILSVRC-2012 class folders \(missing "
+                                                   r"n01440764, n01484850, .* and 992 more\).*allow_missing_classes"):
+        build_dataset("imagenet", tmp_path, "train")
+    with pytest.warns(UserWarning, match="997 of the 1000 ILSVRC-2012 class folders are missing; reading 3 classes"):
+        train = build_dataset("imagenet", tmp_path, "train", allow_missing_classes=True, image_size=8)
+    assert train.class_to_idx == {wnids[1]: 1, wnids[9]: 9, wnids[999]: 999} and train.num_classes == 1000
+    assert sorted(set(train.targets)) == [1, 9, 999] and train[len(train) - 1][1] == 999  # not 0..2
+
+    (tmp_path / "train" / "cats").mkdir()
+    with pytest.raises(DatasetNotFoundError, match=r"1 folders that are not ILSVRC-2012 synsets \(cats\)"):
+        build_dataset("imagenet", tmp_path, "train", allow_missing_classes=True)
+    (tmp_path / "train" / "cats").rmdir()
+    for wnid in wnids[100:130]:
+        (tmp_path / "train" / wnid).mkdir()
+    with pytest.raises(DatasetNotFoundError) as info:
+        build_dataset("imagenet", tmp_path, "train", allow_missing_classes=True)
+    problem = info.value.problem
+    assert problem.startswith("30 of the 33 class folders in") and "hold no image (.jpeg, .jpg, .png)" in problem
+    assert f"{', '.join(wnids[100:105])} and 25 more" in problem and len(problem) < 300
+
+
+def test_truncated_images_are_errors_that_name_the_file(tmp_path, synthetic_root):
+    import shutil
+
+    from mdeq.train import _one_line
+
+    _imagenet_folder(tmp_path / "inet", ["n01440764"], n=1, size=(64, 64))
+    jpeg = tmp_path / "inet" / "train" / "n01440764" / "n01440764_0.JPEG"
+    noise = np.random.default_rng(0).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(jpeg, format="JPEG")
+    jpeg.write_bytes(jpeg.read_bytes()[:-300])  # cut short, as by an interrupted copy
+    with pytest.warns(UserWarning, match="999 of the 1000"):
+        train = build_dataset("imagenet", tmp_path / "inet", "train", allow_missing_classes=True, image_size=8)
+    with pytest.raises(DatasetIntegrityError, match=f"{jpeg}: unreadable image \\(image file is truncated"):
+        train[0]
+    with pytest.raises(DatasetIntegrityError) as info:  # from a loader worker: the file is named too
+        next(iter(torch.utils.data.DataLoader(train, num_workers=1)))
+    assert _one_line(info.value).startswith(f"{jpeg}: unreadable image (image file is truncated")
+
+    shutil.copytree(synthetic_root / "cityscapes", tmp_path / "cs")
+    png = sorted((tmp_path / "cs" / "leftImg8bit" / "val").glob("*/*.png"))[0]
+    png.write_bytes(png.read_bytes()[: len(png.read_bytes()) // 2])
+    with pytest.raises(DatasetIntegrityError, match=f"{png}: unreadable image"):
+        build_dataset("cityscapes", tmp_path / "cs", "val").load(0)
 
 
 # ----------------------------------------------------------------------------- Cityscapes
@@ -358,6 +420,24 @@ def test_synthetic_cli_and_refusal_to_overwrite_real_data(tmp_path, capsys):
     (tmp_path / "real" / "leftImg8bit").mkdir(parents=True)
     with pytest.raises(FileExistsError, match="real data"):
         make_synthetic("cityscapes", tmp_path / "real")
+
+
+def test_cityscapes_label_ids_outside_the_table_are_an_error_naming_the_file(tmp_path, synthetic_root):
+    import shutil
+
+    shutil.copytree(synthetic_root / "cityscapes", tmp_path / "cs")
+    val = build_dataset("cityscapes", tmp_path / "cs", "val")
+    label_path = val.pairs[0][1]
+    ids = np.asarray(Image.open(label_path)).astype(np.uint16)
+    ids[:4, :4], ids[-1, -1] = 40, 1000  # a 16-bit labelIds PNG with values the table does not define
+    Image.fromarray(ids).save(label_path)
+    with pytest.raises(DatasetIntegrityError, match=f"{label_path}: label ids 40, 1000 are not in the Cityscapes "
+                                                    f"label table \\(0..33\\)"):
+        val.load(0)
+    with pytest.raises(ValueError, match="label ids must be in 0..33, got 34, 255"):
+        label_ids_to_train_ids(np.array([7, 34, 255]))
+    with pytest.raises(ValueError, match="label ids must be in 0..33"):
+        label_ids_to_train_ids(torch.tensor([7, 40]))
 
 
 def test_dataloader_batches(synthetic_root):

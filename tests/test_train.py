@@ -174,29 +174,49 @@ def test_chunks_stopped_before_a_step_and_before_an_evaluation_resume_bit_identi
     assert json.loads((out / "final.json").read_text())["final"] == full_final["final"]
 
 
-def test_sigterm_stops_at_a_checkpoint_with_exit_code_0(uninterrupted, cifar_root, tmp_path):
-    full_out, _ = uninterrupted
-    out = tmp_path / "run_term"
+def _env() -> dict:
     env = {**os.environ, "PYTHONPATH": str(paths.ROOT)}
     env.pop("RANK", None)
-    cmd = _command(cifar_root, out)
-    cmd[cmd.index("--checkpoint-every") + 1] = "1000"  # so the only checkpoint is the one SIGTERM writes
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    return env
+
+
+def _start_and_wait_for_steps(cmd, out: Path, n: int) -> subprocess.Popen:
+    """Start ``cmd`` and return once it has logged ``n`` steps (it holds the run folder's lock by then)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env())
     deadline = time.monotonic() + 120
-    while not (out / "steps.jsonl").exists() or len(_steps(out / "steps.jsonl")) < 3:
+    while not (out / "steps.jsonl").exists() or len(_steps(out / "steps.jsonl")) < n:
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"no steps logged: {proc.stdout.read().decode()[-2000:]}")
         time.sleep(0.005)
-    proc.send_signal(signal.SIGTERM)
+    return proc
+
+
+def _signal_stops_at_a_checkpoint(sig, uninterrupted, cifar_root, out: Path) -> None:
+    full_out, _ = uninterrupted
+    cmd = _command(cifar_root, out)
+    cmd[cmd.index("--checkpoint-every") + 1] = "1000"  # so the only checkpoint is the one the signal writes
+    proc = _start_and_wait_for_steps(cmd, out, 3)
+    proc.send_signal(sig)
     err, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, err.decode()[-2000:]
     stopped = load_checkpoint(out / "checkpoint.pt")
     assert stopped["global_step"] < 20 and not (out / "final.json").exists()
-    assert "SIGTERM: stopping at the next step" in err.decode()
+    text = err.decode()
+    assert f"{sig.name}: stopping at the next step" in text
+    assert f"stopped ({sig.name}) at step {stopped['global_step']}" in text
+    assert f"to continue: {' '.join(['python', '-m', 'mdeq.train', *cmd[3:], '--resume'])}" in text  # how to resume
     main(load_config("cifar10_tiny_smoke", SMOKE_SET),
          RunOptions(out_dir=out, data_root=cifar_root, resume=True, **SMOKE_OPTIONS))
     _assert_same_run(full_out, out)
+
+
+def test_sigterm_stops_at_a_checkpoint_with_exit_code_0(uninterrupted, cifar_root, tmp_path):
+    _signal_stops_at_a_checkpoint(signal.SIGTERM, uninterrupted, cifar_root, tmp_path / "run_term")
+
+
+def test_sigint_stops_at_a_checkpoint_with_exit_code_0(uninterrupted, cifar_root, tmp_path):
+    _signal_stops_at_a_checkpoint(signal.SIGINT, uninterrupted, cifar_root, tmp_path / "run_int")
 
 
 def test_max_steps_stops_mid_epoch_and_resume_continues(cifar_root, tmp_path):
@@ -382,3 +402,199 @@ def test_evaluate_keeps_an_unrolled_model_unrolled():
     evaluate(model, data, num_classes=10, device=torch.device("cpu"))
     assert model.last_info.mode != "unrolled" and len(calls) == model.last_info.forward.nfe
     assert model.deq.grad == "unrolled"  # restored afterwards
+
+
+# ----------------------------------------------------------------------------------------------
+# One writer per run folder, nothing replaced or mixed silently, every error one line.
+
+def test_a_second_process_on_a_run_folder_is_refused_with_the_holders_pid(cifar_root, tmp_path):
+    """Two real processes: while one trains, a second one (with or without --resume) exits 2 at once."""
+    out = tmp_path / "run"
+    cmd = _command(cifar_root, out)
+    cmd[cmd.index("--checkpoint-every") + 1] = "1000"  # the second one starts before any checkpoint exists
+    cmd[cmd.index("train.epochs=2")] = "train.epochs=50"  # long enough to still run when the others are done
+    first = _start_and_wait_for_steps(cmd, out, 1)
+    try:
+        others = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+                  for c in (cmd, [*cmd, "--resume"])]
+        results = [(p.wait(timeout=120), p.stderr.read().decode()) for p in others]
+        assert first.poll() is None  # the first one held the lock all along
+        for rc, err in results:
+            assert rc == 2, err
+            assert err.strip().count("\n") == 0 and err.startswith("error: ")
+            assert f"is in use: process {first.pid} on" in err and str(out / ".lock") in err
+    finally:
+        first.send_signal(signal.SIGTERM)
+        text, _ = first.communicate(timeout=120)
+    assert first.returncode == 0, text.decode()[-2000:]
+    steps = [s["step"] for s in _steps(out / "steps.jsonl")]
+    assert steps == list(range(1, len(steps) + 1))  # one writer: no duplicated or interleaved records
+    assert load_checkpoint(out / "checkpoint.pt")["global_step"] == steps[-1]
+
+
+def test_a_start_without_resume_refuses_a_folder_with_run_files_and_sweeps_stale_temp_files(cifar_root, tmp_path,
+                                                                                             capsys):
+    cfg = load_config("cifar10_tiny_smoke", ["train.epochs=1"])
+    opts = dict(data_root=cifar_root, limit_train=16, limit_eval=8, workers=0, threads=1, device="cpu",
+                progress=False, max_steps=1)
+    logs_only = tmp_path / "logs_only"  # a run killed before its first checkpoint
+    logs_only.mkdir()
+    (logs_only / "steps.jsonl").write_text('{"step": 1, "loss": 2.3}\n')
+    (logs_only / "train.log").write_text("earlier output\n")
+    with pytest.raises(FileExistsError, match=r"logs_only already holds a run \(steps.jsonl\): pass --resume"):
+        main(cfg, RunOptions(out_dir=logs_only, **opts))
+    assert (logs_only / "steps.jsonl").read_text() == '{"step": 1, "loss": 2.3}\n'  # not replaced
+
+    fresh = tmp_path / "fresh"  # what mdeq.campaign leaves before a run's first chunk, and stale temp files
+    fresh.mkdir()
+    (fresh / "train.log").write_text("campaign output\n")
+    (fresh / ".lock").write_text("12345 on elsewhere\n")
+    stale = [".checkpoint.pt.k3j9x1.tmp", ".steps.jsonl.tmp", ".provenance.json.tmp", "metrics.csv.tmp"]
+    for name in stale:
+        (fresh / name).write_bytes(b"partial")
+    capsys.readouterr()
+    main(cfg, RunOptions(out_dir=fresh, **opts))
+    assert f"removed temporary files an earlier writer left in {fresh}: {', '.join(sorted(stale))}" in \
+        capsys.readouterr().out
+    assert not any((fresh / name).exists() for name in stale)
+    assert {"checkpoint.pt", "steps.jsonl", "metrics.csv", "final.json", "train.log"} <= \
+        {p.name for p in fresh.iterdir()}
+
+
+def test_resume_refuses_another_limit_or_schedule_length(cifar_root, tmp_path):
+    from mdeq.checkpoint import save_checkpoint
+
+    cfg = load_config("cifar10_tiny_smoke", ["train.epochs=1", "train.pretrain_steps=1"])
+    opts = dict(out_dir=tmp_path, data_root=cifar_root, limit_eval=8, workers=0, threads=1, device="cpu",
+                progress=False, checkpoint_every=0)
+    main(cfg, RunOptions(max_steps=2, limit_train=32, **opts))
+    with pytest.raises(ConfigError, match=r"--limit-train: checkpoint 32 vs now 40.*iterations per epoch: "
+                                          r"checkpoint 4 vs now 5"):
+        main(cfg, RunOptions(resume=True, limit_train=40, **opts))
+    with pytest.raises(ConfigError, match="--limit-eval: checkpoint 8 vs now 4"):
+        main(cfg, RunOptions(resume=True, limit_train=32, **{**opts, "limit_eval": 4}))
+    # a checkpoint written before these checks (no "run" entry) is still checked by its schedule length
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    del ckpt["run"], ckpt["loss_reference"]
+    save_checkpoint(tmp_path / "checkpoint.pt", ckpt)
+    with pytest.raises(ConfigError, match="cosine schedule length .*: checkpoint 4 vs now 5"):
+        main(cfg, RunOptions(resume=True, limit_train=40, **opts))
+    final = main(cfg, RunOptions(resume=True, limit_train=32, **opts))  # and resumes with the same settings
+    assert final["global_step"] == 4 and load_checkpoint(tmp_path / "checkpoint.pt")["run"]["limit_train"] == 32
+
+
+def test_divergence_stops_before_the_good_checkpoint_is_overwritten(cifar_root, tmp_path, monkeypatch, capsys):
+    import mdeq.train as train_mod
+
+    real_step, calls = train_mod.train_step, [0]
+
+    def blow_up_at_step_5(model, *args, **kwargs):  # a fault injected after 4 healthy steps
+        out = real_step(model, *args, **kwargs)
+        calls[0] += 1
+        if calls[0] == 5:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(1e7)
+        return out
+
+    monkeypatch.setattr(train_mod, "train_step", blow_up_at_step_5)
+    cfg = load_config("cifar10_tiny_smoke", ["train.epochs=1"])
+    with pytest.raises(train_mod.DivergenceError, match=r"diverged by step 5 .*a parameter is .*above the bound "
+                                                        r"1e\+06.*checkpoint .*checkpoint.pt \(step 3\) is kept"):
+        main(cfg, RunOptions(out_dir=tmp_path / "a", data_root=cifar_root, limit_train=64, limit_eval=8, workers=0,
+                             threads=1, device="cpu", progress=False, checkpoint_every=3, log_every=1))
+    kept = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    assert kept["global_step"] == 3 and max(v.abs().max() for v in kept["model"].values()) < 100
+    monkeypatch.undo()
+
+    # --set train.lr=1e6 (Adam): a parameter of 1e6 after one step; without that bound, the loss check
+    base = ["--config", "cifar10_tiny_smoke", "--data-root", str(cifar_root), "--set", "train.epochs=1",
+            "train.lr=1e6", "--limit-train", "64", "--limit-eval", "8", "--workers", "0", "--threads", "1",
+            "--device", "cpu", "--no-progress", "--log-every", "1"]
+    assert cli([*base, "--out", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: training diverged by step 1") and "lower train.lr" in err
+    assert cli([*base, "--out", str(tmp_path / "c"), "--max-param-abs", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error: training diverged at step 2 (epoch 0): loss" in err
+    assert "more than 100x the run's reference loss" in err
+
+
+def test_every_user_error_is_one_line_with_exit_code_2(cifar_root, tmp_path, capsys):
+    import shutil
+
+    from mdeq import data as data_mod
+
+    base = ["--config", "cifar10_tiny_smoke", "--set", "train.epochs=1", "--data-root", str(cifar_root),
+            "--limit-train", "16", "--limit-eval", "8", "--workers", "0", "--threads", "1", "--device", "cpu",
+            "--no-progress"]
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("name: x\nmodel:\n  num_channels: [8, 8\n  num_groups: 2\n")
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(cifar_root, corrupt)
+    batch = corrupt / "cifar-10-batches-py" / "data_batch_1"
+    batch.write_bytes(batch.read_bytes()[:-100])  # a truncated pickle: its md5 no longer matches
+    assert cli([*base, "--out", str(tmp_path / "ok"), "--max-steps", "1"]) == 0
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "ok", broken)
+    (broken / "checkpoint.pt").write_bytes((broken / "checkpoint.pt").read_bytes()[:5000])
+    capsys.readouterr()
+    cases = [
+        (["--set", "train.lr=[1"], "override 'train.lr=[1': the value is not valid YAML (expected ',' or ']'"),
+        (["--config", str(bad_yaml)], f"{bad_yaml}: not valid YAML (expected ',' or ']', but got ':' at line 4"),
+        (["--data-option", "agument=true"], "unknown option(s) agument for cifar10; valid: augment"),
+        (["--data-root", str(corrupt)], f"{batch}: md5"),
+        (["--out", str(broken), "--resume"], f"{broken / 'checkpoint.pt'} (5000 bytes) is not a readable checkpoint"),
+        (["--out", str(tmp_path / "ok")], "ok already holds a run (checkpoint.pt, steps.jsonl, metrics.csv"),
+        (["--data-root", str(tmp_path / "missing")], "cifar10: the data directory does not exist (looked in"),
+    ]
+    for extra, expected in cases:
+        argv = [*base, "--out", str(tmp_path / "out"), *extra]
+        assert cli(argv) == 2, extra
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, (extra, err)
+    assert cli([*base, "--out", str(tmp_path / "out"), "--data-option", "agument=true", "--traceback"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and isinstance(data_mod.DataOptionError("x"), TypeError)
+    assert err.strip().splitlines()[-1].startswith("error: unknown option(s) agument")
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_checkpoint(uninterrupted, cifar_root, tmp_path,
+                                                                          capsys):
+    """A tmpfs a little larger than one checkpoint: the second checkpoint's write fails with ENOSPC."""
+    import shutil
+
+    full_out, _ = uninterrupted
+    size = (full_out / "checkpoint.pt").stat().st_size
+    mnt = tmp_path / "small_disk"
+    mnt.mkdir()
+    if shutil.which("mount") is None or (os.name == "posix" and os.geteuid() != 0):
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(1.6 * size) // 1024}k", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        out = mnt / "run"
+        argv = ["--config", "cifar10_tiny_smoke", "--set", *SMOKE_SET, "--data-root", str(cifar_root), "--out",
+                str(out), "--limit-train", "80", "--limit-eval", "16", "--workers", "0", "--log-every", "1",
+                "--checkpoint-every", "1", "--threads", "1", "--device", "cpu", "--no-progress"]
+        assert cli(argv) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert err.startswith(f"error: [Errno 28] could not write the checkpoint {out / 'checkpoint.pt'}: no space "
+                              f"left on device")
+        assert load_checkpoint(out / "checkpoint.pt")["global_step"] == 1  # the previous checkpoint is intact
+        assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # no temporary file left
+        chunks = json.loads((out / "provenance.json").read_text())["chunks"]
+        assert chunks[-1]["ended"].startswith("error: OSError: [Errno 28]")
+        with open(mnt / "filler", "wb", buffering=0) as fh:  # now fill the disk: the resume's log rewrite fails
+            with pytest.raises(OSError):
+                while True:
+                    fh.write(b"\0" * 4096)
+        assert cli([*argv, "--resume"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "[Errno 28] could not write" in err and str(out) in err, err
+        assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # no .steps.jsonl.tmp either
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)

@@ -34,6 +34,9 @@ class DatasetNotFoundError(FileNotFoundError):
 
     def __init__(self, dataset: str, root: str | Path, problem: str, layout: str, how_to_get: str):
         self.dataset, self.root, self.problem = dataset, Path(root), problem
+        # what a command line prints: one line (the layout and how to get the data are in the full message)
+        self.summary = (f"{dataset}: {problem} (looked in {Path(root).resolve()}); a synthetic copy for smoke "
+                        f"runs: python -m mdeq.data.synthetic --dataset {dataset} --root {root}")
         message = (
             f"{dataset}: {problem}\n"
             f"  looked in: {Path(root).resolve()}\n"
@@ -46,7 +49,11 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 class DatasetIntegrityError(RuntimeError):
-    """A data file exists but its checksum or contents are not what they should be."""
+    """A data file exists but its checksum or contents are not what they should be (the message names it)."""
+
+
+class DataOptionError(TypeError, ValueError):
+    """An unknown data set builder option: a TypeError, as for any wrong keyword, and a ValueError (bad input)."""
 
 
 def _indent(text: str, n: int) -> str:
@@ -115,10 +122,10 @@ def describe_layout(dataset: str) -> str:
 def build_dataset(dataset: str, root: str | Path, split: str, **options):
     """One split ('train' or 'val') of a data set; ``options`` go to the data set's builder.
 
-    Options per data set (unknown ones raise ``TypeError``):
+    Options per data set (unknown ones raise ``DataOptionError``, a ``TypeError``):
       cifar10:    augment=False, source='pickles' | 'jpeg_q75', verify_md5=True, download=False,
                   exact_subset=None (path of the exact-prefix npz, with source='jpeg_q75')
-      imagenet:   augment=True (train only), image_size=224
+      imagenet:   augment=True (train only), image_size=224, allow_missing_classes=False
       cityscapes: augment=True (train only), crop_size=(512, 1024), base_size=2048, scale_factor=16
     For CIFAR-10, 'val' is the official test_batch, as in the released code.
     """
@@ -128,7 +135,7 @@ def build_dataset(dataset: str, root: str | Path, split: str, **options):
     valid = [p.name for p in inspect.signature(build).parameters.values() if p.kind is p.KEYWORD_ONLY]
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise TypeError(f"unknown option(s) {', '.join(unknown)} for {dataset}; valid: {', '.join(valid)}")
+        raise DataOptionError(f"unknown option(s) {', '.join(unknown)} for {dataset}; valid: {', '.join(valid)}")
     return build(root, split, **options)
 
 
@@ -145,6 +152,7 @@ __all__ = [
     "MANIFEST_NAME",
     "DatasetNotFoundError",
     "DatasetIntegrityError",
+    "DataOptionError",
     "build_dataset",
     "build_datasets",
     "describe_layout",

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mdeq.data import DatasetNotFoundError, _read_manifest
+from mdeq.data import DatasetIntegrityError, DatasetNotFoundError, _read_manifest
 from mdeq.data.transforms import IGNORE_INDEX, CityscapesEvalTransform, CityscapesTrainTransform
 
 try:
@@ -42,6 +42,7 @@ def _lookup_table() -> np.ndarray:
 
 
 _LUT = _lookup_table()
+MAX_LABEL_ID = max(lab.id for lab in LABEL_TABLE)  # 33: a labelIds PNG holds 0..33 only
 CITYSCAPES_CLASSES = tuple(lab.name for lab in _evaluated_labels())
 CITYSCAPES_PALETTE = tuple(tuple(lab.color) for lab in _evaluated_labels())
 # Class weights of the released code's weighted cross-entropy (lib/datasets/cityscapes.py), in trainId order.
@@ -62,17 +63,35 @@ HOW_TO_GET = ("download leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip
               "also works) and unzip both into <root>")
 
 
+def out_of_table(label_ids) -> list[int]:
+    """The distinct values of a labelIds array that the label table does not define (above 33), sorted."""
+    values = np.unique(np.asarray(label_ids.cpu() if isinstance(label_ids, torch.Tensor) else label_ids))
+    return [int(v) for v in values if v > MAX_LABEL_ID]
+
+
 def label_ids_to_train_ids(label_ids):
-    """Map Cityscapes labelIds (uint8/int array or tensor, any shape) to trainIds, 255 = ignore."""
+    """Map Cityscapes labelIds (uint8/int array or tensor, any shape) to trainIds, 255 = ignore.
+
+    An id outside the label table (above 33) is an error, not "ignore": it is no Cityscapes label
+    (e.g. a trainIds or 16-bit file read as labelIds), and mapping it to 255 would hide classes.
+    """
     if isinstance(label_ids, torch.Tensor):
         if label_ids.is_floating_point() or (label_ids.numel() and int(label_ids.min()) < 0):
             raise ValueError(f"label ids must be non-negative integers, got dtype {label_ids.dtype}")
+        if label_ids.numel() and int(label_ids.max()) > MAX_LABEL_ID:
+            raise ValueError(f"label ids must be in 0..{MAX_LABEL_ID}, got {_shown(out_of_table(label_ids))}")
         lut = torch.from_numpy(_LUT.copy()).to(label_ids.device)
-        return lut[label_ids.long().clamp_(max=255)]
+        return lut[label_ids.long()]
     label_ids = np.asarray(label_ids)
     if not np.issubdtype(label_ids.dtype, np.integer) or (label_ids.size and label_ids.min() < 0):
         raise ValueError(f"label ids must be non-negative integers, got dtype {label_ids.dtype}")
-    return _LUT[np.minimum(label_ids, 255)]
+    if label_ids.size and label_ids.max() > MAX_LABEL_ID:
+        raise ValueError(f"label ids must be in 0..{MAX_LABEL_ID}, got {_shown(out_of_table(label_ids))}")
+    return _LUT[label_ids]
+
+
+def _shown(values: list[int], n: int = 8) -> str:
+    return ", ".join(map(str, values[:n])) + (f" and {len(values) - n} more" if len(values) > n else "")
 
 
 def train_ids_to_color(train_ids) -> np.ndarray:
@@ -136,14 +155,26 @@ class CityscapesSegmentation(Dataset):
         from PIL import Image
 
         image_path, label_path = self.pairs[index]
-        with Image.open(image_path) as im:
-            image = np.asarray(im.convert("RGB"))
-        with Image.open(label_path) as im:
-            if im.mode not in ("L", "P", "I", "I;16"):
-                raise ValueError(f"{label_path}: expected a single-channel labelIds PNG, got mode {im.mode}")
-            label_ids = np.asarray(im)
+        try:
+            with Image.open(image_path) as im:
+                image = np.asarray(im.convert("RGB"))
+        except (OSError, SyntaxError) as exc:  # PIL: "image file is truncated", broken PNG, not an image
+            raise DatasetIntegrityError(f"{image_path}: unreadable image ({exc}); replace the file") from exc
+        try:
+            with Image.open(label_path) as im:
+                if im.mode not in ("L", "P", "I", "I;16"):
+                    raise DatasetIntegrityError(f"{label_path}: expected a single-channel labelIds PNG, "
+                                                f"got mode {im.mode}")
+                label_ids = np.asarray(im)
+        except (OSError, SyntaxError) as exc:
+            raise DatasetIntegrityError(f"{label_path}: unreadable label image ({exc}); replace the file") from exc
         if label_ids.shape != image.shape[:2]:
-            raise ValueError(f"{label_path} is {label_ids.shape}, but its image is {image.shape[:2]}")
+            raise DatasetIntegrityError(f"{label_path} is {label_ids.shape}, but its image is {image.shape[:2]}")
+        if label_ids.size and label_ids.max() > MAX_LABEL_ID:
+            bad = out_of_table(label_ids)
+            raise DatasetIntegrityError(
+                f"{label_path}: label ids {_shown(bad)} are not in the Cityscapes label table (0..{MAX_LABEL_ID}); "
+                f"expected a *{LABEL_SUFFIX} file (not trainIds or colours)")
         image = torch.from_numpy(image.transpose(2, 0, 1).copy())
         label = torch.from_numpy(label_ids_to_train_ids(label_ids).astype(np.int64))
         return image, label
