@@ -44,6 +44,7 @@ from typing import Any, Sequence
 import yaml
 
 from mdeq import paths
+from mdeq.report import rel
 
 __all__ = ["CampaignSpec", "load_campaign", "run_status", "train_command", "sync_run", "restore_run",
            "run_campaign", "main"]
@@ -129,22 +130,22 @@ def run_status(spec: CampaignSpec, key: str, results: Path = RESULTS) -> dict[st
 
 
 def train_command(spec: CampaignSpec, key: str, *, stop_at: float | None, data_root: str | None = None,
-                  python: str | None = None, absolute: bool = False) -> list[str]:
-    """The ``python -m mdeq.train`` line that continues run ``key`` in ``runs/campaign/<key>/``.
+                  python: str | None = None) -> list[str]:
+    """The ``python -P -m mdeq.train`` line that continues run ``key`` in ``runs/campaign/<key>/``.
 
-    ``absolute`` gives every path absolute (for a child that runs in the code worktree).
+    Paths are relative to the repository (the child runs there), so logs name no machine's folders.
+    ``-P`` keeps the working directory off ``sys.path``: the child imports the ``mdeq`` that
+    ``PYTHONPATH`` names (the code worktree), not the working tree's.
     """
     from mdeq.reproduce import config_name, spec as run_spec
 
     run = run_spec(key)
-    where = (lambda p: str((paths.ROOT / p).resolve())) if absolute else _shown  # noqa: E731
-    data_options = {k: (where(v) if absolute and _is_path(v) else v) for k, v in spec.data_options.items()}
-    argv = [python or sys.executable, "-m", "mdeq.train", "--config", config_name(run, spec.variant),
-            "--data-root", where(data_root or spec.data_root), "--out", where(WORK / key), "--resume",
+    argv = [python or sys.executable, "-P", "-m", "mdeq.train", "--config", config_name(run, spec.variant),
+            "--data-root", str(data_root or spec.data_root), "--out", rel(WORK / key), "--resume",
             "--threads", str(spec.threads), "--workers", str(spec.workers),
             "--checkpoint-every", str(spec.checkpoint_every), "--log-every", str(spec.log_every), "--no-progress"]
-    if data_options:
-        argv += ["--data-option", *(f"{k}={v}" for k, v in data_options.items())]
+    if spec.data_options:
+        argv += ["--data-option", *(f"{k}={v}" for k, v in spec.data_options.items())]
     if run.overrides or spec.overrides:
         argv += ["--set", *run.overrides, *spec.overrides]
     for name in ("limit_train", "limit_eval"):
@@ -155,14 +156,6 @@ def train_command(spec: CampaignSpec, key: str, *, stop_at: float | None, data_r
     if stop_at is not None:
         argv += ["--stop-at", f"{stop_at:.0f}"]
     return argv
-
-
-def _shown(path: Path) -> str:
-    """A path relative to the repository when it is inside it (commands and logs stay machine-neutral)."""
-    try:
-        return str(Path(path).resolve().relative_to(paths.ROOT))
-    except ValueError:
-        return str(path)
 
 
 def _is_path(value) -> bool:
@@ -187,7 +180,7 @@ def code_worktree(commit: str | None = None) -> tuple[Path, str]:
 def _check_data(spec: CampaignSpec, data_root: str | None) -> None:
     root = paths.ROOT / (data_root or spec.data_root)
     if not root.exists():
-        raise FileNotFoundError(f"the campaign's data root {_shown(root)} does not exist: put the data set there "
+        raise FileNotFoundError(f"the campaign's data root {rel(root)} does not exist: put the data set there "
                                 f"(for CIFAR-10 JPEG-q75, the file cifar10_jpeg_q75_batch_order.npz) or pass --data-root")
     for key, value in spec.data_options.items():
         if _is_path(value) and not (paths.ROOT / value).exists():
@@ -321,17 +314,16 @@ def run_campaign(spec: CampaignSpec, budget_s: float, *, data_root: str | None =
 
 
 def _run_chunk(spec, key, end, work, dest, data_root, logfile, stop, code) -> int:
-    cwd = paths.ROOT
+    code_dir = paths.ROOT
     if code == "head":
-        cwd, sha = code_worktree()
-        _log(f"{key}: code of commit {sha} (worktree {_shown(cwd)})", logfile)
-    cmd = train_command(spec, key, stop_at=end, data_root=data_root, absolute=code == "head")
+        code_dir, sha = code_worktree()
+        _log(f"{key}: code of commit {sha} (worktree {rel(code_dir)})", logfile)
+    cmd = train_command(spec, key, stop_at=end, data_root=data_root)
     work.mkdir(parents=True, exist_ok=True)
     _log(f"{key}: $ {shlex.join(cmd)}", logfile)
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec.threads)}
-    env.pop("PYTHONPATH", None)  # python -m puts cwd first: the child imports the chosen code's mdeq
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec.threads), "PYTHONPATH": str(code_dir)}
     with open(work / "train.log", "a") as out:
-        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, cwd=paths.ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
         seen, signalled = None, False
         while True:
             try:

@@ -79,10 +79,12 @@ def test_chunks_run_the_last_commit_from_a_worktree(tiny_campaign):
     try:
         assert sha == subprocess.run(["git", "rev-parse", "HEAD"], cwd=paths.ROOT, capture_output=True,
                                      text=True, check=True).stdout.strip()
-        out = subprocess.run([sys.executable, "-c", "import mdeq; print(mdeq.__file__)"], cwd=tree,
-                             capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin"})
+        # the child's interpreter flags and environment, run from the repository root
+        out = subprocess.run([sys.executable, "-P", "-c", "import mdeq; print(mdeq.__file__)"], cwd=paths.ROOT,
+                             capture_output=True, text=True, check=True,
+                             env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tree)})
         assert out.stdout.strip().startswith(str(tree))
-        cmd = train_command(tiny_campaign[0], "cifar10_node", stop_at=None, absolute=True)
-        assert all(not a.startswith("runs/") for a in cmd) and cmd[cmd.index("--out") + 1].startswith("/")
+        cmd = train_command(tiny_campaign[0], "cifar10_node", stop_at=None)
+        assert cmd[1] == "-P" and not any(str(paths.ROOT) in a for a in cmd[2:])
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=paths.ROOT, check=False)
