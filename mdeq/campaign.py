@@ -332,8 +332,7 @@ def _run_chunk(spec, key, end, work, dest, data_root, logfile, stop, code) -> in
             except subprocess.TimeoutExpired:
                 pass
             mtime = (work / "checkpoint.pt").stat().st_mtime if (work / "checkpoint.pt").is_file() else None
-            if mtime is not None and mtime != seen:
-                time.sleep(0.5)  # the logs after a checkpoint are written right after it
+            if mtime is not None and mtime != seen:  # train writes its logs before each checkpoint
                 sync_run(work, dest)
                 seen = mtime
             if (stop["asked"] or time.time() > end + _GRACE_S) and not signalled:

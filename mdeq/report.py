@@ -733,6 +733,26 @@ def _curves(runs: Sequence[RunLog], column: str, scale: float = 1.0):
     return epochs, arr.mean(0), (arr.std(0, ddof=1) if len(arr) > 1 else None)
 
 
+def _draw_runs(ax, ctx: Context, kind: str, entries, column: str, scale: float = 1.0) -> dict:
+    """One curve per (run key, label, colour key) of ``column`` per epoch, the mean ± std over seeds;
+    returns {legend text: line}, the text naming the number of runs and an unfinished run's epoch."""
+    lines = {}
+    for key, label, colour in entries:
+        runs = read_runs(ctx.logs_dir(kind), key)
+        c = _curves(runs, column, scale)
+        if c is None:
+            continue
+        epochs, mean, std = c
+        (line,) = ax.plot(epochs, mean, "--" if key in DASHED else "-", color=COLORS.get(colour),
+                          marker="o" if len(epochs) < 8 else None, ms=3)
+        if std is not None:
+            ax.fill_between(epochs, mean - std, mean + std, color=COLORS.get(colour), alpha=0.2, lw=0)
+        notes = [f"{len(runs)} run{'s' if len(runs) != 1 else ''}"]
+        notes += [f"epoch {r.epochs_done} of {r.epochs_planned or '?'}" for r in runs if not r.finished]
+        lines[f"{label} ({', '.join(notes)})"] = line
+    return lines
+
+
 def plot_training_curves(ctx: Context, kind: str, entries: Sequence[tuple[str, str, str]], *, column: str,
                          ylabel: str, title: str, scale: float = 1.0, ax=None):
     """Curves of ``column`` per epoch for ``entries`` = (run key, label, colour key); mean ± std over seeds."""
@@ -742,20 +762,10 @@ def plot_training_curves(ctx: Context, kind: str, entries: Sequence[tuple[str, s
         fig, ax = plt.subplots(figsize=(5.2, 3.4))
     else:
         fig = ax.figure
-    drawn = 0
-    for key, label, colour in entries:
-        runs = read_runs(ctx.logs_dir(kind), key)
-        c = _curves(runs, column, scale)
-        if c is None:
-            continue
-        epochs, mean, std = c
-        style = "--" if key in DASHED else "-"
-        ax.plot(epochs, mean, style, color=COLORS.get(colour, None), label=f"{label} ({len(runs)} run"
-                f"{'s' if len(runs) != 1 else ''})", marker="o" if len(epochs) < 8 else None, ms=3)
-        if std is not None:
-            ax.fill_between(epochs, mean - std, mean + std, color=COLORS.get(colour), alpha=0.2, lw=0)
-        drawn += 1
-    if drawn:
+    lines = _draw_runs(ax, ctx, kind, entries, column, scale)
+    if lines:
+        for name, line in lines.items():
+            line.set_label(name)
         from matplotlib.ticker import MaxNLocator
 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -777,18 +787,8 @@ def plot_training_panels(ctx: Context, kind: str, entries: Sequence[tuple[str, s
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, 2.6 * nrows), squeeze=False)
     handles = {}
     for ax, (column, ylabel, logy) in zip(axes.flat, panels):
-        for key, label, colour in entries:
-            runs = read_runs(ctx.logs_dir(kind), key)
-            c = _curves(runs, column)
-            if c is None:
-                continue
-            epochs, mean, _ = c
-            unfinished = [r for r in runs if not r.finished]
-            shown = label + (f" (epoch {unfinished[0].epochs_done} of {unfinished[0].epochs_planned})"
-                             if unfinished else "")
-            (line,) = ax.plot(epochs, mean, "--" if key in DASHED else "-", color=COLORS.get(colour),
-                              marker="o" if len(epochs) < 8 else None, ms=3)
-            handles.setdefault(shown, line)
+        for name, line in _draw_runs(ax, ctx, kind, entries, column).items():
+            handles.setdefault(name, line)
         if not ax.lines:
             no_data(ax, f"{NOT_RUN}: no {column} in {rel(ctx.logs_dir(kind))}")
         if logy and ax.lines:

@@ -880,7 +880,7 @@ def _hardware(device: torch.device, dist_info: DistInfo) -> dict[str, Any]:
 
 def _provenance(cfg, options, device, dist_info, source_label, eval_set_name, num_params) -> dict[str, Any]:
     return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _now(),
         "command": options.command or "mdeq.train.main(cfg, options) from Python",
         "config": config_to_dict(cfg),
         "baseline": options.baseline,
