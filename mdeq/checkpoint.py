@@ -213,8 +213,8 @@ def load_matching_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor]
 
     Why: the released Cityscapes models start from the ImageNet model of the same width: the stem, the
     injection and f_theta carry over, the classification head is dropped and the segmentation head
-    starts fresh (paper 4.3, ``official_mdeq_facts.md`` 1.11, MODEL.PRETRAINED). DDP's ``module.``
-    and torch.compile's ``_orig_mod.`` prefixes are stripped from the source keys.
+    starts fresh (paper 4.3; MODEL.PRETRAINED in locuslab/mdeq ``lib/models/mdeq.py``, ``init_weights``).
+    DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes are stripped from the source keys.
     """
     model = unwrap_model(model)
     source = _strip_prefixes(state_dict)

@@ -58,10 +58,10 @@ class ModelConfig:
     """The network: stem, f_theta (one residual block per scale + fusion) and head.
 
     Field names follow the paper; the official yaml name is given where it differs
-    (``official_mdeq_facts.md`` section 1).
+    (``docs/paper_vs_released.md`` gives the released files).
     """
 
-    head: str = "classification"  # "classification" (HRNet-style, facts 1.10) | "segmentation" (1.11)
+    head: str = "classification"  # "classification" (HRNet-style MDEQClsNet) | "segmentation" (MDEQSegNet)
     num_channels: tuple[int, ...] = (32, 64, 128, 256)  # C_i per scale, highest resolution first
     expansion: int = 5  # E: conv1 widens C -> E*C inside the residual block (EXPANSION_FACTOR)
     num_groups: int = 8  # GroupNorm groups in f; the post-fusion GN uses num_groups // 2
@@ -72,8 +72,8 @@ class ModelConfig:
     final_channels: int = 1680  # classification head width before the linear layer (FINAL_CHANSIZE)
     in_channels: int = 3
     bn_momentum: float = 0.1  # every BatchNorm (0.1 classification, 0.01 segmentation)
-    init: str = "official"  # "official": as the released code really initialises (facts 1.9);
-    # "paper": N(0, 0.01) for every conv including the weight-normalised ones (Appendix A)
+    init: str = "official"  # "official": as the released code really initialises; "paper": N(0, 0.01)
+    # for every conv including the weight-normalised ones (Appendix A); docs/paper_vs_released.md#initialisation
 
     def __post_init__(self) -> None:
         _as_tuple(self, "num_channels")
@@ -111,7 +111,11 @@ class ModelConfig:
 
     @property
     def size_divisor(self) -> int:
-        """Input sides must be multiples of this: 2^(downsample_times + num_scales - 1) (facts 1.1)."""
+        """Input sides must be multiples of this: 2^(downsample_times + num_scales - 1).
+
+        Why: the released code halves H and W per scale by integer division but downsamples with
+        stride-2 convs (docs/paper_vs_released.md#data-flow-and-input-injection).
+        """
         return 2 ** (self.downsample_times + self.num_scales - 1)
 
 
@@ -120,7 +124,8 @@ class SolverConfig:
     """Forward/backward root solvers and the gradient mode of the implicit layer.
 
     ``max_iter`` is the paper's T_f, ``backward_max_iter`` its T_b, ``memory`` the Broyden storage m
-    (Appendix Table 4); ``unroll_steps`` is NUM_LAYERS of the weight-tied warm-up (facts 3.3).
+    (Appendix Table 4); ``unroll_steps`` is NUM_LAYERS of the weight-tied warm-up
+    (docs/paper_vs_released.md#unrolled-warm-up).
     """
 
     solver: str = "broyden"
@@ -168,7 +173,7 @@ class DataConfig:
     image_size: tuple[int, int] = (32, 32)  # (H, W) of a training input: the crop for Cityscapes
     eval_image_size: tuple[int, int] = (32, 32)  # (H, W) at evaluation: 224 centre crop, full 1024x2048
     num_classes: int = 10
-    class_weights: tuple[float, ...] | None = None  # weighted cross-entropy (Cityscapes, facts 5.3)
+    class_weights: tuple[float, ...] | None = None  # weighted cross-entropy (Cityscapes; HRNet-Seg's)
     batch_size: int = 128
     eval_batch_size: int = 128
 
@@ -192,7 +197,8 @@ class TrainConfig:
     """Optimiser, schedule and the unrolled warm-up.
 
     The schedule is cosine annealing to ``eta_min`` stepped every optimiser step, with no LR warm-up
-    (facts section 4); ``pretrain_steps`` counts optimiser steps, not epochs (facts 3.3).
+    (docs/paper_vs_released.md#optimisers-and-schedule); ``pretrain_steps`` counts optimiser steps, not
+    epochs (docs/paper_vs_released.md#unrolled-warm-up).
     """
 
     optimizer: str = "adam"

@@ -3,7 +3,7 @@
 Why one file: like nanoGPT's ``model.py``, every module from the weight-normalised conv to the
 full network is here, in data-flow order: image -> stem -> injection -> solve(f_theta) -> head.
 The paper (Section 3.2, Appendix A) fixes the design; where it is silent, or where the released
-code differs, we follow the released code (``official_mdeq_facts.md`` sections 1 and 9):
+code differs, we follow the released code (``docs/paper_vs_released.md``):
 
 - fusion upsampling is 1x1 conv + GroupNorm + *nearest* upsampling (the paper says bilinear);
 - the post-fusion GroupNorm has ``num_groups // 2`` groups;
@@ -41,7 +41,10 @@ def _weight_norm(g: Tensor, v: Tensor) -> Tensor:
 
 def _variational_mask(batch: int, channels: int, p: float, like: Tensor,
                       generator: torch.Generator | None) -> Tensor:
-    """Bernoulli(1 - p) / (1 - p) of shape (B, C, 1, 1): whole channels dropped per sample (facts 1.8)."""
+    """Bernoulli(1 - p) / (1 - p) of shape (B, C, 1, 1): whole channels dropped per sample.
+
+    As locuslab/mdeq ``lib/modules/optimizations.py``, ``VariationalHidDropout2d``.
+    """
     keep = torch.full((batch, channels, 1, 1), 1.0 - p, dtype=like.dtype, device=like.device)
     return torch.bernoulli(keep, generator=generator).div_(1.0 - p)
 
@@ -148,7 +151,8 @@ class _Upsample(_ConvGN):
 class _Downsample(nn.Sequential):
     """Scale j -> i > j: (i - j) stride-2 3x3 convs, each + GN; ReLU after all but the last.
 
-    The intermediate convs keep C_j channels; the last one maps to C_i (facts 1.6).
+    The intermediate convs keep C_j channels; the last one maps to C_i (locuslab/mdeq
+    ``lib/models/mdeq_core.py``, ``MDEQModule._make_fuse_layers``).
     """
 
     def __init__(self, c_in: int, c_out: int, steps: int, num_groups: int):
@@ -199,7 +203,7 @@ class MultiscaleFusion(nn.Module):
 
 
 class _PostFusion(nn.Module):
-    """ReLU -> 1x1 conv (WN) -> GroupNorm(num_groups // 2) after the fusion sum (facts 1.6)."""
+    """ReLU -> 1x1 conv (WN) -> GroupNorm(num_groups // 2) after the fusion sum (released ``MDEQModule``)."""
 
     def __init__(self, channels: int, num_groups: int):
         super().__init__()
@@ -232,7 +236,7 @@ class FTheta(nn.Module):
             self.post = None
 
     def prepare(self, batch_size: int, like: Tensor, generator: torch.Generator | None = None) -> Prepared:
-        """Weight-normalised weights and dropout masks for one forward call (facts 1.7, 1.8).
+        """Weight-normalised weights and dropout masks for one forward call (released ``_reset``).
 
         The weights carry the graph back to (g, v), so gradients reach them through every f(z*)
         evaluation that uses them. Masks take dtype and device from ``like``; they are None in eval
@@ -284,7 +288,7 @@ class _Bottleneck(nn.Module):
 
 
 class ClassificationHead(nn.Module):
-    """HRNet-v2-style head over all scales (facts 1.10; paper 4.1: "all resolutions are used").
+    """HRNet-v2-style head over all scales (released ``MDEQClsNet``; paper 4.1: "all resolutions are used").
 
     y = inc_0(z_0); y = inc_i(z_i) + down_{i-1}(y) for i >= 1; final 1x1 conv + BN + ReLU;
     global average pool; linear. Returns (B, num_classes).
@@ -312,7 +316,7 @@ class ClassificationHead(nn.Module):
 
 
 class SegmentationHead(nn.Module):
-    """Concatenate all scales at z_0's size, 1x1 conv + BN + ReLU, 1x1 conv to classes (facts 1.11).
+    """Concatenate all scales at z_0's size, 1x1 conv + BN + ReLU, 1x1 conv to classes (``MDEQSegNet``).
 
     The lower scales are upsampled bilinearly with align_corners=True. Returns logits at the
     resolution of z_0, (B, classes, H/4, W/4) for two stem downsamplings; the loss and the
@@ -334,7 +338,7 @@ class SegmentationHead(nn.Module):
 
 
 def upsample_logits(logits: Tensor, size: Sequence[int]) -> Tensor:
-    """Bilinear, align_corners=True, to the label size (H, W), as the released loss does (facts 5.3)."""
+    """Bilinear, align_corners=True, to the label size (H, W), as the released loss does."""
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
@@ -400,7 +404,8 @@ class MDEQ(nn.Module):
     def reset_parameters(self) -> None:
         """Initialise as ``cfg.init`` says.
 
-        "official" reproduces what the released ``init_weights`` really does (facts 1.9): every plain
+        "official" reproduces what the released ``init_weights`` (locuslab/mdeq ``lib/models/mdeq.py``)
+        really does (docs/paper_vs_released.md#initialisation): every plain
         Conv2d weight and bias ~ N(0, 0.01), BN (1, 0), GroupNorm and Linear at PyTorch defaults,
         while the weight-normalised convs keep the kaiming-uniform default (the re-init misses
         them), with g = ||v||. "paper" draws those from N(0, 0.01) too (Appendix A's statement).
@@ -451,7 +456,8 @@ class MDEQ(nn.Module):
         """Load the stem, injection and f_theta from another MDEQ's state dict; keep this head.
 
         Why: Cityscapes models start from the ImageNet model of the same size, whose classification
-        head is dropped (paper 4.3, facts 1.11). Every non-head key of this model must be present.
+        head is dropped (paper 4.3; MODEL.PRETRAINED in the released ``init_weights``). Every non-head key
+        of this model must be present.
         """
         own = {k: v for k, v in self.state_dict().items() if not k.startswith("head.")}
         missing = [k for k in own if k not in state_dict]

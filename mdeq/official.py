@@ -2,7 +2,7 @@
 
 Why: the released ImageNet/Cityscapes weights are the fastest check that our f_theta is theirs, and
 the parameter counts are where the paper, its Appendix Table 4 and the released configs disagree
-(``official_mdeq_facts.md`` 1.12). Both old (locuslab/mdeq) and v2 (locuslab/deq MDEQ-Vision)
+(``docs/paper_vs_released.md#parameter-counts``). Both old (locuslab/mdeq) and v2 (locuslab/deq MDEQ-Vision)
 layouts are read: ``fullstage.*`` holds f_theta with weight norm as ``weight_g``/``weight_v``; the
 old layout also holds the frozen copies ``fullstage_copy.*`` / ``deq.func_copy.*`` and the alias
 ``deq.func.*``, which are dropped.

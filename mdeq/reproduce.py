@@ -823,9 +823,11 @@ def build_book(notebooks_dir: Path, out: Path, *, strict: bool = True) -> Path:
     stage = Path(out) / "book_src"
     shutil.rmtree(stage, ignore_errors=True)
     (stage / "book" / "notebooks").mkdir(parents=True)
-    for name in ("_config.yml", "_toc.yml", "intro.md"):
+    for name in ("_config.yml", "_toc.yml", "intro.md", "paper_vs_released.md"):
         shutil.copyfile(BOOK / name, stage / "book" / name)
     shutil.copyfile(paths.ROOT / "README.md", stage / "README.md")  # intro.md includes ../README.md
+    (stage / "docs").mkdir()
+    shutil.copyfile(paths.ROOT / "docs" / "paper_vs_released.md", stage / "docs" / "paper_vs_released.md")
     missing = [n for n in NOTEBOOKS if not (Path(notebooks_dir) / f"{n}.ipynb").is_file()]
     if missing:
         raise FileNotFoundError(f"{notebooks_dir} lacks the executed notebooks {missing}")

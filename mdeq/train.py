@@ -2,7 +2,7 @@
 
 Why this shape: torchvision's ``references/classification/train.py`` (a plain loop, full-state
 checkpoints), with what the paper's training needs on top (Appendix A, Table 4,
-``official_mdeq_facts.md`` sections 3.3, 4 and 5):
+``docs/paper_vs_released.md``):
 
 - **Optimisers and schedule** from ``cfg.train``: torch Adam (L2-coupled weight decay, not AdamW) for
   CIFAR-10, SGD with momentum 0.9 (+ Nesterov for ImageNet) for ImageNet and Cityscapes, and
@@ -331,7 +331,7 @@ def _upsample(logits: torch.Tensor, size) -> torch.Tensor:
 
 
 def build_criterion(cfg: ExperimentConfig) -> nn.Module:
-    """Cross-entropy; for segmentation weighted by ``data.class_weights`` with ignore index 255 (facts 5.3)."""
+    """Cross-entropy; for segmentation weighted by ``data.class_weights``, ignore index 255 (as HRNet-Seg)."""
     if cfg.model.head == "segmentation":
         w = cfg.data.class_weights
         return SegmentationLoss(None if w is None else torch.tensor(w, dtype=torch.float32))

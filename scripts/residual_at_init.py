@@ -2,7 +2,8 @@
 
 Why: paper Section 4.5 / Fig. 5 say convergence gets harder as the resolution grows; at init the
 released code's solver reduces ||f(z) - z|| / ||f(z)|| of CIFAR LARGE only from 1.07 to 0.29 in 18
-steps (official_mdeq_facts.md 2.6). This measures the same quantity on our models, one forward solve
+steps (docs/paper_vs_released.md#the-solver-at-initialisation). This measures the same quantity on our
+models, one forward solve
 each, in training mode (dropout mask drawn, BN batch statistics) without a graph, as a training
 step's forward solve runs. Writes results/residual_at_init.json with provenance.
 
@@ -25,7 +26,7 @@ from mdeq.model import build_model
 from mdeq.paths import RESULTS, ROOT
 
 # (config, batch, input (H, W)): the three resolutions of Fig. 5, plus the released CIFAR LARGE
-# that official_mdeq_facts.md 2.6 measured with the released code.
+# that docs/paper_vs_released.md#the-solver-at-initialisation reports for the released code.
 CASES = [
     ("cifar10_small_official", 8, (32, 32)),
     ("cifar10_large_official", 4, (32, 32)),

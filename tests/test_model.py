@@ -80,7 +80,8 @@ def test_backbone_transfers_from_classifier_to_segmenter():
 def test_ift_gradients_match_unrolled_float64():
     """The implicit backward gives the gradient of the converged unrolled network (float64, no dropout).
 
-    At init f_theta is not contractive (facts 2.6), so the test shrinks the post-fusion GroupNorm
+    At init f_theta is not contractive (docs/paper_vs_released.md#the-solver-at-initialisation), so the
+    test shrinks the post-fusion GroupNorm
     gains to 0.1 and draws its biases from N(0, 1): f then contracts and 60 unrolled steps reach the
     fixed point to machine precision. JFB (no inverse-Jacobian term) must then be clearly worse.
     """
@@ -154,7 +155,8 @@ def test_weight_norm_formula_and_official_init():
     assert torch.allclose(conv.weight().flatten(1).norm(dim=1), conv.weight_g.flatten())
     torch.manual_seed(0)
     model = build_model(load_config("cifar10_small_official"))
-    # released behaviour (facts 1.9): plain convs N(0, 0.01); WN convs kaiming-uniform, std 1/sqrt(3 fan_in)
+    # released init_weights (docs/paper_vs_released.md#initialisation): plain convs N(0, 0.01); WN convs
+    # kaiming-uniform, std 1/sqrt(3 fan_in)
     v = model.f.blocks[0].conv1.weight_v
     assert abs(v.std().item() - 1 / (3 * 24 * 9) ** 0.5) < 0.003
     assert abs(model.stem[0].weight.std().item() - 0.01) < 0.002

@@ -1,6 +1,6 @@
 """CIFAR-10 from the official ``cifar-10-batches-py`` pickles or from the offline JPEG-q75 npz.
 
-Why: the released code reads torchvision's CIFAR10 (facts section 5.1); we read the same pickles
+Why: the released code reads torchvision's CIFAR10 (``tools/cls_train.py``); we read the same pickles
 ourselves so that the md5 check, the synthetic copy and the offline JPEG-q75 re-encoding (see
 shared/data/PROVENANCE.md) all yield one dataset type, ``CIFAR10Arrays``, that says where its pixels
 came from in ``source_label``.

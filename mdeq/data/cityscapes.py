@@ -1,7 +1,7 @@
 """Cityscapes (gtFine) semantic segmentation in the official folder layout, 19 trainIds.
 
 Why: the released code (HRNet-Seg ``lib/datasets/cityscapes.py``) reads the ``*_gtFine_labelIds.png``
-files and maps the 34 label ids to the 19 evaluated classes, everything else to 255 (facts section 5.3).
+files and maps the 34 label ids to the 19 evaluated classes, everything else to 255.
 We build that map, the class names and the colours from ``cityscapesscripts.helpers.labels``, the
 benchmark's own table, instead of copying numbers by hand.
 """

@@ -1,6 +1,6 @@
 """ImageNet (ILSVRC-2012) in the ImageFolder layout, with the released code's transforms.
 
-Why: the released code reads ``ImageFolder(DATASET.ROOT/images/{train,val})`` (facts section 5.2);
+Why: the released code reads ``ImageFolder(DATASET.ROOT/images/{train,val})`` (``tools/cls_train.py``);
 we read ``<root>/{train,val}`` and accept ``<root>/images/{train,val}`` too, so the authors' folder works.
 Labels are the standard class index (the 1000 synsets in sorted order, ``imagenet_wnids.txt``), not a
 folder's position among the folders present, so a partial copy keeps the labels of the full data set

@@ -3,7 +3,7 @@
 Why: every random draw goes through torch's global RNG (``torch.rand``/``torch.randint``), so
 ``torch.manual_seed`` in the main process and the DataLoader's per-worker seeding make augmentation
 reproducible, which checkpoint resume depends on. The official code mixes ``random``, ``np.random`` and
-OpenCV; we keep its operations and order (official_mdeq_facts.md section 5) but not its RNGs.
+OpenCV; we keep its operations and order (docs/paper_vs_released.md#data-pipelines) but not its RNGs.
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ class CIFAR10Transform:
 def imagenet_transform(train: bool, image_size: int = 224) -> T.Compose:
     """PIL image -> normalised float (3, image_size, image_size).
 
-    Why: the released ImageNet pipeline (facts section 5.2): RandomResizedCrop(224) + flip for training,
+    Why: the released ImageNet pipeline (``tools/cls_train.py``): RandomResizedCrop(224) + flip for training,
     Resize(256) + CenterCrop(224) for validation (256 = 224 / 0.875). torchvision's random transforms
     draw from torch's RNG. ``image_size`` exists for small smoke runs; 224 is the paper's.
     """
@@ -94,7 +94,7 @@ def _check_pair(image: torch.Tensor, label: torch.Tensor) -> None:
 class CityscapesTrainTransform:
     """Joint (image, trainId label) augmentation of the released Cityscapes training.
 
-    Why: HRNet-Seg ``base_dataset.gen_sample`` as used by MDEQ (facts section 5.3), in its order:
+    Why: HRNet-Seg ``lib/datasets/base_dataset.py``, ``gen_sample``, as locuslab/mdeq ships it, in its order:
     scale s = 0.5 + randint(0, scale_factor) / 10; resize so the long side is int(base_size * s + 0.5)
     (image bilinear, label nearest); pad bottom/right to the crop with raw 0 / 255; random crop; then
     normalise with ImageNet statistics; then flip both with p = 0.5. Takes uint8 (3, H, W) and an
@@ -154,7 +154,7 @@ class CityscapesTrainTransform:
 class CityscapesEvalTransform:
     """Full image, single scale, no flip: only normalisation.
 
-    Why: the paper's and the released code's Cityscapes protocol (facts section 5.3, test on the
+    Why: the paper's and the released code's Cityscapes protocol (``tools/seg_test.py``: test on the
     full 1024x2048 image). Returns float (3, H, W) and int64 (H, W).
     """
 
