@@ -1,43 +1,25 @@
-"""Shared helpers for the benchmark scripts: timing, provenance, an MDEQ-like multiscale map."""
+"""What the benchmark scripts share: the timing loop and provenance of mdeq, JSON output, an MDEQ-like map.
+
+The timing loop (``timeit``, ``sync``) is ``mdeq.measure``'s and the provenance record ``mdeq.runlog``'s,
+so a benchmark's numbers are measured and labelled as the notebooks' are.
+"""
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mdeq.distributed import DistInfo
-from mdeq.train import _hardware
+from mdeq.measure import sync, timeit
+from mdeq.paths import ROOT
+from mdeq.runlog import provenance as run_provenance
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timeit(fn, device, repeats: int, warmup: int = 1) -> list[float]:
-    """Wall times in seconds of ``repeats`` calls after ``warmup`` calls (device-synchronised)."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        out.append(time.perf_counter() - t0)
-    return out
+__all__ = ["ROOT", "sync", "timeit", "median", "provenance", "write_json", "MDEQLikeMap"]
 
 
 def median(xs):
@@ -45,25 +27,10 @@ def median(xs):
 
 
 def provenance(args, device) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "mdeq", "benchmarks"], cwd=ROOT,
-                                    capture_output=True, text=True).stdout.strip())
-    except OSError:
-        commit, dirty = "unknown", None
-    dev = torch.device(device)
-    hw = _hardware(dev, DistInfo())  # the same record the training engine writes
-    return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name] + sys.argv),
-        "args": vars(args),
-        "git_commit": commit,
-        "git_dirty": dirty,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(dev),
-        "hardware": hw,
-    }
+    """The provenance of a benchmark result: ``mdeq.runlog.provenance`` with the arguments and the device;
+    the dirty flag covers ``mdeq/`` and ``benchmarks/``."""
+    return run_provenance(" ".join([Path(sys.executable).name] + sys.argv), device, args=vars(args),
+                          device=str(torch.device(device)), dirty_folders=("mdeq", "benchmarks"))
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -74,7 +41,7 @@ def write_json(path: Path, payload: dict) -> None:
 
 
 class MDEQLikeMap(nn.Module):
-    """An MDEQ-shaped f over 4 scales (the anchor of deq_libraries.md section 4, with 4 scales).
+    """An MDEQ-shaped f over 4 scales (the 3-scale anchor map of our DEQ-library comparison, widened to 4).
 
     Per scale: conv3x3 (C -> 5C) -> GN -> ReLU -> conv3x3 (5C -> C) -> + injection -> GN -> + z ->
     ReLU -> GN; then fusion (strided conv chains down, 1x1 conv + GN + upsampling up, summed) and

@@ -20,25 +20,16 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, provenance, sync, write_json  # noqa: E402
+from _common import ROOT, provenance, timeit, write_json  # noqa: E402
 
 PHASES = ("unrolled", "implicit")
 BASELINE_PHASES = ("none",)
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def run_phase(args) -> dict:
@@ -69,18 +60,16 @@ def run_phase(args) -> dict:
     phase = set_phase(model, cfg, 0 if args.child in ("unrolled", "none") else cfg.train.pretrain_steps)
     assert phase == args.child, (phase, args.child)
     memory = PeakMemory(device)
-    setup_mb = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else _rss_mb()
+    setup_mb = memory.current_mb()
     memory.reset()
-    times, stats = [], []
-    for i in range(args.warmup + args.steps):
-        sync(device)
-        t0 = time.perf_counter()
+    stats = []
+
+    def step():
         loss, _ = train_step(model, criterion, optimizer, x, y)
         loss.item()
-        sync(device)
-        if i >= args.warmup:
-            times.append(1000 * (time.perf_counter() - t0))
-            stats.append(solver_stats(model))
+
+    times = [1000 * s for s in timeit(step, device, args.steps, args.warmup,
+                                      after=lambda: stats.append(solver_stats(model)))]
     peak = memory.peak_mb()
 
     def mean(key):

@@ -15,7 +15,6 @@ import os
 import pickle
 import random
 import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mdeq import paths
-
 __all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "TEMP_PATTERN", "capture_rng_state",
-           "restore_rng_state", "unwrap_model", "git_commit", "git_dirty", "LoadReport", "load_matching_state",
-           "load_pretrained"]
+           "restore_rng_state", "unwrap_model", "LoadReport", "load_matching_state", "load_pretrained"]
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel/DataParallel, torch.compile
 TEMP_PATTERN = ".{name}.*.tmp"  # save_checkpoint's temporary files, e.g. .checkpoint.pt.k3j9x1.tmp
@@ -48,25 +44,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
-
-
-def git_commit(root: str | Path = paths.ROOT) -> str:
-    """HEAD's hash of the repository at ``root``, or ``"unknown"`` outside a git checkout."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
-
-
-def git_dirty(root: str | Path = paths.ROOT) -> bool | None:
-    """Whether tracked or untracked files under ``mdeq/`` differ from HEAD (None if git is unavailable)."""
-    try:
-        out = subprocess.run(["git", "status", "--porcelain", "--", "mdeq"], cwd=root, capture_output=True,
-                             text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return bool(out.stdout.strip()) if out.returncode == 0 else None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,7 +19,10 @@ import torch
 
 from mdeq.distributed import all_reduce_sum
 
-__all__ = ["SmoothedValue", "MetricLogger", "topk_correct", "accuracy", "ConfusionMatrix", "PeakMemory"]
+__all__ = ["SmoothedValue", "MetricLogger", "topk_correct", "accuracy", "ConfusionMatrix", "PeakMemory",
+           "IGNORE_INDEX"]
+
+IGNORE_INDEX = 255  # the Cityscapes void label: in no class, in no count (the data sets write it, the loss skips it)
 
 
 class SmoothedValue:
@@ -139,7 +142,7 @@ class ConfusionMatrix:
     matrix's device; ``compute`` gives pixel accuracy, per-class accuracy and IoU.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int | None = 255):
+    def __init__(self, num_classes: int, ignore_index: int | None = IGNORE_INDEX):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
@@ -243,6 +246,23 @@ class PeakMemory:
         except OSError:
             return None
         return None
+
+    def current_mb(self) -> float:
+        """Memory in use now, in the same terms: CUDA ``memory_allocated`` or the resident set (``VmRSS``).
+
+        Why: a peak means little without the level it rose from (weights, the torch runtime), so a
+        measurement subtracts this, read before the work, from ``peak_mb``.
+        """
+        if self.kind == "cuda_max_allocated":
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        try:
+            with open("/proc/self/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return float("nan")
 
     def reset(self) -> None:
         if self.kind == "cuda_max_allocated":

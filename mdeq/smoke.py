@@ -9,12 +9,12 @@ are a smoke test on synthetic data, not a result of the paper.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from pathlib import Path
 
 from mdeq.config import load_config
 from mdeq.paths import RUNS
+from mdeq.runlog import read_run
 from mdeq.train import RunOptions, main
 
 
@@ -29,8 +29,7 @@ def run(out_dir: Path, *, epochs: int = 2, limit_train: int = 512, threads: int 
 
 
 def _report(out_dir: Path) -> None:
-    with open(out_dir / "metrics.csv") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = read_run(out_dir).rows
     cols = ["epoch", "phase", "train_loss", "eval_top1", "nfe_forward", "rel_residual_forward", "nfe_backward",
             "rel_residual_backward", "step_time_ms"]
     cols = [c for c in cols if rows and c in rows[0]]

@@ -58,13 +58,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import dataclasses
-import datetime as _dt
 import json
 import math
 import os
-import platform
 import random
 import shlex
 import socket
@@ -82,28 +79,20 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from mdeq import distributed, paths
-from mdeq.checkpoint import (TEMP_PATTERN, CheckpointError, capture_rng_state, git_commit, git_dirty,
-                             load_checkpoint, load_pretrained, restore_rng_state, save_checkpoint, unwrap_model)
+from mdeq.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, load_pretrained, restore_rng_state,
+                             save_checkpoint, unwrap_model)
 from mdeq.config import ConfigError, ExperimentConfig, TrainConfig, config_to_dict, load_config
 from mdeq.distributed import DistInfo, log
-from mdeq.metrics import ConfusionMatrix, MetricLogger, PeakMemory, SmoothedValue, topk_correct
+from mdeq.metrics import IGNORE_INDEX, ConfusionMatrix, MetricLogger, PeakMemory, SmoothedValue, topk_correct
+from mdeq.model import build_model, upsample_logits
+from mdeq.runlog import (CHECKPOINT_NAME, LOCK_NAME, RUN_FILES, append_epoch, append_jsonl, chunk_end, chunk_start,
+                         final_record, git_commit, plain, provenance, sweep_temp_files, trim_logs, write_json_atomic)
 
 __all__ = ["RunOptions", "TrainState", "main", "cli", "train_one_epoch", "evaluate", "train_step",
            "build_optimizer", "build_scheduler", "build_criterion", "set_phase", "solver_stats", "ResumableSampler",
-           "EPOCH_COLUMNS", "RUN_FILES", "LOCK_NAME", "RunFolderInUse", "DivergenceError"]
+           "resolve_device", "RunFolderInUse", "DivergenceError"]
 
-IGNORE_INDEX = 255  # the Cityscapes void label (mdeq.data.IGNORE_INDEX)
-CHECKPOINT_NAME = "checkpoint.pt"
-RUN_FILES = (CHECKPOINT_NAME, "steps.jsonl", "metrics.csv", "final.json", "provenance.json")  # a run's own files
-LOCK_NAME = ".lock"  # in the run folder; like train.log (which mdeq.campaign writes), not a run file
 TRACEBACK_ENV = "MDEQ_TRACEBACK"  # set to 1: python -m mdeq.train prints the stack with an error
-EPOCH_COLUMNS = (
-    "epoch", "step", "phase", "train_loss", "train_acc", "eval_top1", "eval_top5", "eval_miou",
-    "eval_pixel_acc", "eval_loss", "lr", "nfe_forward", "nfe_backward", "rel_residual_forward",
-    "abs_residual_forward", "converged_forward", "rel_residual_backward", "converged_backward",
-    "eval_nfe_forward", "eval_rel_residual_forward", "step_time_ms", "peak_mem_mb", "mem_kind",
-    "epoch_time_s", "steps", "partial",
-)
 _STEP_METERS = ("loss", "acc", "nfe_forward", "nfe_backward", "rel_residual_forward", "abs_residual_forward",
                 "converged_forward", "rel_residual_backward", "converged_backward", "step_time_ms")
 
@@ -320,14 +309,8 @@ class SegmentationLoss(nn.Module):
         self.ignore_index = ignore_index
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = _upsample(logits, target.shape[-2:])
+        logits = upsample_logits(logits, target.shape[-2:])
         return F.cross_entropy(logits.float(), target, weight=self.weight, ignore_index=self.ignore_index)
-
-
-def _upsample(logits: torch.Tensor, size) -> torch.Tensor:
-    if tuple(logits.shape[-2:]) == tuple(size):
-        return logits
-    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
 
 
 def build_criterion(cfg: ExperimentConfig) -> nn.Module:
@@ -387,7 +370,7 @@ def _batch_accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
     with torch.no_grad():
         if target.dim() == 1:
             return 100.0 * topk_correct(logits, target, (1,))[0] / max(1, target.numel())
-        pred = _upsample(logits, target.shape[-2:]).argmax(1)
+        pred = upsample_logits(logits, target.shape[-2:]).argmax(1)
         valid = target != IGNORE_INDEX
         return 100.0 * float((pred.eq(target) & valid).sum()) / max(1, int(valid.sum()))
 
@@ -620,7 +603,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
             record = {"step": state.global_step, "epoch": state.epoch, "iter": state.step_in_epoch, "phase": phase,
                       "loss": loss_value, "acc": acc, "lr": lr, **stats, "step_time_ms": step_ms,
                       "peak_mem_mb": ctx.memory.peak_mb(), "mem_kind": ctx.memory.kind}
-            _append_jsonl(steps_path, record)
+            append_jsonl(steps_path, record)
             if bar.disable:
                 log(f"epoch {state.epoch} [{state.step_in_epoch}/{ctx.iterations_per_epoch}] step {state.global_step} "
                     f"{phase} loss {loss_value:.4f} acc {acc:.1f} lr {lr:.3g} nfe {stats.get('nfe_forward', 0):.0f}"
@@ -678,7 +661,7 @@ def evaluate(model: nn.Module, loader: DataLoader, *, num_classes: int, device: 
             else:
                 if confusion is None:
                     confusion = ConfusionMatrix(num_classes, IGNORE_INDEX)
-                pred = _upsample(logits.float(), targets.shape[-2:]).argmax(1)
+                pred = upsample_logits(logits.float(), targets.shape[-2:]).argmax(1)
                 confusion.update(targets, pred)
             st = solver_stats(core)
             if "nfe_forward" in st:
@@ -714,104 +697,7 @@ def evaluate(model: nn.Module, loader: DataLoader, *, num_classes: int, device: 
 
 
 # ----------------------------------------------------------------------------------------------
-# Logs.
-
-@contextlib.contextmanager
-def _writing(path: Path):
-    """Name the file in an OSError: a full disk says only "No space left on device"."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.filename is None:
-            raise OSError(exc.errno, f"could not write {path}: {exc.strerror or exc}") from exc
-        raise
-
-
-def _append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
-    with _writing(path), open(path, "a") as fh:
-        fh.write(json.dumps(_plain(record)) + "\n")
-
-
-def _plain(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, Mapping):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if isinstance(x, Path):
-        return str(x)
-    return x
-
-
-def _append_csv(path: Path, record: Mapping[str, Any], columns: Sequence[str]) -> None:
-    new = not path.exists() or path.stat().st_size == 0
-    with _writing(path), open(path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerow({k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v)
-                         for k, v in record.items()})
-
-
-def _trim_logs(out_dir: Path, epoch: int, global_step: int) -> None:
-    """Drop log records a killed run wrote after its last checkpoint, so the resumed run rewrites them."""
-    steps = out_dir / "steps.jsonl"
-    if steps.exists():
-        lines = [ln for ln in steps.read_text().splitlines() if ln.strip()]
-        keep = []
-        for ln in lines:
-            try:
-                if json.loads(ln)["step"] <= global_step:
-                    keep.append(ln)
-            except (json.JSONDecodeError, KeyError):
-                pass  # a line cut by the kill
-        _write_text_atomic(steps, "".join(ln + "\n" for ln in keep))
-    metrics = out_dir / "metrics.csv"
-    if metrics.exists():
-        with open(metrics, newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        rows = [r for r in rows if r.get("epoch") not in (None, "") and int(r["epoch"]) < epoch]
-        tmp = _temp_name(metrics)
-        try:
-            with _writing(metrics), open(tmp, "w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=list(EPOCH_COLUMNS), extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(rows)
-            os.replace(tmp, metrics)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-
-
-def _temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write to ``.<name>.tmp`` and rename; a failed write (a full disk) leaves neither a partial file nor the temp."""
-    tmp = _temp_name(path)
-    try:
-        with _writing(path):
-            tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _sweep_temp_files(out_dir: Path) -> list[str]:
-    """Remove the temporary files a killed or failed writer left (the folder is locked, so none is live)."""
-    stale = [_temp_name(out_dir / name) for name in RUN_FILES]
-    stale += [p for name in RUN_FILES for p in out_dir.glob(TEMP_PATTERN.format(name=name))]
-    stale.append(out_dir / "metrics.csv.tmp")  # the name _trim_logs used before
-    removed = []
-    for path in stale:
-        if path.is_file():
-            path.unlink()
-            removed.append(path.name)
-    return sorted(removed)
-
+# The run folder.
 
 @contextlib.contextmanager
 def _run_folder_lock(out_dir: Path):
@@ -860,48 +746,11 @@ def _resume_hint(options: RunOptions) -> str:
     return shlex.join(out if "--resume" in out else [*out, "--resume"])
 
 
-def _hardware(device: torch.device, dist_info: DistInfo) -> dict[str, Any]:
-    hw: dict[str, Any] = {"host": socket.gethostname(), "cpu": platform.processor() or platform.machine(),
-                          "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                          "device": str(device), "world_size": dist_info.world_size}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    hw["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    if device.type == "cuda":
-        hw["gpu"] = torch.cuda.get_device_name(device)
-        hw["cuda"] = torch.version.cuda
-    return hw
-
-
-def _provenance(cfg, options, device, dist_info, source_label, eval_set_name, num_params) -> dict[str, Any]:
-    return {
-        "date": _now(),
-        "command": options.command or "mdeq.train.main(cfg, options) from Python",
-        "config": config_to_dict(cfg),
-        "baseline": options.baseline,
-        "options": _plain({k: (dict(v) if isinstance(v, Mapping) else v)
-                           for k, v in dataclasses.asdict(options).items()}),
-        "git_commit": git_commit(),
-        "git_dirty": git_dirty(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "hardware": _hardware(device, dist_info),
-        "data_source_label": source_label,
-        "eval_set": eval_set_name,
-        "num_params": num_params,
-        "model_selection": "none: the final epoch is reported; the best epoch is shown beside it for reference",
-    }
-
-
 # ----------------------------------------------------------------------------------------------
 # main.
 
-def _resolve_device(name: str, dist_info: DistInfo) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The one device rule: "auto" is CUDA where there is one, else the CPU; bare "cuda" is ``cuda:local_rank``."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
@@ -909,7 +758,7 @@ def _resolve_device(name: str, dist_info: DistInfo) -> torch.device:
         if not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' was requested but torch.cuda.is_available() is False")
         if device.index is None:
-            device = torch.device("cuda", dist_info.local_rank)
+            device = torch.device("cuda", local_rank)
     elif device.type != "cpu":
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}")
     return device
@@ -923,8 +772,6 @@ def _build_network(cfg: ExperimentConfig, options: RunOptions) -> nn.Module:
             raise ConfigError(f"baseline {options.baseline!r} is a classifier; config {cfg.name!r} is "
                               f"{cfg.model.head}")
         return build_baseline(options.baseline, num_classes=cfg.data.num_classes)
-    from mdeq.model import build_model
-
     return build_model(cfg)
 
 
@@ -955,7 +802,7 @@ def _run_shape(options: RunOptions, world: int, train_set, eval_set, iterations_
     return {"limit_train": options.limit_train, "limit_eval": options.limit_eval, "world_size": world,
             "train_samples": len(train_set), "eval_samples": len(eval_set),
             "iterations_per_epoch": iterations_per_epoch, "data_source_label": source_label,
-            "data_options": _plain(dict(options.data_options))}
+            "data_options": plain(dict(options.data_options))}
 
 
 def _shape_diff(ckpt: Mapping[str, Any], shape: Mapping[str, Any], scheduler) -> list[str]:
@@ -995,7 +842,7 @@ def main(cfg: ExperimentConfig, options: RunOptions) -> dict[str, Any]:
     try:
         if options.threads is not None:
             torch.set_num_threads(options.threads)
-        device = _resolve_device(options.device, dist_info)
+        device = resolve_device(options.device, dist_info.local_rank)
         if options.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
@@ -1015,7 +862,7 @@ def _main(cfg: ExperimentConfig, options: RunOptions, dist_info: DistInfo, devic
     if not dist_info.is_main:
         return _run(cfg, options, dist_info, device, out_dir)
     with _run_folder_lock(out_dir):
-        swept = _sweep_temp_files(out_dir)
+        swept = sweep_temp_files(out_dir)
         if swept:
             log(f"removed temporary files an earlier writer left in {out_dir}: {', '.join(swept)}")
         return _run(cfg, options, dist_info, device, out_dir)
@@ -1024,14 +871,7 @@ def _main(cfg: ExperimentConfig, options: RunOptions, dist_info: DistInfo, devic
 def _run(cfg: ExperimentConfig, options: RunOptions, dist_info: DistInfo, device: torch.device,
          out_dir: Path) -> dict:
     ckpt_path = out_dir / CHECKPOINT_NAME
-    found = [name for name in RUN_FILES if (out_dir / name).exists()]
-    if found and not options.resume:
-        raise FileExistsError(f"{out_dir} already holds a run ({', '.join(found)}): pass --resume "
-                              f"(RunOptions.resume=True) to continue it, or choose another output folder")
-    resuming = options.resume and ckpt_path.is_file()
-    if options.resume and not resuming:
-        log(f"--resume: no checkpoint at {ckpt_path}, starting a new run"
-            + (f" (its {', '.join(found)} are replaced)" if found else ""))
+    resuming = _resuming(out_dir, options)
     world, rank = dist_info.world_size, dist_info.rank
     batch = _per_rank(cfg.data.batch_size, world, "data.batch_size", exact=True)
     eval_batch = _per_rank(cfg.data.eval_batch_size, world, "data.eval_batch_size", exact=False)
@@ -1087,7 +927,7 @@ def _run(cfg: ExperimentConfig, options: RunOptions, dist_info: DistInfo, device
                 "model": core.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": st.epoch, "step_in_epoch": st.step_in_epoch, "global_step": st.global_step,
-                "best": st.best, "last_eval": _plain(st.last_eval), "meters": st.meters, "rng": all_rng,
+                "best": st.best, "last_eval": plain(st.last_eval), "meters": st.meters, "rng": all_rng,
                 "sampler": {"seed": sampler.seed, "epoch": st.epoch, "skip": st.step_in_epoch * batch},
                 "config": config_to_dict(cfg), "baseline": options.baseline, "world_size": world,
                 "git_commit": git_commit(), "torch": str(torch.__version__),
@@ -1097,42 +937,13 @@ def _run(cfg: ExperimentConfig, options: RunOptions, dist_info: DistInfo, device
         distributed.barrier()
 
     if resuming:
-        ckpt = load_checkpoint(ckpt_path, map_location="cpu")
-        saved, now = ckpt["config"], config_to_dict(cfg)
-        if options.baseline is not None:  # a baseline reads only the data and train sections
-            saved, now = ({k: v for k, v in c.items() if k not in ("model", "solver")} for c in (saved, now))
-        diff = _config_diff(saved, now)
-        if ckpt.get("baseline") != options.baseline:
-            diff.append(f"baseline: checkpoint {ckpt.get('baseline')!r} vs now {options.baseline!r}")
-        diff += _shape_diff(ckpt, shape, scheduler)
-        if diff:
-            raise ConfigError(f"{ckpt_path} was written for another run ({'; '.join(diff)}); resume with the "
-                              f"same config and options, or start a new run in another folder")
-        core.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        state = TrainState(epoch=ckpt["epoch"], step_in_epoch=ckpt["step_in_epoch"], global_step=ckpt["global_step"],
-                           best=ckpt.get("best"), last_eval=ckpt.get("last_eval"),
-                           meters=dict(ckpt.get("meters") or {}),
-                           loss_reference=tuple(ckpt.get("loss_reference") or (0, 0.0)),
-                           checkpoint_step=ckpt["global_step"])
-        restore_rng_state(ckpt["rng"][rank])  # _shape_diff: written by as many processes
-        if dist_info.is_main:
-            _trim_logs(out_dir, state.epoch, state.global_step)
-            prov_path = out_dir / "provenance.json"
-            prov = json.loads(prov_path.read_text()) if prov_path.exists() else {}
-            prov.setdefault("chunks", []).append(_chunk_start(options, device, dist_info, state))
-            _write_text_atomic(prov_path, json.dumps(_plain(prov), indent=2) + "\n")
-            (out_dir / "final.json").unlink(missing_ok=True)  # the run goes on: an earlier end is stale
+        state = _resume(ckpt_path, cfg, options, shape, core, optimizer, scheduler, scaler, rank)
+    if dist_info.is_main:
+        _start_logs(out_dir, cfg, options, state, resuming, device, world, data_source_label=source_label,
+                    eval_set=eval_name, num_params=num_params)
+    if resuming:
         log(f"resumed {ckpt_path}: epoch {state.epoch}, batch {state.step_in_epoch}/{iterations_per_epoch}, "
             f"step {state.global_step}")
-    elif dist_info.is_main:
-        for name in ("steps.jsonl", "metrics.csv", "final.json"):
-            (out_dir / name).unlink(missing_ok=True)
-        prov = _provenance(cfg, options, device, dist_info, source_label, eval_name, num_params)
-        prov["chunks"] = [_chunk_start(options, device, dist_info, state)]
-        _write_text_atomic(out_dir / "provenance.json", json.dumps(_plain(prov), indent=2) + "\n")
 
     log(f"{cfg.name} ({options.baseline or 'MDEQ'}, {num_params:,} parameters) on {device} x {world}; "
         f"data: {source_label}; {len(train_set)} train / {len(eval_set)} eval samples, "
@@ -1153,11 +964,85 @@ def _run(cfg: ExperimentConfig, options: RunOptions, dist_info: DistInfo, device
     except BaseException as err:
         if dist_info.is_main:
             with contextlib.suppress(OSError, ValueError):  # a full disk: the error itself matters more
-                _chunk_end(out_dir, state, f"error: {type(err).__name__}: {err}"[:300])
+                _end_chunk(out_dir, state, f"error: {type(err).__name__}: {err}"[:300])
         raise
     if dist_info.is_main:
-        _chunk_end(out_dir, state, state.stopped or ("finished" if state.epoch >= cfg.train.epochs else "max_steps"))
+        _end_chunk(out_dir, state, state.stopped or ("finished" if state.epoch >= cfg.train.epochs else "max_steps"))
     return final
+
+
+def _resuming(out_dir: Path, options: RunOptions) -> bool:
+    """Whether this process continues a run from its checkpoint; a folder holding another run is refused."""
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    found = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if found and not options.resume:
+        raise FileExistsError(f"{out_dir} already holds a run ({', '.join(found)}): pass --resume "
+                              f"(RunOptions.resume=True) to continue it, or choose another output folder")
+    resuming = options.resume and ckpt_path.is_file()
+    if options.resume and not resuming:
+        log(f"--resume: no checkpoint at {ckpt_path}, starting a new run"
+            + (f" (its {', '.join(found)} are replaced)" if found else ""))
+    return resuming
+
+
+def _resume(ckpt_path: Path, cfg: ExperimentConfig, options: RunOptions, shape: Mapping[str, Any], core: nn.Module,
+            optimizer, scheduler, scaler, rank: int) -> TrainState:
+    """Load the checkpoint into model, optimiser, scheduler and scaler, and this process's RNG states.
+
+    Why a check first: a checkpoint written for another config, baseline, schedule or data would
+    continue a different run silently (``_config_diff``, ``_shape_diff``).
+    """
+    ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+    saved, now = ckpt["config"], config_to_dict(cfg)
+    if options.baseline is not None:  # a baseline reads only the data and train sections
+        saved, now = ({k: v for k, v in c.items() if k not in ("model", "solver")} for c in (saved, now))
+    diff = _config_diff(saved, now)
+    if ckpt.get("baseline") != options.baseline:
+        diff.append(f"baseline: checkpoint {ckpt.get('baseline')!r} vs now {options.baseline!r}")
+    diff += _shape_diff(ckpt, shape, scheduler)
+    if diff:
+        raise ConfigError(f"{ckpt_path} was written for another run ({'; '.join(diff)}); resume with the "
+                          f"same config and options, or start a new run in another folder")
+    core.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    state = TrainState(epoch=ckpt["epoch"], step_in_epoch=ckpt["step_in_epoch"], global_step=ckpt["global_step"],
+                       best=ckpt.get("best"), last_eval=ckpt.get("last_eval"),
+                       meters=dict(ckpt.get("meters") or {}),
+                       loss_reference=tuple(ckpt.get("loss_reference") or (0, 0.0)),
+                       checkpoint_step=ckpt["global_step"])
+    restore_rng_state(ckpt["rng"][rank])  # _shape_diff: written by as many processes
+    return state
+
+
+def _start_logs(out_dir: Path, cfg: ExperimentConfig, options: RunOptions, state: TrainState, resuming: bool,
+                device: torch.device, world: int, **fields: Any) -> None:
+    """The run's log files as this process starts (rank 0): a new run's fresh ones, or a resumed run's
+    trimmed to its checkpoint, in both cases with a new ``chunks`` entry in provenance.json."""
+    chunk = chunk_start(options.command, device, world, step=state.global_step, epoch=state.epoch,
+                        step_in_epoch=state.step_in_epoch)
+    prov_path = out_dir / "provenance.json"
+    if resuming:
+        trim_logs(out_dir, state.epoch, state.global_step)
+        prov = json.loads(prov_path.read_text()) if prov_path.exists() else {}
+        prov.setdefault("chunks", []).append(chunk)
+        write_json_atomic(prov_path, prov)
+        (out_dir / "final.json").unlink(missing_ok=True)  # the run goes on: an earlier end is stale
+        return
+    for name in ("steps.jsonl", "metrics.csv", "final.json"):
+        (out_dir / name).unlink(missing_ok=True)
+    recorded = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in dataclasses.asdict(options).items()}
+    prov = provenance(options.command or "mdeq.train.main(cfg, options) from Python", device, world_size=world,
+                      config=config_to_dict(cfg), baseline=options.baseline, options=plain(recorded), **fields,
+                      model_selection="none: the final epoch is reported; the best epoch is shown beside it for "
+                                      "reference")
+    prov["chunks"] = [chunk]
+    write_json_atomic(prov_path, prov)
+
+
+def _end_chunk(out_dir: Path, state: TrainState, how: str) -> None:
+    chunk_end(out_dir, step=state.global_step, epoch=state.epoch, step_in_epoch=state.step_in_epoch, how=how)
 
 
 def _train_epochs(model, core, criterion, optimizer, scheduler, sampler, train_set, eval_loader, state, ctx,
@@ -1222,7 +1107,7 @@ def _train_epochs(model, core, criterion, optimizer, scheduler, sampler, train_s
         if value is not None and math.isfinite(value) and (state.best is None or value > state.best["value"]):
             state.best = {"epoch": epoch, "step": state.global_step, "value": value}
         if dist_info.is_main:
-            _append_csv(out_dir / "metrics.csv", record, EPOCH_COLUMNS)
+            append_epoch(out_dir / "metrics.csv", record)
         shown = f"mIoU {100 * value:.2f}" if metric == "miou" else f"top-1 {value:.2f}%"
         log(f"epoch {epoch} done ({phase}, step {state.global_step}): train loss {avg.get('loss', math.nan):.4f} "
             f"acc {avg.get('acc', math.nan):.2f}; eval {shown}; nfe fwd {avg.get('nfe_forward', math.nan):.1f} "
@@ -1236,57 +1121,17 @@ def _train_epochs(model, core, criterion, optimizer, scheduler, sampler, train_s
         if partial:
             break
 
-    final = _final_record(cfg, options, state, state.last_eval, metric, partial, eval_name, source_label)
+    final = final_record(config=cfg.name, baseline=options.baseline, metric=metric, last_eval=state.last_eval,
+                         final_epoch=state.epoch - 1 if not partial else state.epoch, partial=partial,
+                         global_step=state.global_step, epochs_planned=cfg.train.epochs, best=state.best,
+                         eval_set=eval_name, data_source_label=source_label)
     if state.stopped is not None:  # a chunk of the run, not its end: no final.json
         return {**final, "stopped": state.stopped}
     if dist_info.is_main:
-        _write_text_atomic(out_dir / "final.json", json.dumps(_plain(final), indent=2) + "\n")
-    log(f"final: {json.dumps(_plain({k: final[k] for k in ('metric', 'final_epoch', 'final')}))}; "
+        write_json_atomic(out_dir / "final.json", final)
+    log(f"final: {json.dumps(plain({k: final[k] for k in ('metric', 'final_epoch', 'final')}))}; "
         f"wrote {out_dir / 'final.json'}")
     return final
-
-
-def _chunk_start(options: RunOptions, device, dist_info, state: TrainState) -> dict[str, Any]:
-    """One process's stretch of a run, as provenance.json's ``chunks`` records it (machine, code, steps)."""
-    return {"start": _now(), "host": socket.gethostname(), "hardware": _hardware(device, dist_info),
-            "torch": torch.__version__, "git_commit": git_commit(), "git_dirty": git_dirty(),
-            "command": options.command, "from_step": state.global_step, "from_epoch": state.epoch,
-            "from_step_in_epoch": state.step_in_epoch}
-
-
-def _chunk_end(out_dir: Path, state: TrainState, how: str) -> None:
-    path = out_dir / "provenance.json"
-    if not path.is_file():
-        return
-    prov = json.loads(path.read_text())
-    if prov.get("chunks"):
-        prov["chunks"][-1].update(end=_now(), to_step=state.global_step, to_epoch=state.epoch,
-                                  to_step_in_epoch=state.step_in_epoch, ended=how)
-        _write_text_atomic(path, json.dumps(_plain(prov), indent=2) + "\n")
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _final_record(cfg, options, state, last_eval, metric, partial, eval_name, source_label) -> dict:
-    final_epoch = state.epoch - 1 if not partial else state.epoch
-    return {
-        "config": cfg.name,
-        "baseline": options.baseline,
-        "metric": metric,
-        "final_epoch": final_epoch if last_eval is not None else None,
-        "final": last_eval.get(metric) if last_eval is not None else None,
-        "final_eval": last_eval,
-        "global_step": state.global_step,
-        "epochs_planned": cfg.train.epochs,
-        "stopped_early": bool(partial or (last_eval is not None and final_epoch < cfg.train.epochs - 1)),
-        "best_epoch_for_reference_only": None if state.best is None else {
-            **state.best, "note": "the best evaluation-set figure over epochs; shown beside the final figure, "
-                                  "never used to select the reported model"},
-        "eval_set": eval_name,
-        "data_source_label": source_label,
-    }
 
 
 # ----------------------------------------------------------------------------------------------

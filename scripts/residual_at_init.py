@@ -12,10 +12,7 @@ step's forward solve runs. Writes results/residual_at_init.json with provenance.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import subprocess
 import sys
 import time
 
@@ -23,7 +20,8 @@ import torch
 
 from mdeq.config import load_config
 from mdeq.model import build_model
-from mdeq.paths import RESULTS, ROOT
+from mdeq.paths import RESULTS
+from mdeq.runlog import provenance
 
 # (config, batch, input (H, W)): the three resolutions of Fig. 5, plus the released CIFAR LARGE
 # that docs/paper_vs_released.md#the-solver-at-initialisation reports for the released code.
@@ -33,28 +31,6 @@ CASES = [
     ("imagenet_small_official", 2, (224, 224)),
     ("cityscapes_small_official", 1, (512, 1024)),
 ]
-
-
-def _git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure(name: str, batch: int, size: tuple[int, int], seed: int, solver: str = "broyden") -> dict:
@@ -118,14 +94,8 @@ def main(argv: list[str] | None = None) -> None:
                 "(train mode, no grad, float32, random N(0,1) input); rel@z0 is 1 by construction (z0 = 0). "
                 "fixed_point_same_budget: plain iteration z <- f(z) with the same max_iter, weights, input "
                 "and dropout mask",
-        "provenance": {
-            "command": " ".join([sys.executable.rsplit("/", 1)[-1]] + sys.argv),
-            "git_commit": _git_commit(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "cpu": _cpu_name(), "threads": args.threads,
-            "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "seed": args.seed,
-        },
+        "provenance": provenance(" ".join([sys.executable.rsplit("/", 1)[-1]] + sys.argv), "cpu", seed=args.seed,
+                                 dirty_folders=("mdeq", "scripts")),
         "results": results,
     }
     path = args.out
