@@ -1,4 +1,8 @@
-"""A training campaign in resumable chunks: ``python -m mdeq.campaign --budget 150m``.
+"""How a campaign trains the registry's runs in resumable chunks within a budget: ``python -m mdeq.campaign``.
+
+    python -m mdeq.campaign --budget 150m     # continue the campaign for 150 minutes
+    python -m mdeq.campaign --status          # where each run stands
+    python -m mdeq.campaign --dry-run         # the next training command
 
 Why: the paper's protocol is days of CPU time (Table 1's MDEQ-small is about 25 CPU-hours), and work
 on this machine comes in stretches of a few hours that can end without warning. One command
@@ -26,9 +30,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import datetime as _dt
-import json
+import fcntl
 import os
 import re
 import shlex
@@ -44,7 +47,11 @@ from typing import Any, Sequence
 import yaml
 
 from mdeq import paths
-from mdeq.report import rel
+from mdeq.checkpoint import load_checkpoint
+from mdeq.config import load_config
+from mdeq.paths import rel
+from mdeq.runlog import now, read_run
+from mdeq.runs import config_name, spec as run_spec
 
 __all__ = ["CampaignSpec", "load_campaign", "run_status", "train_command", "sync_run", "restore_run",
            "run_campaign", "main"]
@@ -70,6 +77,7 @@ class CampaignSpec:
     workers: int = 0
     checkpoint_every: int = 50
     log_every: int = 50
+    compile: bool = False  # mdeq.train --compile: the forward solve's f compiled (same numbers to rounding)
     # For tests and smoke campaigns only; a campaign that reproduces the paper sets none of these.
     overrides: tuple[str, ...] = ()
     limit_train: int | None = None
@@ -78,8 +86,6 @@ class CampaignSpec:
 
 def load_campaign(name_or_path: str | Path) -> CampaignSpec:
     """A campaign by name (``mdeq/campaigns/<name>.yaml``) or YAML path; unknown keys and runs are errors."""
-    from mdeq.reproduce import spec
-
     path = Path(name_or_path)
     if not path.suffix:
         path = CAMPAIGNS / f"{name_or_path}.yaml"
@@ -94,7 +100,7 @@ def load_campaign(name_or_path: str | Path) -> CampaignSpec:
     raw["runs"] = tuple(raw.get("runs") or ())
     raw["overrides"] = tuple(raw.get("overrides") or ())
     for key in raw["runs"]:
-        spec(key)  # KeyError naming the known runs
+        run_spec(key)  # KeyError naming the known runs
     return CampaignSpec(**raw)
 
 
@@ -102,9 +108,6 @@ def load_campaign(name_or_path: str | Path) -> CampaignSpec:
 # One run's state, command and files.
 
 def _epochs_planned(spec: CampaignSpec, key: str) -> int:
-    from mdeq.config import load_config
-    from mdeq.reproduce import config_name, spec as run_spec
-
     run = run_spec(key)
     return load_config(config_name(run, spec.variant), [*run.overrides, *spec.overrides]).train.epochs
 
@@ -112,16 +115,13 @@ def _epochs_planned(spec: CampaignSpec, key: str) -> int:
 def run_status(spec: CampaignSpec, key: str, results: Path = RESULTS) -> dict[str, Any]:
     """What ``results/runs/<key>/`` holds: epochs evaluated, the last evaluation, finished or not."""
     folder = Path(results) / key
-    rows = []
-    if (folder / "metrics.csv").is_file():
-        with open(folder / "metrics.csv", newline="") as fh:
-            rows = [r for r in csv.DictReader(fh) if r.get("partial") != "True"]
-    final = json.loads((folder / "final.json").read_text()) if (folder / "final.json").is_file() else {}
-    planned = _epochs_planned(spec, key)
+    run = read_run(folder)
+    rows = run.epoch_rows if run is not None else []
     last = rows[-1] if rows else {}
     return {
-        "run": key, "epochs_done": len(rows), "epochs_planned": planned,
-        "finished": bool(final) and not final.get("stopped_early", True) and len(rows) >= planned,
+        "run": key, "epochs_done": run.epochs_done if run is not None else 0,
+        "epochs_planned": _epochs_planned(spec, key),
+        "finished": run is not None and run.finished,
         "last_eval_top1": float(last["eval_top1"]) if last.get("eval_top1") else None,
         "last_step": int(last["step"]) if last.get("step") else 0,
         "hours": sum(float(r["epoch_time_s"]) for r in rows if r.get("epoch_time_s")) / 3600.0,
@@ -137,8 +137,6 @@ def train_command(spec: CampaignSpec, key: str, *, stop_at: float | None, data_r
     ``-P`` keeps the working directory off ``sys.path``: the child imports the ``mdeq`` that
     ``PYTHONPATH`` names (the code worktree), not the working tree's.
     """
-    from mdeq.reproduce import config_name, spec as run_spec
-
     run = run_spec(key)
     argv = [python or sys.executable, "-P", "-m", "mdeq.train", "--config", config_name(run, spec.variant),
             "--data-root", str(data_root or spec.data_root), "--out", rel(WORK / key), "--resume",
@@ -153,6 +151,8 @@ def train_command(spec: CampaignSpec, key: str, *, stop_at: float | None, data_r
             argv += [f"--{name.replace('_', '-')}", str(getattr(spec, name))]
     if run.baseline:
         argv += ["--baseline", run.baseline]
+    if spec.compile and not run.baseline:
+        argv += ["--compile"]
     if stop_at is not None:
         argv += ["--stop-at", f"{stop_at:.0f}"]
     return argv
@@ -208,8 +208,6 @@ def sync_run(work: Path, dest: Path) -> list[str]:
 
 
 def _global_step(path: Path) -> int:
-    from mdeq.checkpoint import load_checkpoint
-
     return int(load_checkpoint(path, map_location="cpu")["global_step"]) if path.is_file() else -1
 
 
@@ -238,7 +236,7 @@ def parse_budget(text: str) -> float:
 
 
 def _log(line: str, logfile: Path) -> None:
-    stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    stamp = now()
     print(f"[campaign {stamp}] {line}", flush=True)
     with open(logfile, "a") as fh:
         fh.write(f"{stamp} {line}\n")
@@ -246,8 +244,6 @@ def _log(line: str, logfile: Path) -> None:
 
 @contextlib.contextmanager
 def _lock(path: Path):
-    import fcntl
-
     path.parent.mkdir(parents=True, exist_ok=True)
     fh = open(path, "a+")
     try:

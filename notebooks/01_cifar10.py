@@ -52,48 +52,40 @@ seeds: int = 5  # full: runs per row
 # %%
 from IPython.display import display
 
-from mdeq import report, reproduce
+from mdeq import notebook, paths, report, runs
 
-params = report.check_parameters(globals(), "01_cifar10")
-ctx = report.setup(params)
-report.show_banner(ctx)
+params = notebook.check_parameters(globals(), "01_cifar10")
+ctx = notebook.setup(params)
+notebook.show_banner(ctx)
 
 # %% [markdown]
 # ## Train (smoke and full profiles)
 
 # %%
-if profile == "smoke":
-    for run in reproduce.runs_for("01_cifar10"):
-        reproduce.train_smoke(run, ctx, variant=variant, seed=seed)
-elif profile == "full":
-    for launch in reproduce.run_full("01_cifar10", variant=variant, data_root=data_root, nproc=nproc,
-                                     seeds=seeds, dry_run=dry_run):
-        print(f"{launch.status:8s} {launch.run}: {launch.shell}")
-else:
-    print("logs profile: nothing is trained; reading results/")
+notebook.train(ctx)
 
 # %% [markdown]
 # ## Table 1: paper vs ours
 
 # %%
 for kind in ctx.kinds():
-    table = report.table1(ctx, kind)
-    csv = report.save_table(table, "table_1_cifar10", ctx, kind)
+    table = report.paper_table(ctx, kind, "table1")
+    csv = notebook.save_table(table, "table_1_cifar10", ctx, kind)
     display(report.show_table(table, kind, csv))
 
 # %% [markdown]
 # ## Fig. 4a: test accuracy per epoch
 
 # %%
-ENTRIES = [(r.key, r.label, r.key.split("_", 1)[1]) for r in reproduce.runs_for("01_cifar10")]
+MODELS = runs.runs_for("01_cifar10")
 for kind in ctx.kinds():
-    fig = report.plot_training_curves(ctx, kind, ENTRIES, column="eval_top1", ylabel="test accuracy (%)",
+    fig = report.plot_training_curves(ctx, kind, MODELS, column="eval_top1", ylabel="test accuracy (%)",
                                       title="CIFAR-10 test accuracy per epoch")
-    report.save_figure(fig, "fig4a_cifar10_accuracy", ctx, kind,
+    notebook.save_figure(fig, "fig4a_cifar10_accuracy", ctx, kind,
                        caption="Test accuracy of each Table 1 model per training epoch (the mean over a "
                                "row's runs, with their std where there is more than one; the legend gives "
                                "the number of runs); dashed: the with-augmentation models",
-                       source=f"{report.rel(ctx.logs_dir(kind))}/cifar10_*/metrics.csv")
+                       source=f"{paths.rel(ctx.logs_dir(kind))}/cifar10_*/metrics.csv")
 
 # %% [markdown]
 # ## Training curves and the equilibrium during training
@@ -108,9 +100,9 @@ PANELS = [("train_loss", "train loss", True), ("eval_top1", "test accuracy (%)",
           ("nfe_forward", "forward NFE (train)", False), ("rel_residual_forward", "forward rel. residual", True),
           ("nfe_backward", "backward NFE (train)", False), ("rel_residual_backward", "backward rel. residual", True)]
 for kind in ctx.kinds():
-    fig = report.plot_training_panels(ctx, kind, ENTRIES, PANELS, title="Table 1 runs: training and solver statistics")
-    report.save_figure(fig, "table1_training_and_solver", ctx, kind,
+    fig = report.plot_training_panels(ctx, kind, MODELS, PANELS, title="Table 1 runs: training and solver statistics")
+    notebook.save_figure(fig, "table1_training_and_solver", ctx, kind,
                        caption="Per epoch: train loss, test accuracy, and the mean NFE and final relative "
                                "residual of the forward and backward solves of the training steps (DEQ rows; "
                                "the unrolled warm-up steps have no backward solve)",
-                       source=f"{report.rel(ctx.logs_dir(kind))}/cifar10_*/metrics.csv")
+                       source=f"{paths.rel(ctx.logs_dir(kind))}/cifar10_*/metrics.csv")

@@ -50,43 +50,34 @@ dry_run: bool = False  # full: print the training commands, launch nothing
 # %%
 from IPython.display import display
 
-from mdeq import report, reproduce
+from mdeq import notebook, paths, report, runs
 
-params = report.check_parameters(globals(), "02_imagenet")
-ctx = report.setup(params)
-report.show_banner(ctx)
+params = notebook.check_parameters(globals(), "02_imagenet")
+ctx = notebook.setup(params)
+notebook.show_banner(ctx)
 
 # %% [markdown]
 # ## Train (smoke and full profiles)
 
 # %%
-if profile == "smoke":
-    for run in reproduce.runs_for("02_imagenet"):
-        reproduce.train_smoke(run, ctx, variant=variant, seed=seed)
-elif profile == "full":
-    for launch in reproduce.run_full("02_imagenet", variant=variant, data_root=data_root, nproc=nproc,
-                                     dry_run=dry_run):
-        print(f"{launch.status:8s} {launch.run}: {launch.shell}")
-else:
-    print("logs profile: nothing is trained; reading results/")
+notebook.train(ctx)
 
 # %% [markdown]
 # ## Table 2: paper vs ours
 
 # %%
 for kind in ctx.kinds():
-    table = report.table2(ctx, kind)
-    csv = report.save_table(table, "table_2_imagenet", ctx, kind)
+    table = report.paper_table(ctx, kind, "table2")
+    csv = notebook.save_table(table, "table_2_imagenet", ctx, kind)
     display(report.show_table(table, kind, csv))
 
 # %% [markdown]
 # ## Validation top-1 accuracy per epoch (not a figure of the paper)
 
 # %%
-ENTRIES = [(r.key, r.label, r.key.split("_", 1)[1]) for r in reproduce.runs_for("02_imagenet")]
 for kind in ctx.kinds():
-    fig = report.plot_training_curves(ctx, kind, ENTRIES, column="eval_top1", ylabel="val top-1 accuracy (%)",
+    fig = report.plot_training_curves(ctx, kind, runs.runs_for("02_imagenet"), column="eval_top1", ylabel="val top-1 accuracy (%)",
                                       title="ImageNet validation top-1 per epoch")
-    report.save_figure(fig, "imagenet_top1_per_epoch", ctx, kind,
+    notebook.save_figure(fig, "imagenet_top1_per_epoch", ctx, kind,
                        caption="Validation top-1 accuracy of the Table 2 MDEQs per training epoch",
-                       source=f"{report.rel(ctx.logs_dir(kind))}/imagenet_*/metrics.csv")
+                       source=f"{paths.rel(ctx.logs_dir(kind))}/imagenet_*/metrics.csv")

@@ -52,47 +52,30 @@ device: str = "auto"  # auto | cpu | cuda; full with auto needs a GPU
 # %%
 from IPython.display import display
 
-from mdeq import report, reproduce
+from mdeq import notebook, paths, report
 
-params = report.check_parameters(globals(), "03_runtime_memory")
-ctx = report.setup(params)
-report.show_banner(ctx)
+params = notebook.check_parameters(globals(), "03_runtime_memory")
+ctx = notebook.setup(params)
+notebook.show_banner(ctx)
 
 # %% [markdown]
 # ## Measure (smoke and full profiles)
 
 # %%
-NAME = "runtime_memory.json"
-if profile == "smoke":
-    measure = reproduce.measure_runtime(batch_size=2 if quick else 4, device="cpu", variant=variant,
-                                        repeats=1 if quick else 2, warmup=0 if quick else 1, seed=seed)
-    report.write_json(ctx.results_dir("smoke") / NAME, {**measure, "profile": "smoke", "quick": quick})
-elif profile == "full":
-    models = [m[1] for m in reproduce.RUNTIME_MODELS]
-    if dry_run:
-        print(f"would measure {', '.join(models)} at batch {batch_size} on device {device!r}")
-    else:
-        if device == "auto" and not reproduce.visible_gpus():
-            raise RuntimeError("the full profile measures on a GPU and none is visible; pass device='cpu' to "
-                           "measure on this CPU anyway (labelled as such), or use profile='smoke'")
-        measure = reproduce.measure_runtime(batch_size=batch_size, device=device, variant=variant, repeats=10,
-                                            warmup=3, seed=seed)
-        report.write_json(ctx.results_dir("real") / NAME, {**measure, "profile": "full"})
-else:
-    print("logs profile: nothing is measured; reading results/")
+notebook.runtime_memory(ctx)
 
 # %% [markdown]
 # ## Fig. 4b and the numbers of Section 4.4: paper vs ours
 
 # %%
 for kind in ctx.kinds():
-    measure = report.read_json(ctx.inputs_dir(kind) / NAME)
-    table = report.table_fig4b(ctx, kind, measure)
-    csv = report.save_table(table, "table_fig4b_runtime_memory", ctx, kind)
+    measured = ctx.read(kind, notebook.RUNTIME_MEMORY)
+    table = report.table_fig4b(ctx, kind, measured)
+    csv = notebook.save_table(table, "table_fig4b_runtime_memory", ctx, kind)
     display(report.show_table(table, kind, csv))
-    fig = report.plot_runtime_memory(measure, kind)
-    report.save_figure(fig, "fig4b_runtime_memory", ctx, kind,
+    fig = report.plot_runtime_memory(measured, kind)
+    notebook.save_figure(fig, "fig4b_runtime_memory", ctx, kind,
                        caption="Training time, inference time and peak training memory per batch relative to "
                                "ResNet-101 (lower is better); MDEQs from their initial weights with the full "
                                "solver budgets",
-                       source=report.rel(ctx.inputs_dir(kind) / NAME))
+                       source=paths.rel(ctx.inputs_dir(kind) / notebook.RUNTIME_MEMORY))

@@ -50,41 +50,26 @@ dry_run: bool = False  # full: print the training commands, launch nothing
 # %%
 from IPython.display import display
 
-from mdeq import report, reproduce
+from mdeq import notebook, paths, report
 
-params = report.check_parameters(globals(), "04_cityscapes")
-ctx = report.setup(params)
-report.show_banner(ctx)
+params = notebook.check_parameters(globals(), "04_cityscapes")
+ctx = notebook.setup(params)
+notebook.show_banner(ctx)
 
 # %% [markdown]
 # ## Train, then predict the examples of Fig. 8 (smoke and full profiles)
 
 # %%
-EXAMPLES = "cityscapes_examples"
-if profile == "smoke":
-    for run in reproduce.runs_for("04_cityscapes"):
-        reproduce.train_smoke(run, ctx, variant=variant, seed=seed)
-    root, options = reproduce.smoke_data("cityscapes", quick=quick)
-    reproduce.cityscapes_examples(reproduce.SMOKE_RUNS / ("quick" if quick else "default") / "cityscapes_mdeq_large",
-                                  ctx.results_dir("smoke") / EXAMPLES, data_root=root, data_options=options,
-                                  num=1 if quick else 2, device="cpu")
-elif profile == "full":
-    for launch in reproduce.run_full("04_cityscapes", variant=variant, data_root=data_root, nproc=nproc,
-                                     dry_run=dry_run):
-        print(f"{launch.status:8s} {launch.run}: {launch.shell}")
-    if not dry_run:
-        reproduce.cityscapes_examples(reproduce.FULL_RUNS / "cityscapes_mdeq_large", ctx.results_dir("real") / EXAMPLES,
-                                      data_root=reproduce.default_data_root("cityscapes", data_root), num=3)
-else:
-    print("logs profile: nothing is trained; reading results/")
+notebook.train(ctx)
+notebook.segmentation_examples(ctx)
 
 # %% [markdown]
 # ## Table 3: paper vs ours
 
 # %%
 for kind in ctx.kinds():
-    table = report.table3(ctx, kind)
-    csv = report.save_table(table, "table_3_cityscapes", ctx, kind)
+    table = report.paper_table(ctx, kind, "table3")
+    csv = notebook.save_table(table, "table_3_cityscapes", ctx, kind)
     display(report.show_table(table, kind, csv))
 
 # %% [markdown]
@@ -92,9 +77,9 @@ for kind in ctx.kinds():
 
 # %%
 for kind in ctx.kinds():
-    folder = ctx.inputs_dir(kind) / EXAMPLES
+    folder = ctx.inputs_dir(kind) / notebook.CITYSCAPES_EXAMPLES
     fig = report.plot_segmentation_examples(folder, kind)
-    report.save_figure(fig, "fig8_cityscapes_examples", ctx, kind,
+    notebook.save_figure(fig, "fig8_cityscapes_examples", ctx, kind,
                        caption="Cityscapes val images, the MDEQ-large prediction and the ground truth in the "
                                "Cityscapes palette (void in black)",
-                       source=report.rel(folder))
+                       source=paths.rel(folder))

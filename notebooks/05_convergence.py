@@ -55,53 +55,35 @@ device: str = "auto"  # auto | cpu | cuda; full with auto needs a GPU
 # %%
 from IPython.display import display
 
-from mdeq import report, reproduce
+from mdeq import notebook, paths, report
 
-params = report.check_parameters(globals(), "05_convergence")
-ctx = report.setup(params)
-report.show_banner(ctx)
+params = notebook.check_parameters(globals(), "05_convergence")
+ctx = notebook.setup(params)
+notebook.show_banner(ctx)
 
 # %% [markdown]
 # ## Solve (smoke and full profiles)
 
 # %%
-NAME = "convergence_traces.json"
-if profile == "smoke":
-    traces = reproduce.convergence_traces(profile="smoke", quick=quick, variant=variant, num_batches=num_batches,
-                                          device="cpu", seed=seed)
-    report.write_json(ctx.results_dir("smoke") / NAME, traces)
-elif profile == "full":
-    if dry_run:
-        for dataset, (config, ckpt, batch, size) in reproduce.CONVERGENCE_SETS.items():
-            print(f"would trace {config.format(variant=variant)} on {num_batches} batches of {batch} x {size} "
-                  f"({dataset}), weights: initial and runs/full/{ckpt}/checkpoint.pt if present")
-    else:
-        if device == "auto" and not reproduce.visible_gpus():
-            raise RuntimeError("the full profile traces on a GPU and none is visible; pass device='cpu' to run "
-                               "on this CPU anyway (slow at 1024 x 2048), or use profile='smoke'")
-        traces = reproduce.convergence_traces(profile="full", variant=variant, data_root=data_root,
-                                              num_batches=num_batches, device=device, seed=seed)
-        report.write_json(ctx.results_dir("real") / NAME, traces)
-else:
-    print("logs profile: nothing is computed; reading results/")
+notebook.convergence(ctx)
 
 # %% [markdown]
 # ## Figs. 5/6: forward and backward convergence at three resolutions
 
 # %%
 for kind in ctx.kinds():
-    traces = report.read_json(ctx.inputs_dir(kind) / NAME)
-    source = report.rel(ctx.inputs_dir(kind) / NAME)
+    traces = ctx.read(kind, notebook.CONVERGENCE_TRACES)
+    source = paths.rel(ctx.inputs_dir(kind) / notebook.CONVERGENCE_TRACES)
     fig = report.plot_convergence(traces, kind, direction="forward")
-    report.save_figure(fig, "fig5_convergence_forward", ctx, kind, source=source,
+    notebook.save_figure(fig, "fig5_convergence_forward", ctx, kind, source=source,
                        caption="Relative residual of the forward solve vs f evaluations, Broyden (blue) and "
                                "plain iteration of f (yellow), mean and std over batches")
     fig = report.plot_convergence(traces, kind, direction="backward")
-    report.save_figure(fig, "fig5_convergence_backward", ctx, kind, source=source,
+    notebook.save_figure(fig, "fig5_convergence_backward", ctx, kind, source=source,
                        caption="Relative residual of the backward (IFT) Broyden solve vs evaluations of the "
                                "vector-Jacobian product, mean and std over batches")
     table = report.convergence_table(ctx, kind, traces)
-    csv = report.save_table(table, "table_fig5_convergence", ctx, kind)
+    csv = notebook.save_table(table, "table_fig5_convergence", ctx, kind)
     display(report.show_table(table, kind, csv))
 
 # %% [markdown]
@@ -109,8 +91,9 @@ for kind in ctx.kinds():
 
 # %%
 for kind in ctx.kinds():
-    traces = report.read_json(ctx.inputs_dir(kind) / NAME)
+    traces = ctx.read(kind, notebook.CONVERGENCE_TRACES)
     fig = report.plot_per_scale(traces, kind)
-    report.save_figure(fig, "fig7_per_scale_convergence", ctx, kind, source=report.rel(ctx.inputs_dir(kind) / NAME),
+    source = paths.rel(ctx.inputs_dir(kind) / notebook.CONVERGENCE_TRACES)
+    notebook.save_figure(fig, "fig7_per_scale_convergence", ctx, kind, source=source,
                        caption="Per-scale relative residual of the Broyden forward solve of the CIFAR-10 MDEQ "
                                "(scale 1 is the highest resolution) and of the single-stream DEQ")

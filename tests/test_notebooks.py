@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import importlib.util
 import time
+from pathlib import Path
 
 import pytest
 
-from mdeq import paths, report, reproduce
+from mdeq import notebook, paths, reproduce
 
 papermill = pytest.importorskip("papermill")
 jupytext = pytest.importorskip("jupytext")
 
-NOTEBOOKS = list(report.NOTEBOOKS)
+NOTEBOOKS = list(notebook.NOTEBOOKS)
 SKIP_TAGS = {"injected-parameters", "papermill-error-cell-tag"}
 
 
@@ -56,10 +57,10 @@ def test_py_and_ipynb_in_sync(name):
 def test_smoke_quick(name, tmp_path):
     out, seconds = _run(name, tmp_path, quick=True)
     figures = tmp_path / "out" / "figures" / "smoke"
-    owned = sorted(n for n, nb in report.FIGURE_OWNERS.items() if nb == name)
+    owned = sorted(n for n, nb in notebook.FIGURE_OWNERS.items() if nb == name)
     assert sorted({p.stem for p in figures.glob("*.png")}) == owned
     tables = sorted(p.stem for p in (tmp_path / "out" / "results" / "smoke").glob("table_*.csv"))
-    assert tables == sorted(n for n, nb in report.TABLE_OWNERS.items() if nb == name)
+    assert tables == sorted(n for n, nb in notebook.TABLE_OWNERS.items() if nb == name)
     assert not list((tmp_path / "out" / "figures").glob("*.png")), "a smoke run wrote a real figure"
     print(f"{name} smoke quick: {seconds:.1f} s")
 
@@ -70,9 +71,9 @@ def test_logs_profile(name, tmp_path):
     out, seconds = _run(name, tmp_path, profile="logs")
     real = tmp_path / "out" / "results"
     assert sorted(p.stem for p in real.glob("table_*.csv")) == sorted(
-        n for n, nb in report.TABLE_OWNERS.items() if nb == name)
+        n for n, nb in notebook.TABLE_OWNERS.items() if nb == name)
     assert sorted({p.stem for p in (tmp_path / "out" / "figures").glob("*.png")}) == sorted(
-        n for n, nb in report.FIGURE_OWNERS.items() if nb == name)
+        n for n, nb in notebook.FIGURE_OWNERS.items() if nb == name)
     assert seconds < 60, f"the logs profile of {name} took {seconds:.0f} s"
     print(f"{name} logs: {seconds:.1f} s ({time.perf_counter() - t0:.1f} s with the kernel)")
 
@@ -103,11 +104,23 @@ def test_bad_parameters_fail_loudly(parameters, message, tmp_path):
     assert not any(o.get("output_type") == "display_data" for c in nb.cells for o in c.get("outputs", []))
 
 
+def test_reproduce_cli_rejects_bad_combinations():
+    with pytest.raises(SystemExit):
+        reproduce.main(["--profile", "logs", "--quick"])
+    with pytest.raises(SystemExit):
+        reproduce.main(["--profile", "smoke", "--quick", "--update-committed"])
+    with pytest.raises(SystemExit):
+        reproduce.main(["--profile", "nope"])
+    with pytest.raises(ValueError, match="unknown parameter"):
+        reproduce.execute_notebook("01_cifar10", Path("/nonexistent/x.ipynb"), {"profil": "logs"})
+
+
 @pytest.mark.skipif(importlib.util.find_spec("jupyter_book") is None, reason="jupyter-book (the 'book' extra) is not installed")
 def test_book_builds_with_warnings_as_errors(tmp_path):
     html = reproduce.build_book(paths.NOTEBOOKS, tmp_path, strict=True)
     for name in NOTEBOOKS:
         assert (html / "notebooks" / f"{name}.html").is_file()
+    assert "Paper vs released code" in (html / "paper_vs_released.html").read_text()
     assert "mdeq-repro" in (html / "intro.html").read_text()
 
 

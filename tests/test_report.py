@@ -1,4 +1,4 @@
-"""mdeq.report and mdeq.reproduce: paper numbers, parameter checks, output ownership, tables, launches.
+"""mdeq.report: the paper's numbers, the paper-vs-ours tables (one column spec) and the figures.
 
 The notebooks themselves are run in tests/test_notebooks.py; everything here is fast (no training).
 """
@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
+import subprocess
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+import pandas as pd
 import pytest
 
-from mdeq import paths, report, reproduce
+from mdeq import notebook, paths, report, runs
 
 # Lines of the paper's Tables 1-3 and Section 4.4, copied verbatim from shared/paper/paper.md, so
 # that this spot-check needs no file outside the repository.
@@ -74,123 +76,21 @@ def test_paper_numbers_table1_resnets_and_fig4b(numbers):
     assert st["mdeq_slowdown_vs_resnet101"]["value"] == 2.7
     assert st["resnet101_ms_per_batch"]["value"] == 150
     assert st["mdeq_small_speedup_vs_anode"]["value"] == 3.0
-    # every row we reproduce is a known run, and every run is a row of its table
-    ours = {r["ours"] for t in ("table1", "table2", "table3") for r in numbers[t]["rows"] if "ours" in r}
-    assert ours == {r.key for r in reproduce.RUNS}
 
 
 # ----------------------------------------------------------------------------------------------
-# Parameters.
+# Tables.
 
-def _ns(notebook, injected=None, **values):
-    ns = {name: default for name, (_, default) in report.PARAMETERS[notebook].items()}
-    ns.update(values)
-    if injected is not None:
-        ns["In"] = ["", "profile: str = 'smoke'", "# Parameters\n" + "\n".join(f"{k} = {v!r}" for k, v in injected.items())]
-        ns.update(injected)
-    return ns
-
-
-def test_check_parameters_accepts_the_defaults():
-    for nb in report.NOTEBOOKS:
-        params = report.check_parameters(_ns(nb), nb)
-        assert params.profile == "smoke" and params.quick is False
-
-
-@pytest.mark.parametrize("bad, message", [
-    ({"profile": "Full"}, "must be one of"),
-    ({"profile": "logs", "quick": True}, "quick=True only applies"),
-    ({"quick": "yes"}, "must be of type bool"),
-    ({"seed": 1.5}, "must be of type int"),
-    ({"seeds": 0}, "must be >= 1"),
-    ({"variant": "papr"}, "did you mean 'paper'"),
-])
-def test_check_parameters_rejects_bad_values(bad, message):
-    with pytest.raises(report.ParameterError, match=re.escape(message)):
-        report.check_parameters(_ns("01_cifar10", **bad), "01_cifar10")
-
-
-def test_check_parameters_rejects_an_unknown_injected_parameter():
-    ns = _ns("04_cityscapes", injected={"profil": "logs"})
-    with pytest.raises(report.ParameterError, match="unknown parameter.*'profil'.*did you mean 'profile'"):
-        report.check_parameters(ns, "04_cityscapes")
-
-
-def test_notebook_parameter_cells_declare_exactly_the_listed_parameters():
-    import papermill as pm
-
-    for nb in report.NOTEBOOKS:
-        declared = pm.inspect_notebook(str(paths.NOTEBOOKS / f"{nb}.ipynb"))
-        spec = report.PARAMETERS[nb]
-        assert list(declared) == list(spec), nb
-        for name, (tp, default) in spec.items():
-            assert declared[name]["inferred_type_name"] == tp.__name__, (nb, name)
-            assert eval(declared[name]["default"]) == default, (nb, name)  # noqa: S307 (literals)
-
-
-# ----------------------------------------------------------------------------------------------
-# Outputs: who writes what, and where.
-
-def _notebook_sources():
-    return {nb: (paths.NOTEBOOKS / f"{nb}.py").read_text() for nb in report.NOTEBOOKS}
-
-
-def test_each_figure_and_table_is_written_by_exactly_one_notebook():
-    sources = _notebook_sources()
-    for owners in (report.FIGURE_OWNERS, report.TABLE_OWNERS):
-        for name, owner in owners.items():
-            writers = [nb for nb, src in sources.items() if f'"{name}"' in src]
-            assert writers == [owner], (name, writers)
-
-
-def test_files_in_figures_and_results_tables_have_their_owner():
-    for folder in (paths.FIGURES, paths.FIGURES / "smoke"):
-        if not folder.is_dir():
-            continue
-        for f in folder.iterdir():
-            if f.is_dir():
-                continue
-            name = f.name.split(".")[0]
-            assert name in report.FIGURE_OWNERS, f"{f} is written by no notebook (report.FIGURE_OWNERS)"
-            assert f.suffix in (".png", ".svg", ".json"), f
-            assert f.stat().st_size < 300_000, f"{f} is {f.stat().st_size} bytes"
-            if f.suffix == ".json":
-                meta = json.loads(f.read_text())
-                assert meta["notebook"] == f"notebooks/{report.FIGURE_OWNERS[name]}.ipynb"
-                assert (folder.name == "smoke") == (meta["kind"] == "smoke")
-                if meta["kind"] == "smoke":
-                    assert report.SMOKE_NOTE in meta["caption"].lower()
-    for folder in (paths.RESULTS, paths.RESULTS / "smoke"):
-        for f in folder.glob("table_*.csv"):
-            assert f.stem in report.TABLE_OWNERS, f"{f} is written by no notebook (report.TABLE_OWNERS)"
-
-
-def test_committed_tables_never_copy_paper_numbers_into_ours():
-    import pandas as pd
-
-    for folder in (paths.RESULTS, paths.RESULTS / "smoke"):
-        for f in folder.glob("table_*.csv"):
-            df = pd.read_csv(f)
-            assert {"paper", "ours", "delta", "ours_source"} <= set(df.columns), f
-            for _, row in df.iterrows():
-                if str(row["ours"]) == report.NOT_RUN:
-                    assert pd.isna(row["delta"]), (f, row["row"])
-                    continue
-                assert str(row["ours_source"]) != report.NOT_RUN, (f, row["row"])
-                if folder.name == "smoke":
-                    assert "smoke" in row["ours_source"] and report.SMOKE_NOTE in row["status"], (f, row["row"])
-
-
-def _ctx(tmp_path, notebook="01_cifar10", profile="logs"):
-    return report.Context(notebook, profile, False, tmp_path)
+def _ctx(tmp_path, name="01_cifar10", profile="logs"):
+    return notebook.Context(name, profile, False, tmp_path)
 
 
 def test_tables_without_logs_say_not_run_yet(tmp_path, monkeypatch):
-    monkeypatch.setattr(report.Context, "inputs_dir", lambda self, kind: tmp_path / "nothing")
+    monkeypatch.setattr(notebook.Context, "inputs_dir", lambda self, kind: tmp_path / "nothing")
     numbers = report.paper_numbers()
-    for build in (report.table1, report.table2, report.table3):
-        df = build(_ctx(tmp_path), "real", numbers)
-        assert (df["ours"] == report.NOT_RUN).all() and df["delta"].isna().all()
+    for table in report.PAPER_TABLES:
+        df = report.paper_table(_ctx(tmp_path), "real", table, numbers)
+        assert len(df) and (df["ours"] == report.NOT_RUN).all() and df["delta"].isna().all()
         assert df["paper"].notna().all()
     df = report.table_fig4b(_ctx(tmp_path), "real", None, numbers)
     assert (df["ours"] == report.NOT_RUN).all()
@@ -198,28 +98,30 @@ def test_tables_without_logs_say_not_run_yet(tmp_path, monkeypatch):
     assert (df["ours"] == report.NOT_RUN).all()
 
 
-def _fake_run(folder: Path, name: str, top1: float, *, gpu: bool = True):
+def _fake_run(folder: Path, name: str, top1: float, *, gpu: bool = True, final: dict | None = None):
     folder = folder / name
     folder.mkdir(parents=True)
-    (folder / "final.json").write_text(json.dumps({"metric": "top1", "final": top1, "stopped_early": False,
-                                                   "final_eval": {"top1": top1, "top5": 99.0}}))
+    final = final if final is not None else {"metric": "top1", "final": top1, "stopped_early": False,
+                                             "final_eval": {"top1": top1, "top5": 99.0}}
+    (folder / "final.json").write_text(json.dumps(final))
     hw = {"gpu": "NVIDIA H100", "world_size": 1} if gpu else {"cpu": "X", "torch_threads": 1}
     (folder / "provenance.json").write_text(json.dumps({"hardware": hw, "num_params": 175418,
-                                                        "data_source_label": "CIFAR-10 (official)"}))
+                                                        "data_source_label": "CIFAR-10 (official)",
+                                                        "config": {"train": {"epochs": 2}}}))
     (folder / "metrics.csv").write_text("epoch,eval_top1\n0,50.0\n1," + str(top1) + "\n")
 
 
 def test_table1_mean_std_delta_and_source_from_logs(tmp_path, monkeypatch):
-    runs = tmp_path / "runs"
     for k, acc in enumerate((86.0, 88.0)):
-        _fake_run(runs, f"cifar10_mdeq_small_seed{k}", acc)
-    monkeypatch.setattr(report.Context, "inputs_dir", lambda self, kind: tmp_path)
-    df = report.table1(_ctx(tmp_path), "real")
+        _fake_run(tmp_path / "runs", f"cifar10_mdeq_small_seed{k}", acc)
+    monkeypatch.setattr(notebook.Context, "inputs_dir", lambda self, kind: tmp_path)
+    df = report.paper_table(_ctx(tmp_path), "real", "table1")
     row = df[df["row"] == "MDEQ-small (ours)"].iloc[0]
     assert row["ours"] == pytest.approx(87.0) and row["ours_std"] == pytest.approx(1.41421, rel=1e-4)
-    assert row["delta"] == pytest.approx(87.0 - 87.1) and row["paper"] == 87.1
+    assert row["delta"] == pytest.approx(87.0 - 87.1) and row["paper"] == 87.1 and row["paper_std"] == 0.4
     assert row["ours_source"] == "full profile; data: CIFAR-10 (official); hardware: 1 x NVIDIA H100"
     assert row["status"] == "2 runs" and row["ours_params"] == 175418
+    assert row["setting"] == "without data augmentation"
     other = df[df["row"] == "Neural ODEs [18]"].iloc[0]
     assert other["ours"] == report.NOT_RUN
 
@@ -230,148 +132,112 @@ def test_table1_unfinished_run_shows_its_latest_epoch_without_a_delta(tmp_path, 
     (folder / "provenance.json").write_text(json.dumps({"config": {"train": {"epochs": 50}},
                                                         "hardware": {"cpu": "X", "torch_threads": 2}}))
     (folder / "metrics.csv").write_text("epoch,eval_top1,partial\n0,50.0,False\n1,60.0,False\n2,65.0,True\n")
-    monkeypatch.setattr(report.Context, "inputs_dir", lambda self, kind: tmp_path)
-    df = report.table1(_ctx(tmp_path), "real")
+    monkeypatch.setattr(notebook.Context, "inputs_dir", lambda self, kind: tmp_path)
+    df = report.paper_table(_ctx(tmp_path), "real", "table1")
     row = df[df["row"] == "ResNet-18 [26] [Explicit]"].iloc[0]
-    assert row["ours"] == 60.0 and pd_isna(row["delta"])
+    assert row["ours"] == 60.0 and pd.isna(row["delta"])
     assert row["status"] == "1 run; unfinished: epoch 2 of 50"
 
 
-def pd_isna(x):
-    import pandas as pd
-
-    return pd.isna(x)
-
-
-def test_save_figure_checks_the_owner_and_labels_smoke(tmp_path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    report.set_style()
-    ctx = report.Context("05_convergence", "smoke", False, tmp_path)
-    fig, ax = plt.subplots()
-    ax.plot([1, 2])
-    with pytest.raises(ValueError, match="belongs to '01_cifar10'"):
-        report.save_figure(fig, "fig4a_cifar10_accuracy", ctx, "smoke", caption="x", source="y")
-    out = report.save_figure(fig, "fig7_per_scale_convergence", ctx, "smoke", caption="A caption", source="here")
-    plt.close(fig)
-    assert out["png"] == tmp_path / "figures" / "smoke" / "fig7_per_scale_convergence.png"
-    assert out["svg"].is_file() and out["png"].stat().st_size < 300_000
-    meta = json.loads(out["json"].read_text())
-    assert meta["caption"].startswith("Smoke run, not a reproduction") and "notebooks/05_convergence.ipynb" in meta["caption"]
-    assert b"Date" not in out["svg"].read_bytes()[:2000]  # deterministic SVG
+def test_a_run_stopped_early_is_labelled_and_gets_no_delta(tmp_path, monkeypatch):
+    _fake_run(tmp_path / "runs", "cifar10_node", 50.0,
+              final={"metric": "top1", "final": 50.0, "stopped_early": True, "final_eval": {"top1": 50.0}})
+    monkeypatch.setattr(notebook.Context, "inputs_dir", lambda self, kind: tmp_path)
+    row = report.paper_table(_ctx(tmp_path), "real", "table1").set_index("row").loc["Neural ODEs [18]"]
+    assert row["ours"] == 50.0 and pd.isna(row["delta"]) and row["status"] == "1 run; stopped early"
 
 
-def test_context_keeps_smoke_and_quick_away_from_real_results(tmp_path):
-    real = report.Context("01_cifar10", "logs")
-    assert real.results_dir("real") == paths.RESULTS and real.figures_dir("real") == paths.FIGURES
-    assert real.results_dir("smoke") == paths.RESULTS / "smoke" and real.kinds() == ("real", "smoke")
-    smoke = report.Context("01_cifar10", "smoke")
-    assert smoke.kinds() == ("smoke",) and paths.RUNS in smoke.results_dir("smoke").parents  # never committed files
-    assert paths.RUNS in smoke.figures_dir("smoke").parents and smoke.inputs_dir("smoke") == smoke.results_dir("smoke")
-    committed = report.Context("01_cifar10", "smoke", False, paths.ROOT)  # --update-committed
-    assert committed.results_dir("smoke") == paths.RESULTS / "smoke"
-    full = report.Context("01_cifar10", "full", False, tmp_path)  # output_root: read where it writes
-    assert full.inputs_dir("real") == full.results_dir("real") == tmp_path / "results"
-    assert report.Context("01_cifar10", "logs", False, tmp_path).inputs_dir("real") == paths.RESULTS
-    quick = report.Context("01_cifar10", "smoke", True)
-    assert paths.RUNS in quick.results_dir("smoke").parents and paths.RUNS in quick.figures_dir("smoke").parents
-    assert report.Context("01_cifar10", "full").kinds() == ("real",)
+def test_table2_has_a_row_per_column_and_table3_scales_miou_to_percent(tmp_path, monkeypatch):
+    _fake_run(tmp_path / "runs", "imagenet_mdeq_small", 70.0)
+    _fake_run(tmp_path / "runs", "cityscapes_mdeq_small", 0.0,
+              final={"metric": "miou", "final": 0.7512, "stopped_early": False, "final_eval": {"miou": 0.7512}})
+    monkeypatch.setattr(notebook.Context, "inputs_dir", lambda self, kind: tmp_path)
+    t2 = report.paper_table(_ctx(tmp_path, "02_imagenet"), "real", "table2")
+    small = t2[t2["row"] == "MDEQ-small (ours) [Implicit]"]
+    assert list(small["metric"]) == ["top-1 accuracy (%)", "top-5 accuracy (%)"]
+    assert list(small["ours"]) == [70.0, 99.0] and list(small["paper"]) == [75.5, 92.7]
+    assert (t2["setting"] == "").all()
+    t3 = report.paper_table(_ctx(tmp_path, "04_cityscapes"), "real", "table3")
+    row = t3[t3["row"] == "MDEQ-small (ours) [Implicit]"].iloc[0]
+    assert row["ours"] == pytest.approx(75.12) and row["delta"] == pytest.approx(75.12 - 75.1)
+
+
+# The committed tables, redrawn by the logs profile from the results/ of the commit that wrote each one.
+COMMITTED_TABLES = {  # results/<name>.csv: (notebook, kind)
+    "table_1_cifar10": ("01_cifar10", "real"),
+    "table_2_imagenet": ("02_imagenet", "real"),
+    "table_3_cityscapes": ("04_cityscapes", "real"),
+    "table_fig4b_runtime_memory": ("03_runtime_memory", "real"),
+    "table_fig5_convergence": ("05_convergence", "real"),
+    "smoke/table_fig4b_runtime_memory": ("03_runtime_memory", "smoke"),
+    "smoke/table_fig5_convergence": ("05_convergence", "smoke"),
+}
+
+
+def _git(*args) -> str:
+    return subprocess.run(["git", *args], cwd=paths.ROOT, capture_output=True, text=True, check=True).stdout
+
+
+def _redraw(ctx, kind: str, name: str, numbers):
+    if name.startswith("table_fig4b"):
+        return report.table_fig4b(ctx, kind, ctx.read(kind, notebook.RUNTIME_MEMORY), numbers)
+    if name.startswith("table_fig5"):
+        return report.convergence_table(ctx, kind, ctx.read(kind, notebook.CONVERGENCE_TRACES), numbers)
+    return report.paper_table(ctx, kind, "table" + name.split("_")[1], numbers)
+
+
+@pytest.mark.parametrize("path", list(COMMITTED_TABLES))
+def test_logs_profile_redraws_the_committed_tables(path, tmp_path, monkeypatch):
+    """Each committed results/table_*.csv comes out byte for byte from the logs and measurements committed
+    beside it, so a change to the reporting code that changes a table cannot pass unnoticed. The results of
+    the commit that last wrote the table are used: a campaign commits new logs before its tables are redrawn.
+    (The smoke tables 1-3 are left out: no smoke run logs are committed.)"""
+    try:
+        commit = _git("log", "-1", "--format=%H", "--", f"results/{path}.csv").strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = ""
+    if not commit:
+        pytest.skip("no git history for the committed tables")
+    for rel in _git("ls-tree", "-r", "--name-only", commit, "results").splitlines():
+        if rel.endswith((".json", ".yaml")) or rel.endswith("/metrics.csv"):
+            dest = tmp_path / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text(_git("show", f"{commit}:{rel}"))
+    monkeypatch.setattr(paths, "RESULTS", tmp_path / "results")
+    name, (nb, kind) = path.split("/")[-1], COMMITTED_TABLES[path]
+    ctx = notebook.Context(nb, "logs", False, tmp_path / "out")
+    df = _redraw(ctx, kind, name, report.paper_numbers(tmp_path / "results" / "paper_numbers.yaml"))
+    written = notebook.save_table(df, name, ctx, kind)
+    assert written.read_text() == _git("show", f"{commit}:results/{path}.csv")
+
+
+def test_show_table_keeps_few_columns_and_names_the_csv(tmp_path, monkeypatch):
+    _fake_run(tmp_path / "runs", "cifar10_mdeq_small", 87.5)
+    monkeypatch.setattr(notebook.Context, "inputs_dir", lambda self, kind: tmp_path)
+    df = report.paper_table(_ctx(tmp_path), "real", "table1")
+    shown = report.show_table(df, "real", paths.RESULTS / "table_1_cifar10.csv")
+    assert list(shown.data.columns) == ["setting", "row", "metric", "paper", "ours", "delta", "params (paper / ours)",
+                                        "status"]
+    assert shown.caption.endswith("results/table_1_cifar10.csv")
+    row = shown.data.set_index("row").loc["MDEQ-small (ours)"]
+    assert row["paper"] == "87.10 ± 0.40" and row["params (paper / ours)"] == "170K / 175K"
 
 
 # ----------------------------------------------------------------------------------------------
-# What the full profile would launch.
+# Figures.
 
-def _train_args(cmd):
-    i = cmd.index("mdeq.train")
-    return cmd[i + 1:]
-
-
-def test_full_command_single_gpu():
-    run = reproduce.spec("cifar10_mdeq_small")
-    cmd = reproduce.full_command(run, variant="paper", data_root="/data", nproc=1, seed=3, python="python")
-    assert shlex.join(cmd) == (
-        "python -m mdeq.train --config cifar10_small_paper --data-root /data/cifar10 "
-        f"--out {reproduce.FULL_RUNS / 'cifar10_mdeq_small_seed3'} --resume --workers 8 --no-progress "
-        "--set train.seed=3")
-
-
-def test_full_command_multi_gpu_uses_torchrun_and_carries_the_row():
-    run = reproduce.spec("imagenet_mdeq_large_unrolled5")
-    cmd = reproduce.full_command(run, variant="official", nproc=4, python="python")
-    assert cmd[:6] == ["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"]
-    args = _train_args(cmd)
-    assert args[args.index("--config") + 1] == "imagenet_large_official"
-    assert args[args.index("--data-root") + 1] == str(paths.DATA / "imagenet")
-    assert args[args.index("--set") + 1:] == ["solver.grad=unrolled", "solver.unroll_steps=5", "train.pretrain_steps=0"]
-
-
-def test_full_commands_parse_and_their_configs_load():
-    import mdeq.train
-    from mdeq.baselines import BASELINES
-    from mdeq.config import load_config
-
-    for run in reproduce.RUNS:
-        for variant in ("paper", "official"):
-            cmd = reproduce.full_command(run, variant=variant, nproc=2, seed=0 if run.table == "table1" else None)
-            args = mdeq.train._parser().parse_args(_train_args(cmd))
-            overrides = [o for o in args.overrides if not o.startswith("train.pretrained=")]
-            cfg = load_config(args.config, overrides)
-            assert cfg.data.dataset == run.dataset
-            assert args.resume and args.out == str(reproduce.FULL_RUNS / reproduce.run_name(
-                run, 0 if run.table == "table1" else None))
-            assert args.baseline == run.baseline and (run.baseline is None or run.baseline in BASELINES)
-            if run.dataset == "cityscapes":
-                assert f"train.pretrained={reproduce.FULL_RUNS / run.pretrained_from / 'checkpoint.pt'}" in args.overrides
-            if "xl" in run.key:
-                assert args.config.endswith("_official")  # the XL models have no paper variant
-
-
-def test_run_full_dry_run_and_skip_finished(tmp_path):
-    (tmp_path / "cifar10_node_seed1").mkdir()
-    (tmp_path / "cifar10_node_seed1" / "final.json").write_text(json.dumps({"final": 55.0, "stopped_early": False}))
-    launches = reproduce.run_full("01_cifar10", data_root="/data", nproc=2, seeds=2, dry_run=True, results=tmp_path)
-    assert len(launches) == 7 * 2
-    status = {lc.run: lc.status for lc in launches}
-    assert status.pop("cifar10_node_seed1") == "done"
-    assert set(status.values()) == {"dry-run"}
-    assert all("torch.distributed.run" in lc.command for lc in launches)
-
-
-def test_processes_split_the_global_batch_evenly():
-    assert reproduce.processes_for(reproduce.spec("cityscapes_mdeq_small"), "paper", 8) == 6  # batch 12
-    assert reproduce.processes_for(reproduce.spec("cityscapes_mdeq_xl"), "paper", 8) == 8  # batch 16
-    assert reproduce.processes_for(reproduce.spec("cifar10_mdeq_small"), "paper", 3) == 2  # batch 128
-    assert reproduce.processes_for(reproduce.spec("imagenet_mdeq_small"), "paper", 0) == 1
-
-
-def test_run_full_without_gpus_refuses_to_launch(monkeypatch, tmp_path):
-    monkeypatch.setattr(reproduce, "visible_gpus", lambda: 0)
-    with pytest.raises(RuntimeError, match="none is visible"):
-        reproduce.run_full("02_imagenet", results=tmp_path)
-
-
-def test_smoke_overrides_give_valid_small_configs():
-    from mdeq.config import load_config
-
-    for run in reproduce.RUNS:
-        for quick in (False, True):
-            cfg = load_config(reproduce.config_name(run, "paper"),
-                              [*run.overrides, *reproduce.smoke_overrides(run, "paper", quick=quick)])
-            assert max(cfg.model.num_channels) <= 100 and cfg.solver.max_iter <= 6
-            assert cfg.train.pretrained is None
-        if run.key.endswith("unrolled5"):
-            assert cfg.solver.grad == "unrolled" and cfg.solver.unroll_steps == 5
-
-
-def test_reproduce_cli_rejects_bad_combinations(capsys):
-    with pytest.raises(SystemExit):
-        reproduce.main(["--profile", "logs", "--quick"])
-    with pytest.raises(SystemExit):
-        reproduce.main(["--profile", "smoke", "--quick", "--update-committed"])
-    with pytest.raises(SystemExit):
-        reproduce.main(["--profile", "nope"])
-    with pytest.raises(ValueError, match="unknown parameter"):
-        reproduce.execute_notebook("01_cifar10", Path("/nonexistent/x.ipynb"), {"profil": "logs"})
+def test_training_curves_average_seeds_and_name_unfinished_runs(tmp_path, monkeypatch):
+    report.set_style()
+    for k, acc in enumerate((86.0, 88.0)):
+        _fake_run(tmp_path / "runs", f"cifar10_mdeq_small_seed{k}", acc)
+    monkeypatch.setattr(notebook.Context, "inputs_dir", lambda self, kind: tmp_path)
+    fig = report.plot_training_curves(_ctx(tmp_path), "real", runs.runs_for("01_cifar10"), column="eval_top1",
+                                      ylabel="acc", title="t")
+    (line,) = fig.axes[0].get_lines()
+    assert list(line.get_xdata()) == [1, 2] and list(line.get_ydata()) == [50.0, 87.0]
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["MDEQ-small (2 runs)"]
+    plt.close(fig)
+    fig = report.plot_training_curves(_ctx(tmp_path / "none"), "real", runs.runs_for("02_imagenet"),
+                                      column="eval_top1", ylabel="acc", title="t")
+    assert not fig.axes[0].get_lines() and report.NOT_RUN in fig.axes[0].texts[0].get_text()
+    plt.close(fig)

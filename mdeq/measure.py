@@ -1,0 +1,407 @@
+"""What is computed for a figure: Fig. 4b's time and memory, the solver traces of Figs. 5-7, Fig. 8's predictions.
+
+Why one module: the notebooks, the device scripts (``scripts/device/``) and the benchmarks
+(``benchmarks/``) measure with the same code, so a number means the same wherever it is drawn. Each
+function returns plain data (or writes images) and draws nothing; ``mdeq.report`` draws. The device is
+chosen once, by the engine's rule (``mdeq.train.resolve_device``); solver settings reach the implicit
+layer through the config it is built from (``trace_overrides``), so the layer checks them as it checks
+a training run's. ``timeit`` is the one timing loop (the benchmarks use it too).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import json
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from mdeq.checkpoint import load_checkpoint, load_pretrained
+from mdeq.config import config_from_dict, load_config
+from mdeq.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset
+from mdeq.metrics import IGNORE_INDEX, PeakMemory
+from mdeq.model import build_model, upsample_logits
+from mdeq.runlog import hardware_label
+from mdeq.runs import FULL_RUNS, default_data_root, smoke_data, smoke_overrides, smoke_spec
+from mdeq.train import resolve_device
+
+__all__ = ["sync", "timeit", "check_gpu", "RuntimeModel", "RUNTIME_MODELS", "measure_runtime", "TraceSet",
+           "CONVERGENCE_SETS", "CONVERGENCE_BUDGET", "trace_overrides", "convergence_traces", "cityscapes_examples"]
+
+_UNCONVERGED = "IFT backward solve did not converge"  # expected here: untrained weights, budgets run to the end
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn: Callable[[], Any], device: torch.device | str, repeats: int, warmup: int = 1, *,
+           after: Callable[[], Any] | None = None) -> list[float]:
+    """Wall times in seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones, device-synchronised.
+
+    ``after`` runs after each timed call, outside the timing (e.g. reading the solver's statistics).
+    """
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t0)
+        if after is not None:
+            after()
+    return out
+
+
+def check_gpu(device: str, what: str) -> None:
+    """The full profile measures on a GPU: with ``device="auto"`` and none visible, stop and say so."""
+    if device == "auto" and not torch.cuda.is_available():
+        raise RuntimeError(f"the full profile {what} on a GPU and none is visible; pass device='cpu' to run on this "
+                           f"CPU anyway (labelled as such; slow at full resolution), or use profile='smoke'")
+
+
+# ----------------------------------------------------------------------------------------------
+# Fig. 4b: time and peak memory of one training step and one inference pass.
+
+@dataclass(frozen=True)
+class RuntimeModel:
+    """One bar group of Fig. 4b: an MDEQ config (``config:<name with {variant}>``) or ``baseline:<name>``."""
+
+    key: str
+    label: str
+    what: str
+
+
+RUNTIME_MODELS = (
+    RuntimeModel("mdeq", "MDEQ", "config:cifar10_large_{variant}"),
+    RuntimeModel("mdeq_small", "MDEQ-small", "config:cifar10_small_{variant}"),
+    RuntimeModel("resnet18", "ResNet-18", "baseline:resnet18_10m"),
+    RuntimeModel("resnet101", "ResNet-101", "baseline:resnet101"),
+    RuntimeModel("anode", "ANODE", "baseline:anode_172k"),
+)
+
+
+def _build_runtime_model(what: str, variant: str) -> torch.nn.Module:
+    kind, name = what.split(":", 1)
+    if kind == "baseline":
+        # Imported here: the Neural ODE baselines need torchdiffeq, an optional dependency (the baselines extra).
+        from mdeq.baselines import build_baseline
+
+        return build_baseline(name)
+    return build_model(load_config(name.format(variant=variant)))
+
+
+def _release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    else:
+        with contextlib.suppress(Exception):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _median(times_ms: Sequence[float]) -> float:
+    return float(sorted(times_ms)[len(times_ms) // 2])
+
+
+def measure_runtime(*, batch_size: int = 32, device: str = "auto", variant: str = "paper", repeats: int = 3,
+                    warmup: int = 1, models: Sequence[str] | None = None, seed: int = 0) -> dict:
+    """Time (ms per batch) of a training step (forward + backward) and of inference, and the peak
+    training memory, of each model of Fig. 4b on a CIFAR-10-sized batch (3 x 32 x 32).
+
+    MDEQs run in their implicit phase (Broyden forward with T_f, IFT backward with T_b) from their
+    initial weights, so every solve uses its full budget. Memory: on a GPU the allocator's peak during
+    the step (``max_memory_allocated``, weights included); on a CPU the increase of the process's peak
+    resident set over its resident set before the model was built.
+    """
+    dev = resolve_device(device)
+    table = {m.key: m for m in RUNTIME_MODELS}
+    keys = list(models) if models is not None else list(table)
+    out: dict[str, Any] = {"batch_size": batch_size, "input": [3, 32, 32], "device": str(dev),
+                           "hardware": hardware_label(dev), "repeats": repeats, "warmup": warmup,
+                           "variant": variant, "torch": torch.__version__, "models": {}}
+    for key in keys:
+        spec = table[key]
+        torch.manual_seed(seed)
+        _release_memory(dev)
+        m = out["models"][key] = _measure_model(spec, variant, dev, batch_size, repeats, warmup)
+        print(f"{spec.label}: train {m['train_ms']:.0f} ms, inference {m['inference_ms']:.0f} ms, "
+              f"peak {m['peak_train_memory_mb']:.0f} MB", flush=True)
+    _release_memory(dev)
+    return out
+
+
+def _measure_model(spec: RuntimeModel, variant: str, dev: torch.device, batch_size: int, repeats: int,
+                   warmup: int) -> dict[str, Any]:
+    meter = PeakMemory(dev)
+    base_mb = meter.current_mb()
+    model = _build_runtime_model(spec.what, variant)
+    model.to(dev).train()
+    x = torch.randn(batch_size, 3, 32, 32, device=dev)
+    y = torch.randint(0, 10, (batch_size,), device=dev)
+    params = sum(p.numel() for p in model.parameters())
+
+    def train_step():
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+
+    def infer():
+        with torch.no_grad():
+            model(x)
+
+    times = {}
+    meter.reset()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_UNCONVERGED)
+        for name, fn, mode in (("train", train_step, True), ("inference", infer, False)):
+            model.train(mode)
+            times[name] = [1000 * s for s in timeit(fn, dev, repeats, warmup)]
+            if name == "train":
+                peak_mb = meter.peak_mb() - base_mb
+    info = getattr(model, "last_info", None)
+    nfe = {}
+    if info is not None and info.forward is not None:
+        nfe = {"nfe_forward": info.forward.nfe,
+               "nfe_backward": info.backward.nfe if info.backward is not None else None}
+    return {
+        "label": spec.label, "what": spec.what.format(variant=variant), "params": params,
+        "train_ms": _median(times["train"]), "train_ms_all": times["train"],
+        "inference_ms": _median(times["inference"]), "inference_ms_all": times["inference"],
+        "peak_train_memory_mb": float(peak_mb),
+        "memory_kind": meter.kind if dev.type == "cuda" else "cpu_peak_rss_increase", **nfe,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Figs. 5-7: solver traces.
+
+@dataclass(frozen=True)
+class TraceSet:
+    """The model and input of one panel of Figs. 5/6 in the full profile."""
+
+    config: str  # with {variant}
+    checkpoint_run: str  # the full run (runs/full/<run>/) whose trained weights are traced too, if there
+    batch: int
+    input_hw: tuple[int, int]
+
+
+CONVERGENCE_SETS = {
+    "cifar10": TraceSet("cifar10_large_{variant}", "cifar10_mdeq_large_seed0", 32, (32, 32)),
+    "imagenet": TraceSet("imagenet_large_{variant}", "imagenet_mdeq_large", 8, (224, 224)),
+    "cityscapes": TraceSet("cityscapes_large_{variant}", "cityscapes_mdeq_large", 1, (1024, 2048)),
+}
+PER_SCALE_SETS = {  # Fig. 7: key -> (config with {variant}, checkpoint run)
+    "mdeq": ("cifar10_small_{variant}", "cifar10_mdeq_small_seed0"),
+    "single_stream": ("cifar10_single_stream_paper", "cifar10_single_stream_seed0"),
+}
+CONVERGENCE_BUDGET = {"full": {"cifar10": 50, "imagenet": 120, "cityscapes": 150},
+                      "smoke": {"cifar10": 40, "imagenet": 40, "cityscapes": 40},
+                      "quick": {"cifar10": 15, "imagenet": 15, "cityscapes": 15}}
+_SMOKE_TRACE = {  # smoke: (batch, eval image size) per data set
+    "cifar10": (8, None), "imagenet": (4, [64, 64]), "cityscapes": (1, [128, 256])}
+
+
+def trace_overrides(solver: str, budget: int) -> list[str]:
+    """Solver settings under which every solve runs its whole ``budget``: tol 1e-12 (or until it stagnates),
+    relative residuals, and a Broyden IFT backward with the same budget and memory."""
+    return [f"solver.solver={solver}", f"solver.max_iter={budget}", f"solver.eval_max_iter={budget}",
+            "solver.tol=1e-12", "solver.eval_tol=1e-12", "solver.stop_mode=rel", f"solver.memory={budget}",
+            "solver.grad=ift", "solver.backward_solver=broyden", f"solver.backward_max_iter={budget}",
+            "solver.backward_tol=1e-12", "solver.backward_stop_mode=rel"]
+
+
+def _trace_stats(traces: list) -> dict:
+    """Mean and std over batches of the batch-mean trace; shorter traces are padded with NaN."""
+    n = max(len(t) for t in traces)
+    arr = np.full((len(traces), n), np.nan)
+    for i, t in enumerate(traces):
+        arr[i, :len(t)] = t
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(arr, axis=0)
+        std = np.nanstd(arr, axis=0)
+    return {"mean": [float(v) for v in mean], "std": [float(v) for v in std], "n_batches": len(traces)}
+
+
+def _val_batches(dataset: str, cfg, root: Path, data_options: dict, batch: int, num: int, seed: int):
+    opts = {"augment": False, **data_options}
+    if dataset == "imagenet":
+        opts["image_size"] = cfg.data.eval_image_size[0]
+    ds = build_dataset(dataset, root, "val", **opts)
+    g = torch.Generator().manual_seed(seed)
+    loader = DataLoader(ds, batch_size=batch, shuffle=True, generator=g, num_workers=0)
+    out = []
+    for images, targets in loader:
+        out.append((images, targets))
+        if len(out) == num:
+            break
+    return out, getattr(ds, "source_label", "unknown")
+
+
+def _traced_model(cfg_name: str, overrides: list[str], solver: str, budget: int, weights: Path | None, seed: int,
+                  device: torch.device):
+    """The model of ``cfg_name`` whose implicit layer runs ``solver`` for the whole ``budget``, in eval mode,
+    at its initial weights (drawn from ``seed``, the same for every solver) or at ``weights``."""
+    cfg = load_config(cfg_name, [*overrides, *trace_overrides(solver, budget)])
+    torch.manual_seed(seed)
+    model = build_model(cfg).to(device).eval()
+    if weights is not None:
+        load_pretrained(model, weights)
+    return model
+
+
+def _solve_traces(model, batches, device, backward: bool) -> tuple[list, list, list]:
+    """Forward (and backward) relative-residual traces of ``model`` on each batch, and per-scale forward ones."""
+    fwd, bwd, scale = [], [], []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_UNCONVERGED)
+        for images, targets in batches:
+            images, targets = images.to(device), targets.to(device)
+            model.zero_grad(set_to_none=True)
+            with torch.set_grad_enabled(backward):
+                logits = model(images)
+                info = model.last_info
+                fwd.append(info.forward.rel_trace.float().mean(0).tolist())
+                scale.append(info.forward.scale_rel_trace.float().mean(1).tolist())  # (S, nfe)
+                if backward:
+                    if targets.dim() == 1:
+                        loss = F.cross_entropy(logits, targets)
+                    else:
+                        loss = F.cross_entropy(upsample_logits(logits, targets.shape[-2:]), targets,
+                                               ignore_index=IGNORE_INDEX)
+                    loss.backward()
+                    bwd.append(info.backward.rel_trace.float().mean(0).tolist())
+    return fwd, bwd, scale
+
+
+def convergence_traces(*, profile: str = "smoke", quick: bool = False, variant: str = "paper", data_root: str = "",
+                       num_batches: int = 5, device: str = "auto", seed: int = 0,
+                       checkpoints: Path | None = None) -> dict:
+    """Relative residual vs f evaluations, forward (Broyden and plain iteration) and backward (Broyden),
+    mean and std over ``num_batches`` validation batches, at CIFAR, ImageNet and Cityscapes resolution
+    (Figs. 5/6); and per scale for MDEQ vs the single-stream DEQ on CIFAR-10 (Fig. 7).
+
+    Weights: the full profile's checkpoints (``runs/full/<run>/checkpoint.pt``) where they exist
+    ("final"), and always the initial weights ("init"). The smoke profile uses shrunken models at
+    initialisation on synthetic data.
+    """
+    dev = resolve_device(device)
+    checkpoints = Path(checkpoints) if checkpoints is not None else FULL_RUNS
+    budgets = CONVERGENCE_BUDGET["quick" if quick else profile if profile == "smoke" else "full"]
+    out: dict[str, Any] = {"profile": profile, "quick": quick, "variant": variant, "device": str(dev),
+                           "hardware": hardware_label(dev), "num_batches": num_batches,
+                           "measure": "per-sample ||f(z) - z|| / ||f(z)||, averaged over the batch",
+                           "datasets": {}, "per_scale": {}}
+    for dataset, trace_set in CONVERGENCE_SETS.items():
+        cfg_name = trace_set.config.format(variant=variant)
+        batch = trace_set.batch
+        overrides: list[str] = []
+        if profile == "smoke":
+            overrides = smoke_overrides(smoke_spec(cfg_name), variant, quick=quick)
+            batch, eval_hw = _SMOKE_TRACE[dataset]
+            if quick:
+                batch = max(1, batch // 2)
+                if dataset == "cityscapes":
+                    eval_hw = [64, 128]
+            if eval_hw is not None:
+                overrides.append(f"data.eval_image_size={eval_hw}")
+            root, data_options = smoke_data(dataset)
+        else:
+            root, data_options = default_data_root(dataset, data_root), {}
+        cfg = load_config(cfg_name, overrides)
+        batches, source = _val_batches(dataset, cfg, root, data_options, batch, num_batches, seed)
+        if dataset == "cityscapes" and profile == "smoke" and tuple(cfg.data.eval_image_size) != (128, 256):
+            h, w = cfg.data.eval_image_size
+            batches = [(x[..., :h, :w], t[..., :h, :w]) for x, t in batches]
+        entry: dict[str, Any] = {"config": cfg_name, "batch": batch, "input_hw": list(batches[0][0].shape[-2:]),
+                                 "data": source, "budget": budgets[dataset], "curves": {}}
+        weights = [("init", None)]
+        ckpt = checkpoints / trace_set.checkpoint_run / "checkpoint.pt"
+        if profile != "smoke" and ckpt.is_file():
+            weights.append(("final", ckpt))
+        for tag, path in weights:
+            for solver in ("broyden", "fixed_point"):
+                model = _traced_model(cfg_name, overrides, solver, budgets[dataset], path, seed, dev)
+                entry["params"] = sum(p.numel() for p in model.parameters())
+                fwd, bwd, _ = _solve_traces(model, batches, dev, backward=(solver == "broyden"))
+                curve = {"forward": _trace_stats(fwd), "weights": str(path) if path else "initial (N(0, 0.01) init)"}
+                if bwd:
+                    curve["backward"] = _trace_stats(bwd)
+                entry["curves"][f"{solver}_{tag}"] = curve
+                del model
+        out["datasets"][dataset] = entry
+        print(f"convergence traces: {dataset} done", flush=True)
+    # Fig. 7: per-scale convergence of the CIFAR-10 MDEQ-small and the single-stream DEQ.
+    for key, (cfg_tmpl, ckpt_key) in PER_SCALE_SETS.items():
+        cfg_name = cfg_tmpl.format(variant=variant)
+        overrides = smoke_overrides(smoke_spec(cfg_name), variant, quick=quick) if profile == "smoke" else []
+        cfg = load_config(cfg_name, overrides)
+        if profile == "smoke":
+            root, data_options = smoke_data("cifar10")
+            batch = 4 if quick else 8
+        else:
+            root, data_options, batch = default_data_root("cifar10", data_root), {}, 32
+        batches, source = _val_batches("cifar10", cfg, root, data_options, batch, num_batches, seed)
+        ckpt = checkpoints / ckpt_key / "checkpoint.pt"
+        trained = profile != "smoke" and ckpt.is_file()
+        model = _traced_model(cfg_name, overrides, "broyden", budgets["cifar10"], ckpt if trained else None, seed, dev)
+        _, _, scale = _solve_traces(model, batches, dev, backward=False)
+        per_scale = [_trace_stats([s[i] for s in scale]) for i in range(len(scale[0]))]
+        out["per_scale"][key] = {"config": cfg_name, "weights": "final" if trained else "init", "data": source,
+                                 "scales": per_scale, "channels": list(cfg.model.num_channels)}
+        del model
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Fig. 8: segmentation examples.
+
+def cityscapes_examples(run_dir: Path, out_dir: Path, *, data_root: Path, data_options: dict | None = None,
+                        num: int = 2, max_width: int = 1024, device: str = "auto") -> list[dict]:
+    """Predict ``num`` validation images with the checkpoint of ``run_dir`` and store input, prediction
+    and ground truth (trainIds as PNG, input as JPEG) under ``out_dir``, at most ``max_width`` wide."""
+    dev = resolve_device(device)
+    ckpt = load_checkpoint(Path(run_dir) / "checkpoint.pt", map_location="cpu")
+    cfg = config_from_dict(ckpt["config"])
+    model = build_model(cfg)
+    model.load_state_dict(ckpt["model"])
+    model.to(dev).eval()
+    ds = build_dataset("cityscapes", data_root, "val", augment=False, **(data_options or {}))
+    out_dir = Path(out_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    mean = np.array(IMAGENET_MEAN)[:, None, None]
+    std = np.array(IMAGENET_STD)[:, None, None]
+    records = []
+    for k in range(min(num, len(ds))):
+        image, label = ds[k]
+        with torch.no_grad():
+            logits = model(image[None].to(dev))
+            pred = upsample_logits(logits.float(), label.shape[-2:]).argmax(1)[0].cpu().numpy().astype(np.uint8)
+        rgb = np.clip((image.numpy() * std + mean) * 255, 0, 255).astype(np.uint8).transpose(1, 2, 0)
+        gt = label.numpy().astype(np.uint8)
+        step = max(1, int(np.ceil(gt.shape[1] / max_width)))
+        files = {}
+        for name, arr, ext in (("input", rgb[::step, ::step], "jpg"), ("prediction", pred[::step, ::step], "png"),
+                               ("ground_truth", gt[::step, ::step], "png")):
+            path = out_dir / f"example{k}_{name}.{ext}"
+            Image.fromarray(arr).save(path, **({"quality": 85} if ext == "jpg" else {}))
+            files[name] = path.name
+        records.append({"index": k, **files})
+    (out_dir / "examples.json").write_text(json.dumps({"run": Path(run_dir).name, "config": cfg.name,
+                                                       "examples": records}, indent=1) + "\n")
+    return records

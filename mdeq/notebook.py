@@ -1,0 +1,447 @@
+"""How a notebook runs: its parameters, where it reads and writes (one rule for both), what each profile step does.
+
+Why one module: the five notebooks (STYLE.md 4) must check their parameters, find their inputs and save
+their tables and figures the same way, and each must stay a report, not a program. So a notebook calls
+one function per step (``train``, ``runtime_memory``, ``convergence``, ``segmentation_examples``) and
+that function does what the profile asks:
+
+- ``smoke``: compute in this process on CPU with one thread (``mdeq.runs.train_smoke``, ``mdeq.measure``);
+  outputs go under the ignored ``runs/notebooks/smoke_outputs/`` (``quick_outputs/`` with ``quick``); the
+  committed reference copy in ``results/smoke/`` and ``figures/smoke/`` is written only by
+  ``python -m mdeq.reproduce --update-committed`` (through ``output_root``);
+- ``full``: launch or measure the paper's protocol on GPUs (``mdeq.runs.run_full``, ``mdeq.measure``);
+  outputs go to ``results/`` and ``figures/``;
+- ``logs``: compute nothing; redraw the real tables from ``results/runs/`` (with "not run yet" where no
+  log is committed: the paper's numbers are never copied into "ours") and the committed smoke ones.
+
+``output_root`` sends every output to ``<output_root>/results`` and ``<output_root>/figures``, and a
+profile reads back what it computed from there (``Context.inputs_dir``). Every smoke title and caption
+says "smoke run, not a reproduction".
+"""
+from __future__ import annotations
+
+import ast
+import contextlib
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import matplotlib.pyplot as plt
+import torch
+
+from mdeq import measure, paths, runs
+from mdeq.report import SMOKE_NOTE, set_style
+from mdeq.runlog import describe_hardware, hardware_label, read_json, read_run
+
+__all__ = ["PROFILES", "NOTEBOOKS", "PARAMETERS", "FIGURE_OWNERS", "TABLE_OWNERS", "ParameterError", "Params",
+           "check_parameters", "Context", "setup", "save_figure", "save_table", "show_banner", "write_json",
+           "train", "segmentation_examples", "runtime_memory", "convergence", "RUNTIME_MEMORY", "CONVERGENCE_TRACES",
+           "CITYSCAPES_EXAMPLES"]
+
+PROFILES = ("smoke", "logs", "full")
+NOTEBOOKS = ("01_cifar10", "02_imagenet", "03_runtime_memory", "04_cityscapes", "05_convergence")
+# What the measuring notebooks write into their results folder (smoke: results/smoke/).
+RUNTIME_MEMORY = "runtime_memory.json"  # 03, mdeq.measure.measure_runtime
+CONVERGENCE_TRACES = "convergence_traces.json"  # 05, mdeq.measure.convergence_traces
+CITYSCAPES_EXAMPLES = "cityscapes_examples"  # 04, mdeq.measure.cityscapes_examples (a folder)
+
+# ----------------------------------------------------------------------------------------------
+# Parameters. papermill only warns about a parameter the notebook does not declare, and injects
+# values without checking their types, so each notebook checks its parameters right after the
+# tagged cell. The declared names, types and defaults are listed here once; tests check that each
+# notebook's parameters cell declares exactly these.
+
+_COMMON = {
+    "profile": (str, "smoke"),  # smoke | logs | full
+    "quick": (bool, False),  # smoke only: fewer steps and runs (tests, CI)
+    "seed": (int, 0),
+    "data_root": (str, ""),  # full only: the real data set's root ("" = data/<dataset>)
+    "output_root": (str, ""),  # "" = the repository's results/ and figures/
+}
+_FULL = {
+    "variant": (str, "paper"),  # full only: config variant, paper (Appendix Table 4) or official
+    "nproc": (int, 0),  # full only: GPUs per run via torchrun (0 = all visible)
+    "dry_run": (bool, False),  # full only: print the launch commands, launch nothing
+}
+PARAMETERS: dict[str, dict[str, tuple[type, Any]]] = {
+    "01_cifar10": {**_COMMON, **_FULL, "seeds": (int, 5)},
+    "02_imagenet": {**_COMMON, **_FULL},
+    "03_runtime_memory": {**_COMMON, "variant": (str, "paper"), "dry_run": (bool, False),
+                          "batch_size": (int, 32), "device": (str, "auto")},
+    "04_cityscapes": {**_COMMON, **_FULL},
+    "05_convergence": {**_COMMON, "variant": (str, "paper"), "dry_run": (bool, False),
+                       "num_batches": (int, 5), "device": (str, "auto")},
+}
+_CHOICES = {"profile": PROFILES, "variant": ("paper", "official"), "device": ("auto", "cpu", "cuda")}
+
+
+class ParameterError(ValueError):
+    """A notebook parameter that is unknown, of the wrong type or out of range."""
+
+
+def _injected_names(namespace: Mapping[str, Any]) -> list[str]:
+    """Names assigned in papermill's injected cell(s) (their source starts with '# Parameters')."""
+    names: list[str] = []
+    history = namespace.get("In")
+    if not isinstance(history, list):
+        return names
+    for source in history:
+        if not isinstance(source, str) or not source.lstrip().startswith("# Parameters"):
+            continue
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            continue
+        for node in tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else (
+                [node.target] if isinstance(node, ast.AnnAssign) else [])
+            names += [t.id for t in targets if isinstance(t, ast.Name)]
+    return names
+
+
+@dataclass(frozen=True)
+class Params:
+    """The checked parameters of one notebook run."""
+
+    notebook: str
+    values: dict
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def check_parameters(namespace: Mapping[str, Any], notebook: str) -> Params:
+    """Check the parameters in a notebook's namespace; raise ParameterError with the valid choices.
+
+    Catches a misspelt parameter injected by papermill (which papermill itself only warns about),
+    a wrong type (``-p quick yes``), an unknown profile or variant, and a negative count.
+    """
+    if notebook not in PARAMETERS:
+        raise ParameterError(f"unknown notebook {notebook!r}; expected one of {NOTEBOOKS}")
+    spec = PARAMETERS[notebook]
+    unknown = [n for n in _injected_names(namespace) if n not in spec]
+    if unknown:
+        hints = []
+        for n in unknown:
+            close = difflib.get_close_matches(n, list(spec), n=1)
+            hints.append(repr(n) + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ParameterError(f"unknown parameter(s) {', '.join(hints)} for notebook {notebook}; "
+                             f"valid parameters: {', '.join(spec)}")
+    values = {}
+    for name, (tp, default) in spec.items():
+        value = namespace.get(name, default)
+        ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+        if not ok:
+            raise ParameterError(f"parameter {name!r} must be of type {tp.__name__}, got {value!r} "
+                                 f"({type(value).__name__}); default {default!r}")
+        if name in _CHOICES and value not in _CHOICES[name]:
+            close = difflib.get_close_matches(str(value), _CHOICES[name], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ParameterError(f"parameter {name!r} must be one of {list(_CHOICES[name])}, got {value!r}{hint}")
+        if tp is int and name != "seed" and value < 0:
+            raise ParameterError(f"parameter {name!r} must be >= 0, got {value}")
+        values[name] = value
+    if values.get("quick") and values["profile"] != "smoke":
+        raise ParameterError(f"quick=True only applies to the smoke profile, not {values['profile']!r}")
+    for name in ("seeds", "num_batches", "batch_size"):
+        if name in values and values[name] < 1:
+            raise ParameterError(f"parameter {name!r} must be >= 1, got {values[name]}")
+    return Params(notebook, values)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Where a run reads and writes.
+
+# Every figure and table is written by exactly one notebook (tests/test_notebook.py checks the
+# notebooks' sources and the files in figures/ against these maps).
+FIGURE_OWNERS = {
+    "fig4a_cifar10_accuracy": "01_cifar10",
+    "table1_training_and_solver": "01_cifar10",
+    "imagenet_top1_per_epoch": "02_imagenet",
+    "fig4b_runtime_memory": "03_runtime_memory",
+    "fig8_cityscapes_examples": "04_cityscapes",
+    "fig5_convergence_forward": "05_convergence",
+    "fig5_convergence_backward": "05_convergence",
+    "fig7_per_scale_convergence": "05_convergence",
+}
+TABLE_OWNERS = {
+    "table_1_cifar10": "01_cifar10",
+    "table_2_imagenet": "02_imagenet",
+    "table_fig4b_runtime_memory": "03_runtime_memory",
+    "table_3_cityscapes": "04_cityscapes",
+    "table_fig5_convergence": "05_convergence",
+}
+KINDS = ("real", "smoke")
+
+
+@dataclass
+class Context:
+    """Where one notebook run reads logs and writes its outputs."""
+
+    notebook: str
+    profile: str
+    quick: bool = False
+    output_root: Path | None = None
+    params: Params | None = None
+    written: list = field(default_factory=list)
+
+    def _outputs(self) -> tuple[Path, Path]:
+        """(results, figures) of this run: under ``output_root`` if given; a smoke run's under the ignored runs/
+        (the committed reference copy in results/smoke/ is written only by ``--update-committed``)."""
+        if self.output_root is not None:
+            return self.output_root / "results", self.output_root / "figures"
+        if self.profile == "smoke":
+            base = paths.RUNS / "notebooks" / ("quick_outputs" if self.quick else "smoke_outputs")
+            return base / "results", base / "figures"
+        return paths.RESULTS, paths.FIGURES
+
+    def results_dir(self, kind: str) -> Path:
+        """Where tables, measurements and collected logs of ``kind`` ("real" or "smoke") are written."""
+        base = self._outputs()[0]
+        return base / "smoke" if _kind(kind) == "smoke" else base
+
+    def figures_dir(self, kind: str) -> Path:
+        base = self._outputs()[1]
+        return base / "smoke" if _kind(kind) == "smoke" else base
+
+    def inputs_dir(self, kind: str) -> Path:
+        """Where logs of ``kind`` are read: what this run wrote for the kind it computes (smoke in the smoke
+        profile, real in the full one, wherever ``output_root`` puts it), else the committed ones."""
+        if (_kind(kind), self.profile) in (("smoke", "smoke"), ("real", "full")):
+            return self.results_dir(kind)
+        return paths.RESULTS / "smoke" if kind == "smoke" else paths.RESULTS
+
+    def logs_dir(self, kind: str) -> Path:
+        """Where training run logs of ``kind`` are read (``<inputs>/runs``)."""
+        return self.inputs_dir(kind) / "runs"
+
+    def read(self, kind: str, name: str) -> dict | None:
+        """The measurement ``name`` (a JSON file) of ``kind``, or None where there is none."""
+        return read_json(self.inputs_dir(kind) / name)
+
+    def kinds(self) -> tuple[str, ...]:
+        """What this profile draws: smoke draws its own run; full draws real logs; logs draws both."""
+        return {"smoke": ("smoke",), "full": ("real",), "logs": ("real", "smoke")}[self.profile]
+
+    def source(self, kind: str, data: str, hardware: str) -> str:
+        """The ``ours_source`` text of a table row: profile, data and hardware."""
+        prof = "smoke" if kind == "smoke" else ("full" if self.profile in ("full", "logs") else self.profile)
+        return f"{prof} profile; data: {data}; hardware: {hardware}"
+
+
+def _kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return kind
+
+
+def setup(params: Params) -> Context:
+    """Apply the figure style and return the run context (nothing process-wide beyond matplotlib's style)."""
+    set_style()
+    out = Path(params.output_root).resolve() if params.values.get("output_root") else None
+    return Context(params.notebook, params.profile, bool(params.values.get("quick")), out, params)
+
+
+@contextlib.contextmanager
+def _threads(ctx: Context):
+    """One CPU thread for the smoke profile's computations, restored after them.
+
+    Why: the machine is shared, and one thread is also the most reproducible; the kernel's setting is
+    left as it was for whatever runs next.
+    """
+    before = torch.get_num_threads()
+    if ctx.profile == "smoke":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------------------------
+# The profile steps: one call per notebook step, whatever the profile.
+
+def train(ctx: Context) -> None:
+    """Train the notebook's runs: smoke in this process, full through the launcher; logs trains nothing."""
+    p = ctx.params
+    if ctx.profile == "smoke":
+        with _threads(ctx):
+            for run in runs.runs_for(ctx.notebook):
+                runs.train_smoke(run, ctx.results_dir("smoke") / "runs" / run.key, quick=ctx.quick,
+                                 variant=p.variant, seed=p.seed)
+    elif ctx.profile == "full":
+        for launch in runs.run_full(ctx.notebook, variant=p.variant, data_root=p.data_root, nproc=p.nproc,
+                                    seeds=p.values.get("seeds", 1), dry_run=p.dry_run):
+            print(f"{launch.status:8s} {launch.run}: {launch.shell}")
+    else:
+        print("logs profile: nothing is trained; reading results/")
+
+
+def segmentation_examples(ctx: Context) -> None:
+    """Fig. 8's examples: predicted with the MDEQ-large checkpoint of this profile's Cityscapes run."""
+    p = ctx.params
+    if ctx.profile == "smoke":
+        root, options = runs.smoke_data("cityscapes")
+        with _threads(ctx):
+            measure.cityscapes_examples(runs.smoke_run_dir("cityscapes_mdeq_large", quick=ctx.quick),
+                                        ctx.results_dir("smoke") / CITYSCAPES_EXAMPLES, data_root=root,
+                                        data_options=options, num=1 if ctx.quick else 2, device="cpu")
+    elif ctx.profile == "full" and not p.dry_run:
+        measure.cityscapes_examples(runs.FULL_RUNS / "cityscapes_mdeq_large",
+                                    ctx.results_dir("real") / CITYSCAPES_EXAMPLES,
+                                    data_root=runs.default_data_root("cityscapes", p.data_root), num=3)
+
+
+def runtime_memory(ctx: Context) -> None:
+    """Fig. 4b's measurement: smoke on this CPU (batch 4, quick 2), full on a GPU (the paper's batch 32)."""
+    p = ctx.params
+    if ctx.profile == "smoke":
+        with _threads(ctx):
+            measured = measure.measure_runtime(batch_size=2 if ctx.quick else 4, device="cpu", variant=p.variant,
+                                               repeats=1 if ctx.quick else 2, warmup=0 if ctx.quick else 1,
+                                               seed=p.seed)
+        write_json(ctx.results_dir("smoke") / RUNTIME_MEMORY, {**measured, "profile": "smoke", "quick": ctx.quick})
+    elif ctx.profile == "full":
+        if p.dry_run:
+            models = ", ".join(m.label for m in measure.RUNTIME_MODELS)
+            print(f"would measure {models} at batch {p.batch_size} on device {p.device!r}")
+            return
+        measure.check_gpu(p.device, "measures")
+        measured = measure.measure_runtime(batch_size=p.batch_size, device=p.device, variant=p.variant, repeats=10,
+                                           warmup=3, seed=p.seed)
+        write_json(ctx.results_dir("real") / RUNTIME_MEMORY, {**measured, "profile": "full"})
+    else:
+        print("logs profile: nothing is measured; reading results/")
+
+
+def convergence(ctx: Context) -> None:
+    """Figs. 5-7's solver traces: smoke on shrunken models at init, full on the real models and data."""
+    p = ctx.params
+    if ctx.profile == "smoke":
+        with _threads(ctx):
+            traces = measure.convergence_traces(profile="smoke", quick=ctx.quick, variant=p.variant,
+                                                num_batches=p.num_batches, device="cpu", seed=p.seed)
+        write_json(ctx.results_dir("smoke") / CONVERGENCE_TRACES, traces)
+    elif ctx.profile == "full":
+        if p.dry_run:
+            for dataset, s in measure.CONVERGENCE_SETS.items():
+                print(f"would trace {s.config.format(variant=p.variant)} on {p.num_batches} batches of {s.batch} x "
+                      f"{s.input_hw} ({dataset}), weights: initial and runs/full/{s.checkpoint_run}/checkpoint.pt "
+                      f"if present")
+            return
+        measure.check_gpu(p.device, "traces")
+        traces = measure.convergence_traces(profile="full", variant=p.variant, data_root=p.data_root,
+                                            num_batches=p.num_batches, device=p.device, seed=p.seed)
+        write_json(ctx.results_dir("real") / CONVERGENCE_TRACES, traces)
+    else:
+        print("logs profile: nothing is computed; reading results/")
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving and showing.
+
+def write_json(path: str | Path, payload: Mapping) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    return path
+
+
+def caption_text(caption: str, notebook: str, kind: str, source: str) -> str:
+    text = caption.rstrip(".") + f". Drawn by notebooks/{notebook}.ipynb from {source}."
+    if kind == "smoke":
+        text = f"Smoke run, not a reproduction: {text}"
+    return text
+
+
+def save_figure(fig, name: str, ctx: Context, kind: str, *, caption: str, source: str) -> dict:
+    """Write ``fig`` as PNG and SVG (plus a JSON sidecar with its caption and writer) and return paths.
+
+    The caption is text, not pixels: in a notebook it is shown under the figure as Markdown (and so in
+    the book), and it is stored in the sidecar. A smoke figure says "smoke run, not a reproduction" in
+    its caption (and its title, via ``figure_title``). ``name`` must belong to ``ctx.notebook``.
+    """
+    owner = FIGURE_OWNERS.get(name)
+    if owner != ctx.notebook:
+        raise ValueError(f"figure {name!r} belongs to {owner!r}, not {ctx.notebook!r} (notebook.FIGURE_OWNERS)")
+    text = caption_text(caption, ctx.notebook, kind, source)
+    folder = ctx.figures_dir(kind)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for ext, meta in (("png", {"Software": None}), ("svg", {"Date": None, "Creator": None})):
+        path = folder / f"{name}.{ext}"
+        fig.savefig(path, format=ext, bbox_inches="tight", metadata=meta)
+        out[ext] = path
+    sidecar = {"figure": name, "notebook": f"notebooks/{ctx.notebook}.ipynb", "kind": kind,
+               "caption": text, "source": source}
+    out["json"] = folder / f"{name}.json"
+    out["json"].write_text(json.dumps(sidecar, indent=1) + "\n")
+    ctx.written += list(out.values())
+    if _display(fig, f"*Figure ({name}).* {text}"):
+        plt.close(fig)  # shown once, with its caption under it
+    return out
+
+
+def _display(*objects) -> bool:
+    """Show figures and Markdown strings in a running notebook; False outside one."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import Markdown, display
+    except ImportError:  # pragma: no cover
+        return False
+    if get_ipython() is None:
+        return False
+    for obj in objects:
+        display(Markdown(obj) if isinstance(obj, str) else obj)
+    return True
+
+
+def banner(ctx: Context) -> str:
+    """The line a page opens with: which profile produced it and what data and hardware are behind it."""
+    if ctx.profile == "smoke":
+        return (f"> **Smoke profile: toy models on synthetic data, {SMOKE_NOTE}.** Every number and curve on "
+                "this page comes from shrunken models trained or measured for seconds on a CPU; the paper's "
+                "numbers stand beside them for orientation only.")
+    if ctx.profile == "full":
+        gpus = runs.visible_gpus()
+        return f"> **Full profile**: the paper's protocol, on {hardware_label(world_size=max(gpus, 1))}."
+    folders = sorted(p for p in ctx.logs_dir("real").iterdir() if p.is_dir()) if ctx.logs_dir("real").is_dir() else []
+    lines = []
+    for path in folders:
+        r = read_run(path)
+        if r is None:
+            continue
+        state = "finished" if r.finished else f"epoch {r.epochs_done} of {r.epochs_planned or '?'}"
+        lines.append(f"`{r.name}` ({state}; {r.meta('data_source_label', default='unknown data')}; "
+                     f"{describe_hardware(r.provenance.get('hardware'))})")
+    real = ("real runs in results/runs/: " + ", ".join(lines)) if lines else "no real training run is committed yet"
+    return (f"> **Logs profile**: redrawn from the committed logs, nothing computed; {real}. Rows and figures "
+            f"marked smoke are toy models on synthetic data, {SMOKE_NOTE}.")
+
+
+def show_banner(ctx: Context) -> None:
+    text = banner(ctx)
+    if not _display(text):
+        print(text.lstrip("> "))
+
+
+def save_table(df, name: str, ctx: Context, kind: str) -> Path:
+    """Write ``df`` to ``<results>/<name>.csv`` (``name`` must belong to ``ctx.notebook``)."""
+    owner = TABLE_OWNERS.get(name)
+    if owner != ctx.notebook:
+        raise ValueError(f"table {name!r} belongs to {owner!r}, not {ctx.notebook!r} (notebook.TABLE_OWNERS)")
+    for col in ("paper", "ours", "delta", "ours_source"):
+        if col not in df.columns:
+            raise ValueError(f"table {name!r} lacks the column {col!r}")
+    folder = ctx.results_dir(kind)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.csv"
+    df.to_csv(path, index=False, float_format="%.4g")
+    ctx.written.append(path)
+    return path

@@ -1,0 +1,68 @@
+"""mdeq.measure: the one timing loop, the device rule, solver settings through the config, Fig. 4b and Figs. 5-7."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from mdeq import measure
+from mdeq.config import ConfigError
+from mdeq.runlog import hardware_label
+from mdeq.solvers import SOLVERS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CPU = torch.device("cpu")
+
+
+def test_timeit_times_only_the_repeats_and_runs_after_outside_the_timing():
+    calls, after = [], []
+    times = measure.timeit(lambda: calls.append(time.sleep(0.01)), "cpu", repeats=3, warmup=2,
+                           after=lambda: after.append(time.sleep(0.05)))
+    assert len(calls) == 5 and len(after) == 3 and len(times) == 3
+    assert all(0.01 <= t < 0.05 for t in times)  # the 50 ms of `after` are not in any timing
+
+
+def test_the_full_profile_refuses_to_time_a_cpu_by_accident():
+    measure.check_gpu("cpu", "measures")  # asked for: fine
+    if torch.cuda.is_available():
+        measure.check_gpu("auto", "measures")
+    else:
+        with pytest.raises(RuntimeError, match="the full profile traces on a GPU and none is visible"):
+            measure.check_gpu("auto", "traces")
+
+
+def test_trace_settings_reach_the_implicit_layer_through_its_options():
+    fixed = measure._traced_model("cifar10_tiny_smoke", [], "fixed_point", 7, None, 0, CPU)
+    deq = fixed.deq
+    assert (deq.max_iter, deq.eval_max_iter, deq.tol, deq.eval_tol, deq.stop_mode) == (7, 7, 1e-12, 1e-12, "rel")
+    assert deq.solver is SOLVERS["fixed_point"] and deq.solver_options == {} and deq.grad == "ift"
+    assert deq.backward_solver is SOLVERS["broyden"] and deq.backward_options == {"memory": 7}
+    assert (deq.backward_max_iter, deq.backward_tol, deq.backward_stop_mode) == (7, 1e-12, "rel")
+    broyden = measure._traced_model("cifar10_tiny_smoke", [], "broyden", 7, None, 0, CPU)
+    assert broyden.deq.solver_options == {"memory": 7}
+    # the same initial weights for every solver, so the curves compare solvers, not draws
+    assert all(torch.equal(a, b) for a, b in zip(fixed.state_dict().values(), broyden.state_dict().values()))
+    with pytest.raises(ConfigError, match="max_iter must be >= 1"):  # checked as a training run's would be
+        measure._traced_model("cifar10_tiny_smoke", [], "broyden", 0, None, 0, CPU)
+
+
+def test_solve_traces_run_the_whole_budget_forward_backward_and_per_scale():
+    torch.manual_seed(0)
+    batches = [(torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))) for _ in range(2)]
+    model = measure._traced_model("cifar10_tiny_smoke", [], "broyden", 7, None, 0, CPU)
+    fwd, bwd, scale = measure._solve_traces(model, batches, CPU, backward=True)
+    assert [len(t) for t in fwd] == [8, 8] and [len(t) for t in bwd] == [8, 8]  # z0 and 7 steps each
+    assert len(scale[0]) == 3 and len(scale[0][0]) == 8  # (scales, nfe)
+    stats = measure._trace_stats([[1.0, 0.5], [3.0]])
+    assert stats["mean"] == [2.0, 0.5] and stats["std"] == [1.0, 0.0] and stats["n_batches"] == 2
+
+
+def test_measure_runtime_reports_times_memory_and_solver_work():
+    out = measure.measure_runtime(models=["mdeq_small"], batch_size=2, device="cpu", repeats=1, warmup=0)
+    assert out["device"] == "cpu" and out["hardware"] == hardware_label("cpu") and out["input"] == [3, 32, 32]
+    m = out["models"]["mdeq_small"]
+    assert m["label"] == "MDEQ-small" and m["what"] == "config:cifar10_small_paper" and m["params"] == 175418
+    assert len(m["train_ms_all"]) == 1 and m["train_ms"] == m["train_ms_all"][0] > 0 and m["inference_ms"] > 0
+    assert m["memory_kind"] == "cpu_peak_rss_increase" and m["peak_train_memory_mb"] == m["peak_train_memory_mb"]
+    assert m["nfe_forward"] >= 1 and m["nfe_backward"] is None  # inference ran last: no backward after it

@@ -1,0 +1,111 @@
+"""mdeq.runs: the registry of the paper's runs, how smoke shrinks them, what the full profile launches."""
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+
+from mdeq import paths, runs, train
+from mdeq.config import load_config
+from mdeq.report import paper_numbers
+
+
+def test_registry_is_the_rows_we_reproduce():
+    numbers = paper_numbers()
+    ours = {r["ours"] for t in ("table1", "table2", "table3") for r in numbers[t]["rows"] if "ours" in r}
+    assert ours == {r.key for r in runs.RUNS}
+    assert [r.key for r in runs.runs_for("04_cityscapes")] == [
+        "cityscapes_mdeq_small", "cityscapes_mdeq_large", "cityscapes_mdeq_xl"]
+    with pytest.raises(KeyError, match="unknown run 'nope'; known"):
+        runs.spec("nope")
+    with pytest.raises(ValueError, match="variant must be"):
+        runs.config_name(runs.spec("cifar10_node"), "papr")
+    assert runs.spec("cifar10_resnet18_170k").colour_key == "resnet18_170k"
+    assert runs.run_name(runs.spec("cifar10_node"), 2) == "cifar10_node_seed2"
+
+
+def test_smoke_run_folders_are_under_the_ignored_runs_folder():
+    assert runs.smoke_run_dir("cityscapes_mdeq_large", quick=True) == paths.RUNS / "notebooks" / "quick" / \
+        "cityscapes_mdeq_large"
+    assert runs.smoke_run_dir("cityscapes_mdeq_large").parent.name == "default"
+    assert runs.smoke_spec("cifar10_small_paper").smoke_div == 2
+    assert runs.smoke_spec("imagenet_large_paper").smoke_div == 8
+
+
+def _train_args(cmd):
+    i = cmd.index("mdeq.train")
+    return cmd[i + 1:]
+
+
+def test_full_command_single_gpu():
+    run = runs.spec("cifar10_mdeq_small")
+    cmd = runs.full_command(run, variant="paper", data_root="/data", nproc=1, seed=3, python="python")
+    assert shlex.join(cmd) == (
+        "python -m mdeq.train --config cifar10_small_paper --data-root /data/cifar10 "
+        f"--out {runs.FULL_RUNS / 'cifar10_mdeq_small_seed3'} --resume --workers 8 --no-progress "
+        "--set train.seed=3")
+
+
+def test_full_command_multi_gpu_uses_torchrun_and_carries_the_row():
+    run = runs.spec("imagenet_mdeq_large_unrolled5")
+    cmd = runs.full_command(run, variant="official", nproc=4, python="python")
+    assert cmd[:6] == ["python", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"]
+    args = _train_args(cmd)
+    assert args[args.index("--config") + 1] == "imagenet_large_official"
+    assert args[args.index("--data-root") + 1] == str(paths.DATA / "imagenet")
+    assert args[args.index("--set") + 1:] == ["solver.grad=unrolled", "solver.unroll_steps=5", "train.pretrain_steps=0"]
+
+
+def test_full_commands_parse_and_their_configs_load():
+    from mdeq.baselines import BASELINES  # needs torchdiffeq (the baselines extra)
+
+    for run in runs.RUNS:
+        for variant in ("paper", "official"):
+            cmd = runs.full_command(run, variant=variant, nproc=2, seed=0 if run.table == "table1" else None)
+            args = train._parser().parse_args(_train_args(cmd))
+            overrides = [o for o in args.overrides if not o.startswith("train.pretrained=")]
+            cfg = load_config(args.config, overrides)
+            assert cfg.data.dataset == run.dataset
+            assert args.resume and args.out == str(runs.FULL_RUNS / runs.run_name(
+                run, 0 if run.table == "table1" else None))
+            assert args.baseline == run.baseline and (run.baseline is None or run.baseline in BASELINES)
+            if run.dataset == "cityscapes":
+                assert f"train.pretrained={runs.FULL_RUNS / run.pretrained_from / 'checkpoint.pt'}" in args.overrides
+            if "xl" in run.key:
+                assert args.config.endswith("_official")  # the XL models have no paper variant
+
+
+def test_run_full_dry_run_and_skip_finished(tmp_path):
+    (tmp_path / "cifar10_node_seed1").mkdir()
+    (tmp_path / "cifar10_node_seed1" / "final.json").write_text(json.dumps({"final": 55.0, "stopped_early": False}))
+    launches = runs.run_full("01_cifar10", data_root="/data", nproc=2, seeds=2, dry_run=True, results=tmp_path)
+    assert len(launches) == 7 * 2
+    status = {lc.run: lc.status for lc in launches}
+    assert status.pop("cifar10_node_seed1") == "done"
+    assert set(status.values()) == {"dry-run"}
+    assert all("torch.distributed.run" in lc.command for lc in launches)
+
+
+def test_processes_split_the_global_batch_evenly():
+    assert runs.processes_for(runs.spec("cityscapes_mdeq_small"), "paper", 8) == 6  # batch 12
+    assert runs.processes_for(runs.spec("cityscapes_mdeq_xl"), "paper", 8) == 8  # batch 16
+    assert runs.processes_for(runs.spec("cifar10_mdeq_small"), "paper", 3) == 2  # batch 128
+    assert runs.processes_for(runs.spec("imagenet_mdeq_small"), "paper", 0) == 1
+
+
+def test_run_full_without_gpus_refuses_to_launch(monkeypatch, tmp_path):
+    monkeypatch.setattr(runs, "visible_gpus", lambda: 0)
+    with pytest.raises(RuntimeError, match="none is visible"):
+        runs.run_full("02_imagenet", results=tmp_path)
+
+
+def test_smoke_overrides_give_valid_small_configs():
+    for run in runs.RUNS:
+        for quick in (False, True):
+            cfg = load_config(runs.config_name(run, "paper"),
+                              [*run.overrides, *runs.smoke_overrides(run, "paper", quick=quick)])
+            assert max(cfg.model.num_channels) <= 100 and cfg.solver.max_iter <= 6
+            assert cfg.train.pretrained is None
+        if run.key.endswith("unrolled5"):
+            assert cfg.solver.grad == "unrolled" and cfg.solver.unroll_steps == 5
