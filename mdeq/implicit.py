@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from mdeq.solvers import SOLVERS, STOP_MODES, SolverStats
 
@@ -75,7 +76,7 @@ class ImplicitLayer(nn.Module):
                  backward_solver="broyden", backward_max_iter: int = 30, backward_tol: float = 1e-6,
                  backward_stop_mode: str = "rel", backward_options: dict | None = None, phantom_steps: int = 5,
                  phantom_damping: float = 0.5, unroll_steps: int = 5, warn: bool = True,
-                 measure_unrolled: bool = False):
+                 measure_unrolled: bool = False, compile_forward: bool = False):
         super().__init__()
         self.func = func
         self.solver = _resolve_solver(solver)
@@ -99,6 +100,8 @@ class ImplicitLayer(nn.Module):
         self.unroll_steps = unroll_steps
         self.warn = warn
         self.measure_unrolled = measure_unrolled
+        self.compile_forward = compile_forward
+        self._compiled = {}  # the torch.compile'd func of the forward solve (a plain dict: not a submodule)
         self.grad = grad
 
     @property
@@ -124,7 +127,7 @@ class ImplicitLayer(nn.Module):
         if self._grad == "unrolled":
             z, info = self._unrolled(f, z0)
         else:
-            z, info = self._implicit(f, z0)
+            z, info = self._implicit(f, z0, args)
         return (z[0] if single else z), info
 
     # ------------------------------------------------------------------------------------------
@@ -141,18 +144,45 @@ class ImplicitLayer(nn.Module):
                 info.unrolled_rel_residual = (num / den).float().cpu()
         return z, info
 
-    def _implicit(self, f, z0):
+    def _solve(self, f, z0, args, max_iter, tol):
+        """The forward solve, with the torch.compile'd func when ``compile_forward`` is on.
+
+        Why only here: the no-grad solve is where f runs most (T_f times a step) and where inductor's
+        fused kernels pay (about 2x per f on a CPU); compiled, f's graph-building call and its VJP were
+        not faster, so f(z*) and the backward stay eager. A compiler that fails on its first use
+        (no C++ compiler, an unsupported torch) warns once and the layer goes on eagerly.
+        """
+        run = lambda g: self.solver(_labelled(g, "mdeq::forward_f"), z0, max_iter=max_iter,  # noqa: E731
+                                    tol=tol, stop_mode=self.stop_mode, **self.solver_options)
+        if not self.compile_forward or self._compiled.get("failed"):
+            return run(f)
+        compiled = self._compiled.get("func")
+        if compiled is None:
+            compiled = self._compiled["func"] = torch.compile(self.func, dynamic=False)
+        try:
+            out = run(lambda z: _as_list(compiled(z, *args)))
+        except Exception as exc:  # noqa: BLE001 - only before the first compiled solve has succeeded
+            if self._compiled.get("ok"):
+                raise
+            self._compiled["failed"] = True
+            warnings.warn(f"torch.compile of f failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                          f"the forward solve runs eagerly", RuntimeWarning, stacklevel=3)
+            return run(f)
+        self._compiled["ok"] = True
+        return out
+
+    def _implicit(self, f, z0, args):
         max_iter = self.max_iter if self.training else self.eval_max_iter
         tol = self.tol if self.training else self.eval_tol
-        with torch.no_grad():
-            z_star, stats = self.solver(f, [t.detach() for t in z0], max_iter=max_iter, tol=tol,
-                                        stop_mode=self.stop_mode, **self.solver_options)
+        with torch.no_grad(), record_function("mdeq::forward_solve"):
+            z_star, stats = self._solve(f, [t.detach() for t in z0], args, max_iter, tol)
         info = DEQInfo(mode=self._grad, forward=stats, nfe_forward=stats.nfe)
         if not torch.is_grad_enabled():
             return z_star, info
         if self._grad == "ift":
             z_star = [t.detach().requires_grad_() for t in z_star]
-            z_new = f(z_star)
+            with record_function("mdeq::f_star"):
+                z_new = f(z_star)
             if not any(t.requires_grad for t in z_new):
                 return [t.detach() for t in z_new], info
             backward = _IFTBackward(self, z_star, z_new, info)
@@ -165,6 +195,14 @@ class ImplicitLayer(nn.Module):
             fz = f(z)
             z = fz if tau == 1.0 else [(1 - tau) * a + tau * b for a, b in zip(z, fz)]
         return z, info
+
+
+def _labelled(fn, name):
+    """fn inside a profiler range: ``benchmarks/train_step_profile.py`` splits a step by these names."""
+    def wrapped(z):
+        with record_function(name):
+            return fn(z)
+    return wrapped
 
 
 def _as_list(out):
@@ -210,16 +248,18 @@ class _IFTBackward:
             if first[0]:  # u0 = 0: h(0) = G exactly, without a VJP of zeros
                 first[0] = False
                 return [g.clone() for g in G]
-            vjp = torch.autograd.grad(self.z_new, self.z_star, [a.to(d) for a, d in zip(u, out_dtypes)],
-                                      retain_graph=True, allow_unused=True)
+            with record_function("mdeq::backward_vjp"):
+                vjp = torch.autograd.grad(self.z_new, self.z_star, [a.to(d) for a, d in zip(u, out_dtypes)],
+                                          retain_graph=True, allow_unused=True)
             return [g if v is None else v.to(g.dtype) + g for v, g in zip(vjp, G)]
 
         options = dict(layer.backward_options)
         if "exclude_initial" in getattr(layer.backward_solver, "options", ()):
             options.setdefault("exclude_initial", True)
-        u, stats = layer.backward_solver(h, [torch.zeros_like(g) for g in G],
-                                         max_iter=layer.backward_max_iter, tol=layer.backward_tol,
-                                         stop_mode=layer.backward_stop_mode, **options)
+        with record_function("mdeq::backward_solve"):
+            u, stats = layer.backward_solver(h, [torch.zeros_like(g) for g in G],
+                                             max_iter=layer.backward_max_iter, tol=layer.backward_tol,
+                                             stop_mode=layer.backward_stop_mode, **options)
         self.info.backward = stats
         if layer.warn and not stats.all_converged:
             warnings.warn("IFT backward solve did not converge: " + stats.summary()

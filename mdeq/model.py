@@ -449,7 +449,12 @@ class MDEQ(nn.Module):
         prepared = f.prepare(b, injection)
         # The solver state stays at least float32 even when the stem ran under autocast.
         dtype = torch.promote_types(injection.dtype, torch.float32)
-        z0 = [injection.new_zeros(b, c, h >> i, w >> i, dtype=dtype) for i, c in enumerate(f.num_channels)]
+        # z0 follows the input's memory format (channels_last on a CPU by default, mdeq.train), and with
+        # it the solver's state, every f evaluation and the backward's VJPs.
+        nhwc = injection.is_contiguous(memory_format=torch.channels_last) and not injection.is_contiguous()
+        fmt = torch.channels_last if nhwc else torch.contiguous_format
+        z0 = [torch.empty(b, c, h >> i, w >> i, dtype=dtype, device=injection.device, memory_format=fmt).zero_()
+              for i, c in enumerate(f.num_channels)]
         return self.deq(z0, injection, prepared)
 
     def load_backbone(self, state_dict: dict[str, Tensor]) -> None:

@@ -3,7 +3,9 @@
 Why a list: MDEQ keeps one tensor per scale, (B, C_i, H_i, W_i), and the paper plots per-scale
 convergence (Fig. 7), so residuals are tracked per scale. Internally the state is one contiguous
 (B, D) buffer whose per-scale views are handed to ``f`` (no copy on the way in, one ``cat`` on the
-way out).
+way out), in the memory format of ``z0``: a scale given channels_last is stored (H, W, C)-ordered and
+handed to ``f`` channels_last (on a CPU, oneDNN's convolutions and GroupNorm run faster that way). The
+iterates do not depend on the order of the coordinates, only their float rounding does.
 
 Every solver has the same call shape::
 
@@ -143,15 +145,24 @@ class _Layout:
         self.sizes = [math.prod(s) for s in self.shapes]
         self.dtype, self.device = first.dtype, first.device
         self.dim = sum(self.sizes)
+        # A scale given in channels_last is stored (H, W, C)-ordered, so f sees channels_last views
+        # and its channels_last output is flattened without a copy.
+        self.nhwc = [_is_channels_last(z) for z in zs]
+
+    def _flat1(self, z: torch.Tensor, nhwc: bool) -> torch.Tensor:
+        return (z.permute(0, 2, 3, 1) if nhwc else z).reshape(self.batch, -1)
 
     def flat(self, zs: Sequence[torch.Tensor]) -> torch.Tensor:
         if len(zs) == 1:
-            return zs[0].reshape(self.batch, -1).to(self.dtype)
-        return torch.cat([z.reshape(self.batch, -1) for z in zs], dim=1).to(self.dtype)
+            return self._flat1(zs[0], self.nhwc[0]).to(self.dtype)
+        return torch.cat([self._flat1(z, c) for z, c in zip(zs, self.nhwc)], dim=1).to(self.dtype)
 
     def split(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Views of a (B, D) tensor as the list of per-scale tensors (no copy)."""
-        return [p.view(self.batch, *s) for p, s in zip(x.split(self.sizes, dim=1), self.shapes)]
+        """Views of a (B, D) tensor as the list of per-scale tensors (no copy), in z0's memory format."""
+        out = []
+        for p, s, nhwc in zip(x.split(self.sizes, dim=1), self.shapes, self.nhwc):
+            out.append(p.view(self.batch, *s[1:], s[0]).permute(0, 3, 1, 2) if nhwc else p.view(self.batch, *s))
+        return out
 
     def check_output(self, out) -> None:
         if not isinstance(out, (list, tuple)) or len(out) != len(self.shapes):
@@ -161,6 +172,11 @@ class _Layout:
             if tuple(o.shape) != (self.batch, *s):
                 raise ValueError(f"f changed the shape of scale {i}: expected {(self.batch, *s)}, "
                                  f"got {tuple(o.shape)}")
+
+
+def _is_channels_last(z: torch.Tensor) -> bool:
+    """True for a 4-d tensor laid out channels_last and not also plain contiguous (C = 1 or H W = 1)."""
+    return z.dim() == 4 and z.is_contiguous(memory_format=torch.channels_last) and not z.is_contiguous()
 
 
 class _Monitor:

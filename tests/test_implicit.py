@@ -1,4 +1,6 @@
 """The implicit layer: IFT gradients against unrolled float64 autograd, gradcheck, modes, budgets."""
+import warnings
+
 import pytest
 import torch
 
@@ -260,3 +262,70 @@ def test_backward_never_returns_zero_for_a_nonzero_right_hand_side(mode):
     grads = torch.autograd.grad(sum(t.sum() for t in z), xs)
     assert info.backward.nfe == 7 and info.backward.lowest_step.min() >= 1
     assert all(float(g.abs().min()) > 0 for g in grads)
+
+
+def test_channels_last_state_gives_the_same_ift_gradients_float64():
+    """The layer in channels_last (the engine's CPU default): same z*, same IFT gradients."""
+    fm = MultiscaleMap(gain=0.5)
+    w = inputs(seed=3)
+    grads = []
+    for cl in (False, True):
+        xs = [x.requires_grad_() for x in inputs()]
+        z0 = zeros_like_state(xs)
+        if cl:
+            z0 = [t.contiguous(memory_format=torch.channels_last) for t in z0]
+        layer = _tight(lambda z, x: fm(z, x), solver="broyden", backward_solver="broyden")
+        z, info = layer(z0, xs)
+        grads.append(torch.autograd.grad(_loss(z, w), list(fm.parameters()) + xs))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_compile_forward_falls_back_to_eager_with_one_warning(monkeypatch):
+    """A compiler that fails on first use (no C++ toolchain, an unsupported torch) costs a warning, not the run."""
+    fm = MultiscaleMap(gain=0.5)
+    xs = inputs()
+
+    def broken_compile(fn, **kw):
+        def call(*a, **k):
+            raise RuntimeError("no working C++ compiler")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    eager = ImplicitLayer(lambda z, x: fm(z, x), max_iter=20, tol=1e-10)
+    layer = ImplicitLayer(lambda z, x: fm(z, x), max_iter=20, tol=1e-10, compile_forward=True)
+    with torch.no_grad():
+        z_ref, _ = eager(zeros_like_state(xs), xs)
+        with pytest.warns(RuntimeWarning, match="torch.compile of f failed"):
+            z1, _ = layer(zeros_like_state(xs), xs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no second warning: the layer stays eager
+            z2, _ = layer(zeros_like_state(xs), xs)
+    for a, b, c in zip(z_ref, z1, z2):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_compile_forward_solves_like_eager():
+    """torch.compile'd f in the forward solve (inductor, float32): the same z* and NFE to float32 rounding,
+    and the gradient path (f(z*), the backward) stays eager."""
+    fm = MultiscaleMap(gain=0.5, dtype=torch.float32)
+    xs = inputs(batch=4, dtype=torch.float32)
+    w = inputs(batch=4, seed=3, dtype=torch.float32)
+    out = []
+    for comp in (False, True):
+        layer = ImplicitLayer(fm, max_iter=30, tol=1e-5, backward_max_iter=30, compile_forward=comp)
+        z, info = layer(zeros_like_state(xs), xs)
+        g = torch.autograd.grad(_loss(z, w), list(fm.parameters()))
+        out.append((z, info.forward.nfe, g))
+        if comp:
+            assert layer._compiled.get("ok") and not layer._compiled.get("failed")
+            assert "_compiled" not in dict(layer.named_modules())  # not a submodule: no extra state_dict keys
+            assert set(layer.state_dict()) == set(ImplicitLayer(fm).state_dict())
+    (z0, n0, g0), (z1, n1, g1) = out
+    assert n0 == n1
+    for a, b in zip(z0, z1):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)

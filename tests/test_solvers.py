@@ -202,3 +202,26 @@ def test_broyden_restarts_a_blown_up_sample_and_the_batch_goes_on():
     torch.testing.assert_close(z[0], 0.5 * torch.tanh(z[0]) + b, rtol=0, atol=1e-8)
     with pytest.raises(ValueError, match="restart_factor"):
         broyden(f, [torch.zeros(3, 5)], restart_factor=0.5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_channels_last_state_gives_the_same_iterates(name):
+    """z0 channels_last: f sees channels_last views, z* comes back channels_last, the traces are the
+    contiguous solve's (float64: only the order of the coordinates differs, not the algebra)."""
+    fm = MultiscaleMap(gain=0.9)
+    xs = inputs(batch=5)
+    seen = []
+
+    def f(z):
+        seen.append(all(t.stride(1) == 1 and t.stride(3) == t.shape[1] for t in z))  # channels innermost
+        return fm(z, xs)
+
+    cl = [t.contiguous(memory_format=torch.channels_last) for t in zeros_like_state(xs)]
+    z_ref, st_ref = SOLVERS[name](lambda z: fm(z, xs), zeros_like_state(xs), max_iter=12, tol=1e-12)
+    z_cl, st_cl = SOLVERS[name](f, cl, max_iter=12, tol=1e-12)
+    assert all(seen) and len(seen) == st_cl.nfe == st_ref.nfe
+    assert all(t.stride(1) == 1 and t.stride(3) == t.shape[1] for t in z_cl)
+    torch.testing.assert_close(st_cl.abs_trace, st_ref.abs_trace, rtol=1e-5, atol=0)
+    torch.testing.assert_close(st_cl.scale_rel_trace, st_ref.scale_rel_trace, rtol=1e-5, atol=0)
+    for a, b in zip(z_cl, z_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -1,0 +1,238 @@
+"""Where the time of one implicit training step goes, and the step against a reference commit, in one run.
+
+The step is the engine's (``mdeq.train.train_step``) on ``cifar10_small_paper`` at the paper's batch of 128,
+in the implicit phase, with both solves run to their caps (T_f 15, T_b 18: the forward tolerance is set
+out of reach, as it is in practice in training). The split comes from the profiler ranges the layer
+opens (``mdeq::forward_solve``, ``mdeq::forward_f``, ``mdeq::f_star``, ``mdeq::backward_solve``,
+``mdeq::backward_vjp``) and from this script's own (forward, loss, backward, optimiser):
+
+- forward solve: f evaluations, and the solver's own work (bookkeeping: Broyden's low-rank products,
+  residuals, the lowest iterate);
+- f(z*) with grad; stem, injection and head forward; the loss;
+- backward solve: the VJPs, and the solver's own work;
+- the rest of the backward (parameter gradients through f(z*), the head and the stem); the optimiser.
+
+With ``--ref COMMIT`` the same step of that commit (a git worktree under ``runs/bench/``) is timed in
+the same run, child processes alternating ref / current so that a load change hits both alike, and
+the loss and gradients of both on one fixed batch are compared.
+
+    python benchmarks/train_step_profile.py --ref aa0d948   # results/benchmarks/train_step_profile_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RANGES = ("mdeq::forward_solve", "mdeq::forward_f", "mdeq::f_star", "mdeq::backward_solve", "mdeq::backward_vjp",
+          "step::forward", "step::loss", "step::backward", "step::optimizer")
+
+
+def child(args) -> dict:
+    """Build the model and a fixed batch, time ``--steps`` steps, profile one, return the measurements."""
+    import warnings
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from mdeq.config import load_config
+    from mdeq.model import build_model
+    from mdeq.train import build_criterion, build_optimizer, set_phase
+
+    warnings.filterwarnings("ignore", "IFT backward solve did not converge")
+    torch.set_num_threads(args.threads)
+    overrides = {"data.batch_size": args.batch, "solver.tol": 1e-12}
+    cfg = load_config(args.config, overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    model.deq.warn = False
+    optimizer = build_optimizer(model, cfg.train)
+    criterion = build_criterion(cfg)
+    g = torch.Generator().manual_seed(0)
+    h, w = cfg.data.image_size
+    x = torch.rand(args.batch, 3, h, w, generator=g)
+    y = torch.randint(0, cfg.data.num_classes, (args.batch,), generator=g)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    set_phase(model, cfg, cfg.train.pretrain_steps)
+    model.deq.compile_forward = args.compile
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.amp)
+
+    def step():
+        with record_function("step::forward"), autocast:
+            logits = model(x)
+        with record_function("step::loss"), autocast:
+            loss = criterion(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        with record_function("step::backward"):
+            loss.backward()
+        grads = None
+        if first[0]:  # the loss and gradients of the first step, before any parameter moves
+            grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+            first[0] = False
+        with record_function("step::optimizer"):
+            optimizer.step()
+        return loss.item(), grads
+
+    first = [True]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    opt_state = optimizer.state_dict()
+    t0 = time.perf_counter()
+    loss0, grads0 = step()
+    first_ms = 1000 * (time.perf_counter() - t0)  # with --compile: includes compiling f
+    info = model.last_info
+    times = []
+    for _ in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(1000 * (time.perf_counter() - t0))
+    times = times[args.warmup:]
+    out = {"step_ms_median": statistics.median(times), "step_ms": times, "first_step_ms": first_ms, "loss0": loss0,
+           "grad_norm0": grads0.norm().item(), "nfe_forward": info.forward.nfe,
+           "nfe_backward": info.backward.nfe if info.backward is not None else None}
+    if args.grads_out:
+        torch.save({"loss": loss0, "grads": grads0}, args.grads_out)
+    model.load_state_dict(state)
+    optimizer.load_state_dict(opt_state)
+    if args.profile:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(args.profile):
+                step()
+        totals = {e.key: e.cpu_time_total / 1000 / args.profile for e in prof.key_averages() if e.key in RANGES}
+        counts = {e.key: e.count // args.profile for e in prof.key_averages() if e.key in RANGES}
+        out["ranges_ms"], out["range_calls"] = totals, counts
+    return out
+
+
+def split(ranges: dict) -> dict:
+    """The step's parts (ms) from the inclusive range totals."""
+    r = lambda k: ranges.get(k, 0.0)  # noqa: E731
+    return {
+        "forward solve: f evaluations": r("mdeq::forward_f"),
+        "forward solve: solver bookkeeping": r("mdeq::forward_solve") - r("mdeq::forward_f"),
+        "f(z*) with grad": r("mdeq::f_star"),
+        "stem, injection, head (forward)": r("step::forward") - r("mdeq::forward_solve") - r("mdeq::f_star"),
+        "loss": r("step::loss"),
+        "backward solve: VJPs": r("mdeq::backward_vjp"),
+        "backward solve: solver bookkeeping": r("mdeq::backward_solve") - r("mdeq::backward_vjp"),
+        "backward: parameter gradients through f(z*), head, stem": r("step::backward") - r("mdeq::backward_solve"),
+        "optimiser": r("step::optimizer"),
+    }
+
+
+def _run_child(args, pythonpath: Path, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-P", str(Path(__file__).resolve()), "--child", "--config", args.config,
+           "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--threads", str(args.threads), *extra]
+    env = dict(os.environ, PYTHONPATH=str(pythonpath))
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=pythonpath, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"child failed ({pythonpath}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _worktree(ref: str) -> Path:
+    commit = subprocess.run(["git", "rev-parse", ref], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    path = ROOT / "runs" / "bench" / f"ref_{commit[:12]}"
+    if not path.exists():
+        subprocess.run(["git", "worktree", "add", "--detach", "-f", str(path), commit], cwd=ROOT, check=True,
+                       capture_output=True)
+    return path
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="cifar10_small_paper")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per child")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="alternating ref / current children")
+    p.add_argument("--ref", default=None, help="a commit to time against (e.g. the one before a speed change)")
+    p.add_argument("--amp", action="store_true", help="also time the current code under bf16 autocast")
+    p.add_argument("--compile", action="store_true", help="also time the current code with f compiled (forward solve)")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--channels-last", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--profile", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--grads-out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import torch
+    from _common import provenance, write_json
+
+    tmp = ROOT / "runs" / "bench"
+    tmp.mkdir(parents=True, exist_ok=True)
+    variants = {"current": (ROOT, ["--channels-last"])}
+    if args.ref:
+        variants = {"ref": (_worktree(args.ref), []), **variants}
+    if args.compile:
+        variants["current_compile"] = (ROOT, ["--channels-last", "--compile"])
+    if args.amp:
+        variants["current_bf16"] = (ROOT, ["--channels-last", "--amp"])
+    runs = {k: [] for k in variants}
+    for r in range(args.rounds):
+        for name, (path, extra) in variants.items():
+            extra = list(extra)
+            if r == 0:
+                extra += ["--grads-out", str(tmp / f"grads_{name}.pt")]
+                if name == "current":
+                    extra += ["--profile", "2"]
+            res = _run_child(args, path, extra)
+            runs[name].append(res)
+            print(f"round {r} {name:12s} {res['step_ms_median']:8.0f} ms/step  nfe {res['nfe_forward']}/"
+                  f"{res['nfe_backward']}  loss {res['loss0']:.6f}", flush=True)
+    result = {}
+    for name, rs in runs.items():
+        result[name] = {"step_ms_median": statistics.median(t for r in rs for t in r["step_ms"]),
+                        "step_ms": [t for r in rs for t in r["step_ms"]], "nfe_forward": rs[0]["nfe_forward"],
+                        "nfe_backward": rs[0]["nfe_backward"], "loss0": rs[0]["loss0"],
+                        "first_step_ms": [r["first_step_ms"] for r in rs]}
+    prof = runs["current"][0]
+    parts = split(prof["ranges_ms"])
+    total = sum(parts.values())
+    result["current"]["profile_ms"] = parts
+    result["current"]["profile_fraction"] = {k: v / total for k, v in parts.items()}
+    result["current"]["ranges_ms"], result["current"]["range_calls"] = prof["ranges_ms"], prof["range_calls"]
+    rg = prof["ranges_ms"]
+    result["current"]["forward_solver_ratio"] = rg["mdeq::forward_solve"] / rg["mdeq::forward_f"]
+    result["current"]["backward_solver_ratio"] = rg["mdeq::backward_solve"] / rg["mdeq::backward_vjp"]
+    g_cur = torch.load(tmp / "grads_current.pt")
+    for name in variants:
+        if name == "current":
+            continue
+        g = torch.load(tmp / f"grads_{name}.pt")
+        result[name]["speedup_of_current"] = result[name]["step_ms_median"] / result["current"]["step_ms_median"]
+        result[name]["loss_rel_diff_vs_current"] = abs(g["loss"] - g_cur["loss"]) / abs(g["loss"])
+        result[name]["grad_rel_diff_vs_current"] = ((g["grads"] - g_cur["grads"]).norm()
+                                                    / g["grads"].norm()).item()
+    torch.set_num_threads(args.threads)
+    path = args.out or ROOT / "results" / "benchmarks" / "train_step_profile_cpu.json"
+    write_json(path, {"benchmark": "train_step_profile", "config": args.config, "batch": args.batch,
+                      "ref": args.ref, "results": result, "provenance": provenance(args, "cpu")})
+    print(f"\nprofile of the current step ({prof['range_calls']}), ms per step (profiler on):")
+    for k, v in parts.items():
+        print(f"  {k:58s} {v:8.0f}  {100 * v / total:5.1f} %")
+    print(f"  forward solver ratio {result['current']['forward_solver_ratio']:.3f}, "
+          f"backward solver ratio {result['current']['backward_solver_ratio']:.3f}")
+    for name in variants:
+        if name != "current":
+            r = result[name]
+            print(f"{name}: {r['step_ms_median']:.0f} ms/step, current is {r['speedup_of_current']:.2f}x faster; "
+                  f"loss rel diff {r['loss_rel_diff_vs_current']:.1e}, grad rel diff {r['grad_rel_diff_vs_current']:.1e}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
