@@ -78,7 +78,6 @@ class CampaignSpec:
     checkpoint_every: int = 50
     log_every: int = 50
     compile: bool = False  # mdeq.train --compile: the forward solve's f compiled (same numbers to rounding)
-    compile: bool = False  # mdeq.train --compile: the forward solve's f compiled (same numbers to rounding)
     # For tests and smoke campaigns only; a campaign that reproduces the paper sets none of these.
     overrides: tuple[str, ...] = ()
     limit_train: int | None = None
@@ -152,8 +151,6 @@ def train_command(spec: CampaignSpec, key: str, *, stop_at: float | None, data_r
             argv += [f"--{name.replace('_', '-')}", str(getattr(spec, name))]
     if run.baseline:
         argv += ["--baseline", run.baseline]
-    if spec.compile and not run.baseline:
-        argv += ["--compile"]
     if spec.compile and not run.baseline:
         argv += ["--compile"]
     if stop_at is not None:
