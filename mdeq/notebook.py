@@ -390,7 +390,7 @@ def save_figure(fig, name: str, ctx: Context, kind: str, *, caption: str, source
 
 def _display(*objects) -> bool:
     """Show figures and Markdown strings in a running notebook; False outside one."""
-    try:
+    try:  # IPython is there in a notebook (the notebooks extra), not necessarily elsewhere
         from IPython import get_ipython
         from IPython.display import Markdown, display
     except ImportError:  # pragma: no cover
