@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as _dt
+import io
 import json
 import math
 import os
@@ -139,17 +140,11 @@ def trim_logs(out_dir: Path, epoch: int, global_step: int) -> None:
     if metrics.exists():
         with open(metrics, newline="") as fh:
             rows = list(csv.DictReader(fh))
-        rows = [r for r in rows if r.get("epoch") not in (None, "") and int(r["epoch"]) < epoch]
-        tmp = _temp_name(metrics)
-        try:
-            with _writing(metrics), open(tmp, "w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=list(EPOCH_COLUMNS), extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(rows)
-            os.replace(tmp, metrics)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=list(EPOCH_COLUMNS), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(r for r in rows if r.get("epoch") not in (None, "") and int(r["epoch"]) < epoch)
+        write_text_atomic(metrics, text.getvalue())
 
 
 def sweep_temp_files(out_dir: Path) -> list[str]:
