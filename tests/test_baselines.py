@@ -11,8 +11,6 @@ EXACT = {"resnet18_170k": 176_402, "resnet18_10m": 10_151_691, "resnet101": 42_5
          "node_172k": 173_611, "anode_172k": 172_452}
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 def _count(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

@@ -30,8 +30,6 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # shared/ besi
 BATCHES = (*cifar10.TRAIN_BATCHES, *cifar10.TEST_BATCHES)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 @pytest.fixture(scope="module")
 def synthetic_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")

@@ -11,7 +11,6 @@ from mdeq.config import ConfigError
 from mdeq.runlog import hardware_label
 from mdeq.solvers import SOLVERS
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
 
 

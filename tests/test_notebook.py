@@ -177,6 +177,12 @@ def test_full_profile_dry_runs_say_what_they_would_do(capsys):
     out = capsys.readouterr().out
     assert "would measure MDEQ, MDEQ-small, ResNet-18, ResNet-101, ANODE at batch 32" in out
     assert "would trace cityscapes_large_paper on 5 batches of 1 x (1024, 2048)" in out
+    ctx = notebook.setup(notebook.check_parameters(
+        {"profile": "full", "dry_run": True, "nproc": 4, "seeds": 2, "data_root": "/datasets"}, "01_cifar10"))
+    notebook.train(ctx)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 7 * 2 and all(line.startswith("dry-run  cifar10_") for line in lines)
+    assert "--nproc_per_node 4 -m mdeq.train" in lines[0] and "--data-root /datasets/cifar10" in lines[0]
 
 
 def test_notebooks_call_one_step_per_profile_and_build_no_internal_paths():

@@ -78,7 +78,9 @@ def test_logs_profile(name, tmp_path):
     print(f"{name} logs: {seconds:.1f} s ({time.perf_counter() - t0:.1f} s with the kernel)")
 
 
-@pytest.mark.parametrize("name", ["01_cifar10", "04_cityscapes"])
+# The default run executes each notebook once per profile; the second dry run and two of the three bad-parameter
+# runs repeat a kernel start for checks that tests/test_notebook.py also makes without one, so they are slow.
+@pytest.mark.parametrize("name", [pytest.param("01_cifar10", marks=pytest.mark.slow), "04_cityscapes"])
 def test_full_profile_dry_run_prints_the_launches(name, tmp_path):
     out, _ = _run(name, tmp_path, profile="full", dry_run=True, nproc=4, data_root="/datasets")
     text = _stream_text(out)
@@ -87,9 +89,9 @@ def test_full_profile_dry_run_prints_the_launches(name, tmp_path):
 
 
 @pytest.mark.parametrize("parameters, message", [
-    ({"profile": "ful"}, "must be one of ['smoke', 'logs', 'full']"),
+    pytest.param({"profile": "ful"}, "must be one of ['smoke', 'logs', 'full']", marks=pytest.mark.slow),
     ({"profil": "logs"}, "unknown parameter(s) 'profil'"),
-    ({"quick": "yes"}, "must be of type bool"),
+    pytest.param({"quick": "yes"}, "must be of type bool", marks=pytest.mark.slow),
 ])
 def test_bad_parameters_fail_loudly(parameters, message, tmp_path):
     import nbformat
