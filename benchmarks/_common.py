@@ -29,8 +29,9 @@ def median(xs):
 def provenance(args, device) -> dict:
     """The provenance of a benchmark result: ``mdeq.runlog.provenance`` with the arguments and the device;
     the dirty flag covers ``mdeq/`` and ``benchmarks/``."""
-    return run_provenance(" ".join([Path(sys.executable).name] + sys.argv), device, args=vars(args),
-                          device=str(torch.device(device)), dirty_folders=("mdeq", "benchmarks"))
+    record = run_provenance(" ".join([Path(sys.executable).name] + sys.argv), device, args=vars(args),
+                            dirty_folders=("mdeq", "benchmarks"))
+    return {**record, "device": str(torch.device(device))}
 
 
 def write_json(path: Path, payload: dict) -> None:
