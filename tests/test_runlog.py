@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mdeq import runlog
+from mdeq import paths, runlog
 from mdeq.runlog import EPOCH_COLUMNS, RunLog, append_epoch, finished, read_run, read_runs
 
 
@@ -137,3 +137,20 @@ def test_run_log_value_skips_non_numbers(tmp_path):
     run = RunLog("r", tmp_path, [{"epoch": "0", "eval_top1": ""}, {"epoch": "1", "eval_top1": "nan"}], {}, {})
     assert run.value("eval_top1") is None and run.series("eval_top1") == []
     assert math.isclose(RunLog("r", tmp_path, [{"epoch": "0", "eval_top1": "1.5"}], {}, {}).value("eval_top1"), 1.5)
+
+
+def test_benchmarks_record_the_same_provenance(tmp_path):
+    """benchmarks/_common.provenance is runlog's record plus the arguments and the device (it once raised a
+    TypeError for passing the device twice)."""
+    import argparse
+    import sys
+
+    sys.path.insert(0, str(paths.ROOT / "benchmarks"))
+    try:
+        import _common
+    finally:
+        sys.path.remove(str(paths.ROOT / "benchmarks"))
+    prov = _common.provenance(argparse.Namespace(batch=4), "cpu")
+    assert prov["args"] == {"batch": 4} and prov["device"] == "cpu"
+    assert {"date", "command", "git_commit", "git_dirty", "torch", "python", "hardware"} <= set(prov)
+    assert prov["hardware"]["device"] == "cpu"
