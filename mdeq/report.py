@@ -227,7 +227,8 @@ def show_table(df, kind: str, csv: str | Path | None = None):
         shown["delta"] = [pm(v, None) for v in df["delta"]]
     if "paper_params" in df.columns:
         ours = df.get("ours_params", df["paper_params"])
-        shown["params (paper / ours)"] = [f"{fmt_params(a)} / {fmt_params(b)}" for a, b in zip(df["paper_params"], ours)]
+        shown["params (paper / ours)"] = [f"{fmt_params(a)} / {fmt_params(b)}"
+                                          for a, b in zip(df["paper_params"], ours)]
     if "status" in df.columns:
         shown["status"] = df["status"]
     table = pd.DataFrame(shown)

@@ -1,4 +1,4 @@
-"""The one command that runs every notebook and builds the book: ``python -m mdeq.reproduce``.
+"""How every notebook is run and the book is built, in one command: ``python -m mdeq.reproduce``.
 
 Why a module: each notebook is run by papermill into ``runs/reproduce/<profile>/`` with this
 interpreter's kernel, and the book (``book/``, Jupyter Book 1.x, warnings are errors) is built from
@@ -11,7 +11,8 @@ only passes the parameters::
     python -m mdeq.reproduce --profile full --data-root /data --dry-run   # print the GPU launches
     python -m mdeq.reproduce --only 04_cityscapes       # one notebook
     python -m mdeq.reproduce --book-only                # build the book from the committed notebooks
-    python -m mdeq.reproduce --update-committed         # smoke run written into notebooks/*.ipynb, results/smoke/, figures/smoke/
+    python -m mdeq.reproduce --update-committed         # the smoke run written into notebooks/*.ipynb,
+                                                        # results/smoke/ and figures/smoke/
 """
 from __future__ import annotations
 
