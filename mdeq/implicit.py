@@ -148,8 +148,8 @@ class ImplicitLayer(nn.Module):
         """The forward solve, with the torch.compile'd func when ``compile_forward`` is on.
 
         Why only here: the no-grad solve is where f runs most (T_f times a step) and where inductor's
-        fused kernels pay (about 2x per f on a CPU); compiled, f's graph-building call and its VJP were
-        not faster, so f(z*) and the backward stay eager. A compiler that fails on its first use
+        fused kernels can pay; in a first CPU measurement the compiled f's graph-building call and its
+        VJP were not faster, so f(z*) and the backward stay eager. A compiler that fails on its first use
         (no C++ compiler, an unsupported torch) warns once and the layer goes on eagerly.
         """
         run = lambda g: self.solver(_labelled(g, "mdeq::forward_f"), z0, max_iter=max_iter,  # noqa: E731

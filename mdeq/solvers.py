@@ -4,7 +4,7 @@ Why a list: MDEQ keeps one tensor per scale, (B, C_i, H_i, W_i), and the paper p
 convergence (Fig. 7), so residuals are tracked per scale. Internally the state is one contiguous
 (B, D) buffer whose per-scale views are handed to ``f`` (no copy on the way in, one ``cat`` on the
 way out), in the memory format of ``z0``: a scale given channels_last is stored (H, W, C)-ordered and
-handed to ``f`` channels_last (on a CPU, oneDNN's convolutions and GroupNorm run faster that way). The
+handed to ``f`` channels_last (the engine's CPU default; oneDNN has channels_last kernels). The
 iterates do not depend on the order of the coordinates, only their float rounding does.
 
 Every solver has the same call shape::

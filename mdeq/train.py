@@ -118,10 +118,11 @@ class RunOptions:
     divergence_factor / max_param_abs: the run stops as diverged when a step's loss exceeds this many
     times its reference loss, or a parameter this magnitude (None: no such check; a non-finite loss or
     parameter always stops it); see ``_DivergenceGuard``. channels_last: feed images (and so the solver
-    state) channels_last (None: on a CPU, where oneDNN runs f faster so; the numbers are equal to
-    float32 rounding). compile: ``torch.compile`` f for the no-grad forward solve (``ImplicitLayer``'s
-    ``compile_forward``): it pays on a CPU run of more than a few hundred steps (about a minute of
-    compiling per batch shape, then f about 2x faster; ``benchmarks/train_step_profile.py``).
+    state) channels_last (None: on a CPU; float64 results equal the contiguous ones, float32 ones to
+    rounding). compile: ``torch.compile`` f for the no-grad forward solve (``ImplicitLayer``'s
+    ``compile_forward``; up to a minute of compiling per batch shape and mode). On the project's 2-core
+    CPU neither changed the MDEQ-small step at batch 128 beyond the +-8 % noise
+    (``benchmarks/train_step_profile.py``, README "Where a training step's time goes").
     """
 
     out_dir: str | Path
