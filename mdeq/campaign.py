@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import datetime as _dt
 import fcntl
+import json
 import os
 import re
 import shlex
@@ -123,10 +124,22 @@ def run_status(spec: CampaignSpec, key: str, results: Path = RESULTS) -> dict[st
         "epochs_planned": _epochs_planned(spec, key),
         "finished": run is not None and run.finished,
         "last_eval_top1": float(last["eval_top1"]) if last.get("eval_top1") else None,
-        "last_step": int(last["step"]) if last.get("step") else 0,
+        "last_step": max(int(last["step"]) if last.get("step") else 0, _last_logged_step(folder)),
         "hours": sum(float(r["epoch_time_s"]) for r in rows if r.get("epoch_time_s")) / 3600.0,
         "has_checkpoint": (folder / "checkpoint.pt").is_file(),
     }
+
+
+def _last_logged_step(folder: Path) -> int:
+    """The step of the last ``steps.jsonl`` record: an unfinished first epoch has no metrics.csv row yet."""
+    path = folder / "steps.jsonl"
+    if not path.is_file():
+        return 0
+    lines = path.read_text().strip().splitlines()
+    try:
+        return int(json.loads(lines[-1])["step"]) if lines else 0
+    except (ValueError, KeyError):
+        return 0
 
 
 def train_command(spec: CampaignSpec, key: str, *, stop_at: float | None, data_root: str | None = None,

@@ -52,6 +52,11 @@ def test_status_command_and_bad_input(tiny_campaign, capsys):
     spec, results = tiny_campaign
     s = run_status(spec, "cifar10_node", results)
     assert s["epochs_done"] == 0 and s["epochs_planned"] == 1 and not s["finished"]
+    # inside the first epoch (no metrics.csv row yet) the step comes from steps.jsonl
+    folder = results / "cifar10_node"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "steps.jsonl").write_text('{"step": 1, "epoch": 0}\n{"step": 350, "epoch": 0}\n')
+    assert run_status(spec, "cifar10_node", results)["last_step"] == 350
     cmd = train_command(spec, "cifar10_node", stop_at=123.0)
     assert cmd[cmd.index("--baseline") + 1] == "node_172k" and cmd[cmd.index("--stop-at") + 1] == "123"
     assert parse_budget("150m") == 9000 and parse_budget("2.5h") == 9000 and parse_budget("90s") == 90
@@ -66,6 +71,9 @@ def test_shipped_campaign_is_table1_with_the_paper_protocol():
     assert spec.runs[:2] == ("cifar10_resnet18_170k", "cifar10_mdeq_small")
     assert spec.variant == "paper" and not spec.overrides and spec.limit_train is None
     assert spec.data_options["source"] == "jpeg_q75" and spec.workers == 0
+    assert spec.compile  # the DEQ runs' forward solve is compiled ...
+    assert "--compile" in train_command(spec, "cifar10_mdeq_small", stop_at=None)
+    assert "--compile" not in train_command(spec, "cifar10_resnet18_170k", stop_at=None)  # ... not a baseline
 
 
 def test_chunks_run_the_last_commit_from_a_worktree(tiny_campaign):
