@@ -65,3 +65,32 @@ def test_measure_runtime_reports_times_memory_and_solver_work():
     assert len(m["train_ms_all"]) == 1 and m["train_ms"] == m["train_ms_all"][0] > 0 and m["inference_ms"] > 0
     assert m["memory_kind"] == "cpu_peak_rss_increase" and m["peak_train_memory_mb"] == m["peak_train_memory_mb"]
     assert m["nfe_forward"] >= 1 and m["nfe_backward"] is None  # inference ran last: no backward after it
+
+
+def test_train_step_memory_counts_saved_activations_and_adam_state_in_closed_form():
+    # k Linear(d, d, bias=False) with ReLU between, loss = sum of the output. Saved for backward: each
+    # Linear its input, each ReLU its output, which is the next Linear's input (one storage): k * B * d
+    # float32 storages; the weights are parameters, not counted. sum() saves nothing.
+    B, d, k = 256, 32, 4
+    torch.manual_seed(0)
+    layers = []
+    for i in range(k):
+        layers += [torch.nn.Linear(d, d, bias=False)] + ([torch.nn.ReLU()] if i < k - 1 else [])
+    model = torch.nn.Sequential(*layers)
+    x, y = torch.randn(B, d), torch.zeros(B)
+    m = measure.train_step_memory(model, x, y, loss_fn=lambda out, _: out.sum())
+    act, param = B * d * 4, k * d * d * 4
+    assert m["saved_tensors"] == k and m["saved_bytes"] == pytest.approx(k * act, rel=0.02)
+    # parameters + gradients + Adam's two moments (+ k float32 step counters of 4 bytes)
+    assert m["state_bytes"] == pytest.approx(4 * param, rel=0.01) and m["state_parts"]["buffers"] == 0
+    # the rest at the peak: the last output and its gradient, labels, a weight gradient before accumulation
+    assert act <= m["other_bytes"] <= 3 * act
+    assert m["peak_bytes"] == m["state_bytes"] + m["saved_bytes"] + m["other_bytes"]
+
+
+def test_measure_memory_implicit_saves_less_than_unrolled():
+    out = measure.measure_memory(models=["mdeq_small"], batch_size=1, budgets=(), log=lambda _: None)
+    imp, unr = out["models"]["mdeq_small"], out["models"]["mdeq_small_unrolled"]
+    assert imp["grad"] == "ift" and unr["grad"] == "unrolled" and unr["unroll_steps"] == imp["max_iter"] == 15
+    assert (imp["nfe_forward"], imp["nfe_backward"]) == (16, 19)  # the full budgets 15 and 18, + 1 each (f(z*))
+    assert imp["state_bytes"] == unr["state_bytes"] and imp["saved_bytes"] * 3 < unr["saved_bytes"]
