@@ -37,13 +37,14 @@ from mdeq.runlog import describe_hardware, hardware_label, read_json, read_run
 
 __all__ = ["PROFILES", "NOTEBOOKS", "PARAMETERS", "FIGURE_OWNERS", "TABLE_OWNERS", "ParameterError", "Params",
            "check_parameters", "Context", "setup", "save_figure", "save_table", "show_banner", "write_json",
-           "train", "segmentation_examples", "runtime_memory", "convergence", "RUNTIME_MEMORY", "CONVERGENCE_TRACES",
-           "CITYSCAPES_EXAMPLES"]
+           "train", "segmentation_examples", "runtime_memory", "convergence", "RUNTIME_MEMORY", "FIG4B_MEMORY",
+           "CONVERGENCE_TRACES", "CITYSCAPES_EXAMPLES"]
 
 PROFILES = ("smoke", "logs", "full")
 NOTEBOOKS = ("01_cifar10", "02_imagenet", "03_runtime_memory", "04_cityscapes", "05_convergence")
 # What the measuring notebooks write into their results folder (smoke: results/smoke/).
 RUNTIME_MEMORY = "runtime_memory.json"  # 03, mdeq.measure.measure_runtime
+FIG4B_MEMORY = "fig4b_memory_cpu.json"  # 03, mdeq.measure.measure_memory (benchmarks/fig4b_memory.py; real only)
 CONVERGENCE_TRACES = "convergence_traces.json"  # 05, mdeq.measure.convergence_traces
 CITYSCAPES_EXAMPLES = "cityscapes_examples"  # 04, mdeq.measure.cityscapes_examples (a folder)
 
@@ -165,6 +166,7 @@ FIGURE_OWNERS = {
     "table1_training_and_solver": "01_cifar10",
     "imagenet_top1_per_epoch": "02_imagenet",
     "fig4b_runtime_memory": "03_runtime_memory",
+    "fig4b_training_memory": "03_runtime_memory",
     "fig8_cityscapes_examples": "04_cityscapes",
     "fig5_convergence_forward": "05_convergence",
     "fig5_convergence_backward": "05_convergence",

@@ -29,7 +29,8 @@ from mdeq.runlog import RunLog, describe_hardware, read_json, read_runs
 
 __all__ = ["SMOKE_NOTE", "NOT_RUN", "paper_numbers", "COLORS", "set_style", "figure_title", "no_data", "Column",
            "PaperTable", "PAPER_TABLES", "paper_table", "show_table", "table_fig4b", "convergence_table",
-           "plot_training_curves", "plot_training_panels", "plot_runtime_memory", "plot_segmentation_examples",
+           "plot_training_curves", "plot_training_panels", "plot_runtime_memory", "memory_ratios",
+           "plot_training_memory", "plot_segmentation_examples",
            "plot_convergence", "plot_per_scale"]
 
 SMOKE_NOTE = "smoke run, not a reproduction"
@@ -241,8 +242,12 @@ def show_table(df, kind: str, csv: str | Path | None = None):
     return styler.set_caption(title)
 
 
-def table_fig4b(ctx, kind: str, measure: Mapping | None, numbers: Mapping | None = None) -> pd.DataFrame:
-    """The numbers Section 4.4 states, next to ours from the runtime/memory measurement."""
+def table_fig4b(ctx, kind: str, measure: Mapping | None, numbers: Mapping | None = None,
+                memory: Mapping | None = None) -> pd.DataFrame:
+    """The numbers Section 4.4 states, next to ours from the runtime/memory measurement.
+
+    With ``memory`` (``mdeq.measure.measure_memory``'s live tensor bytes) the memory row is its ratio of
+    MDEQ's peak training memory to ResNet-101's, with its own source; else the runtime measurement's."""
     numbers = numbers if numbers is not None else paper_numbers()
     st = {s["key"]: s for s in numbers["fig4b"]["statements"]}
     m = (measure or {}).get("models", {})
@@ -265,6 +270,14 @@ def table_fig4b(ctx, kind: str, measure: Mapping | None, numbers: Mapping | None
     hw = (measure or {}).get("hardware", "")
     source = ctx.source(kind, f"random CIFAR-10-sized input, batch {(measure or {}).get('batch_size', '?')}", hw) \
         if measure else NOT_RUN
+    sources = {}
+    live = memory_ratios(memory).get("mdeq")
+    if live is not None:
+        key = "mdeq_train_memory_saving_vs_resnets"
+        ours[key] = live
+        metric[key] = "peak training memory MDEQ / ResNet-101 (live tensor bytes)"
+        sources[key] = ctx.source(kind, f"random CIFAR-10-sized input, batch {memory['batch_size']}; peak live "
+                                        f"tensor bytes of a training step", memory.get("hardware", ""))
     rows = []
     for key, label in metric.items():
         v = ours[key]
@@ -272,7 +285,7 @@ def table_fig4b(ctx, kind: str, measure: Mapping | None, numbers: Mapping | None
         rows.append({"table": "Fig. 4b", "setting": "", "row": label, "key": key, "metric": label, "paper": paper,
                      "ours": round(v, 4) if v is not None else NOT_RUN,
                      "delta": round(v - paper, 4) if v is not None and kind != "smoke" else None,
-                     "paper_note": st[key]["text"], "ours_source": source,
+                     "paper_note": st[key]["text"], "ours_source": sources.get(key, source),
                      "status": (SMOKE_NOTE if kind == "smoke" else "measured") if v is not None else NOT_RUN})
     return pd.DataFrame(rows)
 
@@ -436,6 +449,78 @@ def plot_runtime_memory(measure: Mapping | None, kind: str, *, reference: str = 
         ax.set_ylabel("relative to ResNet-101 (lower is better)" if ax is axes[0] else "")
         ax.grid(axis="x", visible=False)
     fig.suptitle(figure_title(f"{title}; batch {measure['batch_size']} on {measure['hardware']}", kind))
+    fig.tight_layout()
+    return fig
+
+
+_MEMORY_PARTS = (("state_bytes", "parameters + gradients + Adam state", "#4c72b0"),
+                 ("saved_bytes", "activations saved for backward", "#dd8452"),
+                 ("other_bytes", "solver history, temporaries, input", "#8c8c8c"))
+MIB = 2 ** 20
+
+
+def memory_ratios(memory: Mapping | None, reference: str = "resnet101") -> dict[str, float]:
+    """Each model's peak live training bytes over ``reference``'s, from ``mdeq.measure.measure_memory``'s dict."""
+    models = (memory or {}).get("models", {})
+    if reference not in models:
+        return {}
+    ref = models[reference]["peak_bytes"]
+    return {k: m["peak_bytes"] / ref for k, m in models.items()}
+
+
+def plot_training_memory(memory: Mapping | None, kind: str, numbers: Mapping | None = None, *,
+                         reference: str = "resnet101"):
+    """Fig. 4b's memory: peak live tensor bytes of one training step per model, split by component, with
+    each model's ratio to ResNet-101 and the paper's bound beside it; and MDEQ-small's peak against the
+    forward iteration budget, implicit backward (flat) against backpropagation through the unrolled solver."""
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10.5, 3.8), gridspec_kw={"width_ratios": [1.6, 1]})
+    title = "Peak training memory (live tensor bytes) of one training step, CIFAR-10 input"
+    models = (memory or {}).get("models", {})
+    if reference not in models:
+        for a in (ax, bx):
+            no_data(a, f"{NOT_RUN}: no live-tensor-bytes measurement")
+        fig.suptitle(figure_title(title, kind))
+        return fig
+    numbers = numbers if numbers is not None else paper_numbers()
+    bound = {s["key"]: s for s in numbers["fig4b"]["statements"]}["mdeq_train_memory_saving_vs_resnets"]["value"]
+    ratios = memory_ratios(memory, reference)
+    keys = list(models)
+    bottom = np.zeros(len(keys))
+    for part, label, colour in _MEMORY_PARTS:
+        vals = np.array([models[k][part] / MIB for k in keys])
+        ax.bar(range(len(keys)), vals, bottom=bottom, color=colour, label=label)
+        bottom += vals
+    for i, k in enumerate(keys):
+        ax.text(i, bottom[i], f"{ratios[k]:.2f}x", ha="center", va="bottom", fontsize=7)
+    ref_mib = models[reference]["peak_bytes"] / MIB
+    ax.axhline(bound * ref_mib, color="#c44e52", lw=1.0, ls="--",
+               label=f"paper: MDEQ < {bound:g} x ResNet-101 (> {1 - bound:.0%} saved)")
+    labels = [models[k]["label"] + (" unrolled" if k.endswith("_unrolled") else "") for k in keys]
+    ax.set_xticks(range(len(keys)), labels, rotation=35, ha="right")
+    ax.set_ylabel("peak live tensor MiB (ratio to ResNet-101 on top)")
+    ax.set_title(f"batch {memory['batch_size']}")
+    ax.grid(axis="x", visible=False)
+    ax.set_ylim(0, 1.5 * max(bottom))
+    ax.legend(loc="upper left", fontsize=7, ncol=2)
+    curve = memory.get("curve") or {}
+    if not curve.get("implicit"):
+        no_data(bx, f"{NOT_RUN}: no budget curve")
+    else:
+        m = (curve.get("implicit") or [{}])[0].get("broyden_memory")
+        implicit = "implicit (IFT) backward" + (f", Broyden memory {m}" if m else "")
+        for grad, colour, style, label in (("implicit", COLORS["mdeq_small"], "-o", implicit),
+                                           ("unrolled", COLORS["mdeq_large_unrolled5"], "--s",
+                                            "backprop through the unrolled solver")):
+            rows = curve.get(grad) or []
+            budgets = [r["max_iter"] for r in rows]
+            bx.plot(budgets, [r["peak_bytes"] / MIB for r in rows], style, color=colour, label=label, ms=4)
+        bx.set_xscale("log", base=2)
+        bx.set_xticks(curve["budgets"], [str(b) for b in curve["budgets"]])
+        bx.set_xlabel("forward iteration budget (f evaluations)")
+        bx.set_ylabel("peak live tensor MiB")
+        bx.set_title(f"{curve['label']}, batch {memory['batch_size']}")
+        bx.legend(fontsize=7)
+    fig.suptitle(figure_title(f"{title}; measured on {memory.get('hardware', '?')}", kind))
     fig.tight_layout()
     return fig
 

@@ -180,7 +180,8 @@ def _git(*args) -> str:
 
 def _redraw(ctx, kind: str, name: str, numbers):
     if name.startswith("table_fig4b"):
-        return report.table_fig4b(ctx, kind, ctx.read(kind, notebook.RUNTIME_MEMORY), numbers)
+        return report.table_fig4b(ctx, kind, ctx.read(kind, notebook.RUNTIME_MEMORY), numbers,
+                                  memory=ctx.read(kind, notebook.FIG4B_MEMORY))
     if name.startswith("table_fig5"):
         return report.convergence_table(ctx, kind, ctx.read(kind, notebook.CONVERGENCE_TRACES), numbers)
     return report.paper_table(ctx, kind, "table" + name.split("_")[1], numbers)
@@ -241,3 +242,36 @@ def test_training_curves_average_seeds_and_name_unfinished_runs(tmp_path, monkey
                                       column="eval_top1", ylabel="acc", title="t")
     assert not fig.axes[0].get_lines() and report.NOT_RUN in fig.axes[0].texts[0].get_text()
     plt.close(fig)
+
+
+def _fake_memory(ratio_mdeq: float) -> dict:
+    mib = report.MIB
+
+    def entry(label, peak):
+        return {"label": label, "peak_bytes": peak * mib, "state_bytes": 0.2 * peak * mib,
+                "saved_bytes": 0.5 * peak * mib, "other_bytes": 0.3 * peak * mib}
+
+    rows = {g: [{"max_iter": n, "peak_bytes": (100 if g == "implicit" else 50 * n) * mib} for n in (5, 10)]
+            for g in ("implicit", "unrolled")}
+    return {"batch_size": 32, "hardware": "CPU, 1 thread",
+            "models": {"mdeq": entry("MDEQ", 1000 * ratio_mdeq), "mdeq_unrolled": entry("MDEQ", 3000),
+                       "resnet101": entry("ResNet-101", 1000)},
+            "curve": {"label": "MDEQ-small", "budgets": [5, 10], **rows}}
+
+
+def test_training_memory_ratio_reaches_the_table_and_the_figure(tmp_path, numbers):
+    report.set_style()
+    memory = _fake_memory(0.3)
+    assert report.memory_ratios(memory) == pytest.approx({"mdeq": 0.3, "mdeq_unrolled": 3.0, "resnet101": 1.0})
+    df = report.table_fig4b(_ctx(tmp_path, "03_runtime_memory"), "real", None, numbers, memory=memory)
+    row = df.set_index("key").loc["mdeq_train_memory_saving_vs_resnets"]
+    assert row["ours"] == pytest.approx(0.3) and row["paper"] == 0.4 and "live tensor bytes" in row["ours_source"]
+    assert (df.drop(index=df.index[df["key"] == row.name])["ours"] == report.NOT_RUN).all()  # no time measured
+    fig = report.plot_training_memory(memory, "real", numbers)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts == ["0.30x", "3.00x", "1.00x"]
+    assert [len(line.get_xdata()) for line in fig.axes[1].get_lines()] == [2, 2]
+    plt.close(fig)
+    empty = report.plot_training_memory(None, "smoke", numbers)
+    assert all(report.NOT_RUN in " ".join(t.get_text() for t in ax.texts) for ax in empty.axes)
+    plt.close(empty)
