@@ -32,8 +32,10 @@ def main() -> None:
     p.add_argument("--models", nargs="*", default=[m.key for m in RUNTIME_MODELS])
     p.add_argument("--budgets", type=int, nargs="*", default=list(MEMORY_BUDGETS))
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=ROOT / "results" / "fig4b_memory_cpu.json")
+    p.add_argument("--out", type=Path, default=Path("results") / "fig4b_memory_cpu.json",
+                   help="relative to the repository root (default results/fig4b_memory_cpu.json)")
     args = p.parse_args()
+    path = args.out if args.out.is_absolute() else ROOT / args.out  # the provenance keeps the relative form
     torch.set_num_threads(args.threads)
     prov = provenance(args, "cpu")
     out = None
@@ -43,14 +45,14 @@ def main() -> None:
             out = part
         else:
             out["models"].update(part["models"])
-        write_json(args.out, {**out, "hardware": f"CPU, {args.threads} thread{'s' if args.threads != 1 else ''}",
+        write_json(path, {**out, "hardware": f"CPU, {args.threads} thread{'s' if args.threads != 1 else ''}",
                               "provenance": prov})
     if args.budgets:
         part = measure_memory(batch_size=args.batch, variant=args.variant, models=[], budgets=args.budgets)
         out = part if out is None else {**out, "curve": part["curve"]}
-    write_json(args.out, {**out, "hardware": f"CPU, {args.threads} thread{'s' if args.threads != 1 else ''}",
+    write_json(path, {**out, "hardware": f"CPU, {args.threads} thread{'s' if args.threads != 1 else ''}",
                           "provenance": prov})
-    print(f"wrote {args.out}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
