@@ -1,12 +1,12 @@
 """The five notebooks: paired sources in sync, each runs under papermill (smoke quick, logs, full dry
-run) with this interpreter's kernel, bad parameters fail loudly, and the book builds with -W.
+run) with this interpreter's kernel, and bad parameters fail loudly. The book is built and read in
+tests/test_book.py.
 
 Outputs of these runs go to a temporary ``output_root`` (quick smoke checkpoints and synthetic data
 to the ignored ``runs/``), so the tests never touch the committed results/ and figures/.
 """
 from __future__ import annotations
 
-import importlib.util
 import time
 from pathlib import Path
 
@@ -118,15 +118,6 @@ def test_reproduce_cli_rejects_bad_combinations():
         reproduce.main(["--profile", "nope"])
     with pytest.raises(ValueError, match="unknown parameter"):
         reproduce.execute_notebook("01_cifar10", Path("/nonexistent/x.ipynb"), {"profil": "logs"})
-
-
-@pytest.mark.skipif(importlib.util.find_spec("jupyter_book") is None, reason="jupyter-book (the 'book' extra) is not installed")
-def test_book_builds_with_warnings_as_errors(tmp_path):
-    html = reproduce.build_book(paths.NOTEBOOKS, tmp_path, strict=True)
-    for name in NOTEBOOKS:
-        assert (html / "notebooks" / f"{name}.html").is_file()
-    assert "Paper vs released code" in (html / "paper_vs_released.html").read_text()
-    assert "mdeq-repro" in (html / "intro.html").read_text()
 
 
 @pytest.mark.slow
