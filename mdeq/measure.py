@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from mdeq import progress
 from mdeq.checkpoint import load_checkpoint, load_pretrained
 from mdeq.config import config_from_dict, load_config
 from mdeq.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset
@@ -134,13 +135,15 @@ def measure_runtime(*, batch_size: int = 32, device: str = "auto", variant: str 
     out: dict[str, Any] = {"batch_size": batch_size, "input": [3, 32, 32], "device": str(dev),
                            "hardware": hardware_label(dev), "repeats": repeats, "warmup": warmup,
                            "variant": variant, "torch": torch.__version__, "models": {}}
-    for key in keys:
-        spec = table[key]
-        torch.manual_seed(seed)
-        _release_memory(dev)
-        m = out["models"][key] = _measure_model(spec, variant, dev, batch_size, repeats, warmup)
-        print(f"{spec.label}: train {m['train_ms']:.0f} ms, inference {m['inference_ms']:.0f} ms, "
-              f"peak {m['peak_train_memory_mb']:.0f} MB", flush=True)
+    with progress.bar(keys, desc="Fig. 4b time", unit="model") as shown:
+        for key in shown:
+            spec = table[key]
+            shown.set_postfix_str(spec.label)
+            torch.manual_seed(seed)
+            _release_memory(dev)
+            m = out["models"][key] = _measure_model(spec, variant, dev, batch_size, repeats, warmup)
+            print(f"{spec.label}: train {m['train_ms']:.0f} ms, inference {m['inference_ms']:.0f} ms, "
+                  f"peak {m['peak_train_memory_mb']:.0f} MB", flush=True)
     _release_memory(dev)
     return out
 
@@ -370,23 +373,24 @@ def measure_memory(*, batch_size: int = 32, variant: str = "paper", models: Sequ
     keys = list(models) if models is not None else list(table)
     out: dict[str, Any] = {"batch_size": batch_size, "input": [3, 32, 32], "variant": variant,
                            "unit": "bytes of live tensor storage", "models": {}, "curve": {}}
-    for key in keys:
-        spec = table[key]
-        grads = ("implicit", "unrolled") if spec.what.startswith("config:") else ("none",)
-        for grad in grads:
-            name = key if grad != "unrolled" else f"{key}_unrolled"
-            r = out["models"][name] = _one_memory(spec, variant, grad, None, batch_size, seed)
-            log(f"{name}: peak {r['peak_bytes'] / 2**20:.1f} MiB (state {r['state_bytes'] / 2**20:.1f}, "
-                f"saved {r['saved_bytes'] / 2**20:.1f}, other {r['other_bytes'] / 2**20:.1f})")
+    jobs = [(key, grad, None) for key in keys
+            for grad in (("implicit", "unrolled") if table[key].what.startswith("config:") else ("none",))]
     if budgets:
-        spec = table[curve_model]
-        out["curve"] = {"model": curve_model, "label": spec.label, "budgets": list(budgets)}
-        for grad in ("implicit", "unrolled"):
-            rows = out["curve"][grad] = []
-            for n in budgets:
-                r = _one_memory(spec, variant, grad, n, batch_size, seed)
-                rows.append(r)
-                log(f"{curve_model} {grad} budget {n}: peak {r['peak_bytes'] / 2**20:.1f} MiB")
+        out["curve"] = {"model": curve_model, "label": table[curve_model].label, "budgets": list(budgets),
+                        "implicit": [], "unrolled": []}
+        jobs += [(curve_model, grad, n) for grad in ("implicit", "unrolled") for n in budgets]
+    with progress.bar(jobs, desc="Fig. 4b memory", unit="step") as shown:
+        for key, grad, n in shown:
+            name = key if grad != "unrolled" else f"{key}_unrolled"
+            shown.set_postfix_str(name if n is None else f"{name} budget {n}")
+            r = _one_memory(table[key], variant, grad, n, batch_size, seed)
+            if n is None:
+                out["models"][name] = r
+                log(f"{name}: peak {r['peak_bytes'] / 2**20:.1f} MiB (state {r['state_bytes'] / 2**20:.1f}, "
+                    f"saved {r['saved_bytes'] / 2**20:.1f}, other {r['other_bytes'] / 2**20:.1f})")
+            else:
+                out["curve"][grad].append(r)
+                log(f"{key} {grad} budget {n}: peak {r['peak_bytes'] / 2**20:.1f} MiB")
     return out
 
 

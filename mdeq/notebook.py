@@ -31,7 +31,7 @@ from typing import Any, Mapping
 import matplotlib.pyplot as plt
 import torch
 
-from mdeq import measure, paths, runs
+from mdeq import measure, paths, progress, runs
 from mdeq.report import SMOKE_NOTE, set_style
 from mdeq.runlog import describe_hardware, hardware_label, read_json, read_run
 
@@ -273,10 +273,13 @@ def train(ctx: Context) -> None:
     """Train the notebook's runs: smoke in this process, full through the launcher; logs trains nothing."""
     p = ctx.params
     if ctx.profile == "smoke":
-        with _threads(ctx):
-            for run in runs.runs_for(ctx.notebook):
+        todo = runs.runs_for(ctx.notebook)
+        with _threads(ctx), progress.bar(total=len(todo), desc="smoke training", unit="run") as shown:
+            for run in todo:
+                shown.set_postfix_str(run.label)
                 runs.train_smoke(run, ctx.results_dir("smoke") / "runs" / run.key, quick=ctx.quick,
                                  variant=p.variant, seed=p.seed)
+                shown.update(1)
     elif ctx.profile == "full":
         for launch in runs.run_full(ctx.notebook, variant=p.variant, data_root=p.data_root, nproc=p.nproc,
                                     seeds=p.values.get("seeds", 1), dry_run=p.dry_run):

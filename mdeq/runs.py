@@ -33,7 +33,7 @@ from mdeq.runlog import collect_run, finished, read_json
 from mdeq.train import RunOptions, main
 
 __all__ = ["RunSpec", "RUNS", "runs_for", "spec", "config_name", "run_name", "smoke_spec", "smoke_overrides",
-           "smoke_data", "smoke_run_dir", "train_smoke", "visible_gpus", "default_data_root", "full_command",
+           "smoke_baseline_options", "smoke_data", "smoke_run_dir", "train_smoke", "visible_gpus", "default_data_root", "full_command",
            "processes_for", "Launch", "run_full", "FULL_RUNS", "SMOKE_RUNS"]
 
 FULL_RUNS = paths.RUNS / "full"  # checkpoints of full runs (not committed)
@@ -78,9 +78,9 @@ RUNS: tuple[RunSpec, ...] = (
     RunSpec("cifar10_resnet18_170k", "01_cifar10", "ResNet-18 (170K)", "cifar10_small_{variant}", "table1",
             baseline="resnet18_170k", smoke_div=2),
     RunSpec("cifar10_node", "01_cifar10", "Neural ODE", "cifar10_small_{variant}", "table1", baseline="node_172k",
-            smoke_div=2),
+            smoke_div=4),
     RunSpec("cifar10_anode", "01_cifar10", "Aug. Neural ODE", "cifar10_small_{variant}", "table1",
-            baseline="anode_172k", smoke_div=2),
+            baseline="anode_172k", smoke_div=4),
     # Table 1, with augmentation (~10M): training settings of the CIFAR-10 MDEQ for both.
     RunSpec("cifar10_mdeq_large", "01_cifar10", "MDEQ (10M)", "cifar10_large_{variant}", "table1", smoke_div=4),
     RunSpec("cifar10_resnet18_10m", "01_cifar10", "ResNet-18 (10M)", "cifar10_large_{variant}", "table1",
@@ -188,6 +188,16 @@ def smoke_overrides(run: RunSpec, variant: str = "paper", *, quick: bool = False
     return out
 
 
+def smoke_baseline_options(run: RunSpec) -> dict:
+    """A smoke baseline's builder options: its paper width divided by ``run.smoke_div``, as the MDEQs' are."""
+    if run.baseline is None:
+        return {}
+    # Imported here: the baselines pull in torchdiffeq, which the registry's other users never need.
+    from mdeq.baselines import default_width
+
+    return {"width": max(2, round(default_width(run.baseline) / run.smoke_div))}
+
+
 def smoke_data(dataset: str) -> tuple[Path, dict]:
     """A synthetic copy of ``dataset`` under ``runs/notebooks/data`` (made once) and its builder options."""
     root = SMOKE_RUNS / "data" / dataset
@@ -215,11 +225,14 @@ def train_smoke(run: RunSpec, logs_to: Path, *, quick: bool = False, variant: st
     steps, _, n_eval = _SMOKE_SIZES[quick][cfg.data.dataset]
     out_dir = smoke_run_dir(run.key, quick=quick)
     shutil.rmtree(out_dir, ignore_errors=True)  # a smoke run always starts afresh
+    baseline_options = smoke_baseline_options(run)
     command = (f"mdeq.runs.train_smoke({run.key!r}) = python -m mdeq.train --config "
                f"{config_name(run, variant)} --set {shlex.join(overrides)}"
-               + (f" --baseline {run.baseline}" if run.baseline else ""))
+               + (f" --baseline {run.baseline}" if run.baseline else "")
+               + "".join(f" --baseline-option {k}={v}" for k, v in baseline_options.items()))
     options = RunOptions(out_dir=out_dir, data_root=root, device="cpu", workers=0, log_every=steps,
-                         checkpoint_every=0, baseline=run.baseline, limit_train=steps * cfg.data.batch_size,
+                         checkpoint_every=0, baseline=run.baseline, baseline_options=baseline_options,
+                         limit_train=steps * cfg.data.batch_size,
                          limit_eval=n_eval, data_options=data_options, threads=1, progress=False,
                          command=command)
     out_dir.mkdir(parents=True, exist_ok=True)

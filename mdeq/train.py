@@ -82,7 +82,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
-from mdeq import distributed, paths
+from mdeq import distributed, paths, progress
 from mdeq.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, load_pretrained, restore_rng_state,
                              save_checkpoint, unwrap_model)
 from mdeq.config import ConfigError, ExperimentConfig, TrainConfig, config_to_dict, load_config
@@ -112,7 +112,8 @@ class RunOptions:
     checkpoints (0: only at epoch ends). max_steps: stop after this many optimiser steps in all (smoke
     runs). limit_train / limit_eval: use the first N samples of each split. data_options: extra keyword
     options for the data set builder (e.g. ``{"base_size": 256}`` for a synthetic Cityscapes copy).
-    threads: ``torch.set_num_threads`` for the run. progress: tqdm bar (None: when stderr is a terminal).
+    baseline_options: keyword options of the baseline's builder (e.g. ``{"width": 4}``; smoke runs).
+    threads: ``torch.set_num_threads`` for the run. progress: a progress bar per epoch (None: on a terminal or in a notebook; ``mdeq.progress``).
     stop_at: a wall-clock time (``time.time()``) by which the run writes a checkpoint and exits, without
     starting a step or an evaluation that would not end in time (chunked training, ``mdeq.campaign``).
     divergence_factor / max_param_abs: the run stops as diverged when a step's loss exceeds this many
@@ -140,6 +141,7 @@ class RunOptions:
     limit_train: int | None = None
     limit_eval: int | None = None
     data_options: Mapping[str, Any] = field(default_factory=dict)
+    baseline_options: Mapping[str, Any] = field(default_factory=dict)
     deterministic: bool = False
     threads: int | None = None
     progress: bool | None = None
@@ -159,6 +161,8 @@ class RunOptions:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        if self.baseline_options and self.baseline is None:
+            raise ValueError(f"baseline_options {dict(self.baseline_options)} need a baseline (--baseline NAME)")
         for name in ("max_steps", "limit_train", "limit_eval", "threads"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -549,8 +553,6 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
     appends to ``steps.jsonl`` every ``log_every`` steps and checkpoints every ``checkpoint_every`` steps.
     Stops early when ``options.max_steps`` is reached.
     """
-    from tqdm.auto import tqdm
-
     cfg, options, device = ctx.cfg, ctx.options, ctx.device
     core = unwrap_model(model)
     model.train()
@@ -560,9 +562,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
     for name, (count, total) in state.meters.items():  # the part of this epoch done before a resume
         meters.meters[name] = SmoothedValue(meters.window_size)
         meters.meters[name].count, meters.meters[name].total = int(count), float(total)
-    show = options.progress if options.progress is not None else sys.stderr.isatty()
-    bar = tqdm(total=ctx.iterations_per_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch}",
-               disable=not (show and ctx.dist.is_main), dynamic_ncols=True, leave=False)
+    bar = progress.bar(total=ctx.iterations_per_epoch, initial=state.step_in_epoch, desc=f"epoch {state.epoch}",
+                       show=options.progress if ctx.dist.is_main else False, leave=False)
     steps_path = ctx.out_dir / "steps.jsonl"
     batches = iter(loader)
     while True:
@@ -784,7 +785,7 @@ def _build_network(cfg: ExperimentConfig, options: RunOptions) -> nn.Module:
         if cfg.model.head != "classification":
             raise ConfigError(f"baseline {options.baseline!r} is a classifier; config {cfg.name!r} is "
                               f"{cfg.model.head}")
-        return build_baseline(options.baseline, num_classes=cfg.data.num_classes)
+        return build_baseline(options.baseline, num_classes=cfg.data.num_classes, **options.baseline_options)
     return build_model(cfg)
 
 
@@ -815,7 +816,8 @@ def _run_shape(options: RunOptions, world: int, train_set, eval_set, iterations_
     return {"limit_train": options.limit_train, "limit_eval": options.limit_eval, "world_size": world,
             "train_samples": len(train_set), "eval_samples": len(eval_set),
             "iterations_per_epoch": iterations_per_epoch, "data_source_label": source_label,
-            "data_options": plain(dict(options.data_options))}
+            "data_options": plain(dict(options.data_options)),
+            "baseline_options": plain(dict(options.baseline_options))}
 
 
 def _shape_diff(ckpt: Mapping[str, Any], shape: Mapping[str, Any], scheduler) -> list[str]:
@@ -823,7 +825,7 @@ def _shape_diff(ckpt: Mapping[str, Any], shape: Mapping[str, Any], scheduler) ->
     names = {"limit_train": "--limit-train", "limit_eval": "--limit-eval", "world_size": "processes",
              "train_samples": "training samples", "eval_samples": "evaluation samples",
              "iterations_per_epoch": "iterations per epoch", "data_source_label": "data",
-             "data_options": "--data-option"}
+             "data_options": "--data-option", "baseline_options": "--baseline-option"}
     saved = dict(ckpt.get("run") or {})
     saved.setdefault("world_size", ckpt.get("world_size", len(ckpt.get("rng") or [None])))
     out = [f"{names.get(k, k)}: checkpoint {saved[k]!r} vs now {shape[k]!r}"
@@ -1175,6 +1177,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps (smoke runs)")
     p.add_argument("--limit-train", type=int, default=None, help="use the first N training samples")
     p.add_argument("--limit-eval", type=int, default=None, help="use the first N evaluation samples")
+    p.add_argument("--baseline-option", dest="baseline_options", nargs="+", action="extend", default=[],
+                   metavar="KEY=VALUE", help="options of the baseline's builder, e.g. --baseline-option width=4")
     p.add_argument("--data-option", dest="data_options", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="extra data set builder options, e.g. --data-option base_size=256")
     p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms, no cudnn.benchmark")
@@ -1193,16 +1197,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _parse_kv(items: Sequence[str]) -> dict[str, Any]:
+def _parse_kv(items: Sequence[str], flag: str = "--data-option") -> dict[str, Any]:
     out = {}
     for text in items:
         if "=" not in text:
-            raise ValueError(f"--data-option must look like KEY=VALUE, got {text!r}")
+            raise ValueError(f"{flag} must look like KEY=VALUE, got {text!r}")
         k, v = text.split("=", 1)
         try:
             out[k.strip()] = yaml.safe_load(v)
         except yaml.YAMLError as exc:
-            raise ValueError(f"--data-option {text!r}: the value is not valid YAML "
+            raise ValueError(f"{flag} {text!r}: the value is not valid YAML "
                              f"({getattr(exc, 'problem', None) or exc})") from None
     return out
 
@@ -1247,6 +1251,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
             workers=args.workers, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
             resume=args.resume, max_steps=args.max_steps, baseline=args.baseline, synthetic=args.synthetic,
             limit_train=args.limit_train, limit_eval=args.limit_eval, data_options=_parse_kv(args.data_options),
+            baseline_options=_parse_kv(args.baseline_options, "--baseline-option"),
             deterministic=args.deterministic, threads=args.threads, progress=False if args.no_progress else None,
             find_unused_parameters=args.find_unused_parameters, stop_at=args.stop_at,
             divergence_factor=args.divergence_factor or None, max_param_abs=args.max_param_abs or None,

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mdeq.baselines import BASELINES, build_baseline, resnet18
+from mdeq.baselines import BASELINES, build_baseline, default_width, resnet18
 
 # Paper sizes (Table 1; ResNet-101 from torchvision's 44.5M less its 1000-class head).
 TARGETS = {"resnet18_170k": 170e3, "resnet18_10m": 10e6, "resnet101": 42.5e6,
@@ -20,6 +20,19 @@ def test_parameter_counts(name):
     n = _count(build_baseline(name))
     assert n == EXACT[name]
     assert abs(n - TARGETS[name]) / TARGETS[name] < 0.05
+
+
+@pytest.mark.parametrize("name,width", [("resnet18_170k", 8), ("resnet18_10m", 61), ("node_172k", 125),
+                                        ("anode_172k", 64)])
+def test_width_option_defaults_to_the_paper_size(name, width):
+    assert default_width(name) == width
+    assert _count(build_baseline(name, width=width)) == EXACT[name]
+    assert _count(build_baseline(name, width=width // 2)) < 0.9 * EXACT[name]
+
+
+def test_unknown_baseline_option_is_one_line():
+    with pytest.raises(ValueError, match=r"baseline 'anode_172k': .*got an unexpected keyword argument 'filters'"):
+        build_baseline("anode_172k", filters=3)
 
 
 def test_resnet18_width_knob_and_standard_size():

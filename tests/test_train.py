@@ -267,6 +267,27 @@ def test_segmentation_run_from_imagenet_weights_reports_miou(tmp_path, capsys):
     assert [r["phase"] for r in rows] == ["unrolled", "implicit"] and rows[-1]["eval_miou"] != ""
 
 
+def test_baseline_options_reach_the_builder_and_a_resume_must_repeat_them(cifar_root, tmp_path, capsys):
+    cfg = load_config("cifar10_tiny_smoke", ["train.epochs=1"])
+    options = dict(data_root=cifar_root, baseline="resnet18_170k", limit_train=16, limit_eval=8, workers=0,
+                   threads=1, device="cpu", progress=False)
+    main(cfg, RunOptions(out_dir=tmp_path / "a", baseline_options={"width": 2}, max_steps=1, **options))
+    assert "(resnet18_170k, 11,420 parameters)" in capsys.readouterr().out  # width 2, not the paper's 8
+    with pytest.raises(ConfigError, match=r"--baseline-option: checkpoint \{'width': 2\} vs now \{'width': 4\}"):
+        main(cfg, RunOptions(out_dir=tmp_path / "a", baseline_options={"width": 4}, resume=True, **options))
+    with pytest.raises(ValueError, match="need a baseline"):
+        RunOptions(out_dir=tmp_path / "b", baseline_options={"width": 2})
+    base = ["--config", "cifar10_tiny_smoke", "--data-root", str(cifar_root), "--workers", "0", "--device", "cpu"]
+    for extra, expected in [(["--baseline-option", "width=2"], "baseline_options {'width': 2} need a baseline"),
+                            (["--baseline", "node_172k", "--baseline-option", "widht=2"],
+                             "got an unexpected keyword argument 'widht'"),
+                            (["--baseline", "node_172k", "--baseline-option", "width"],
+                             "--baseline-option must look like KEY=VALUE, got 'width'")]:
+        assert cli([*base, "--out", str(tmp_path / "c"), *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err, (extra, err)
+
+
 def test_baseline_trains_through_the_same_engine(cifar_root, tmp_path):
     cfg = load_config("cifar10_tiny_smoke", ["train.epochs=1"])
     final = main(cfg, RunOptions(out_dir=tmp_path, data_root=cifar_root, baseline="resnet18_170k", limit_train=16,

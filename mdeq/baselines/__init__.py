@@ -6,6 +6,8 @@ node_172k 173,611; anode_172k 172,452.
 """
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 
 from mdeq.baselines.node import ConvODENet, anode_172k, node_172k
@@ -22,11 +24,28 @@ BASELINES = {
 
 
 def build_baseline(name: str, **kwargs) -> nn.Module:
-    """``BASELINES[name](**kwargs)``; e.g. ``build_baseline('anode_172k', rtol=1e-4)``."""
+    """``BASELINES[name](**kwargs)``; e.g. ``build_baseline('anode_172k', rtol=1e-4)``.
+
+    Every baseline takes ``width`` (a ResNet's first-stage channels, an ODE function's filters), whose
+    default is the paper's size (``default_width``); the smoke profile divides it.
+    """
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; expected one of {', '.join(BASELINES)}")
-    return BASELINES[name](**kwargs)
+    try:
+        return BASELINES[name](**kwargs)
+    except TypeError as exc:
+        if "unexpected keyword argument" not in str(exc):
+            raise
+        raise ValueError(f"baseline {name!r}: {exc} (its options: width, num_classes and those of "
+                         f"ResNet / ConvODENet)") from None
 
 
-__all__ = ["BASELINES", "build_baseline", "ConvODENet", "ResNet", "resnet18", "resnet101",
+def default_width(name: str) -> int:
+    """The paper-sized ``width`` of baseline ``name`` (e.g. 8 for resnet18_170k, 125 for node_172k)."""
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}; expected one of {', '.join(BASELINES)}")
+    return inspect.signature(BASELINES[name]).parameters["width"].default
+
+
+__all__ = ["BASELINES", "build_baseline", "default_width", "ConvODENet", "ResNet", "resnet18", "resnet101",
            "resnet18_170k", "resnet18_10m", "node_172k", "anode_172k"]

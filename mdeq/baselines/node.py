@@ -107,11 +107,11 @@ class ConvODENet(nn.Module):
         return self.linear(torch.flatten(z, 1))
 
 
-def node_172k(**kwargs) -> ConvODENet:
-    """Table 1 'Neural ODEs 172K' (Dupont et al. 2019, CIFAR-10): 125 filters, no augmentation."""
-    return ConvODENet(125, augment_dim=0, **kwargs)
+def node_172k(width: int = 125, **kwargs) -> ConvODENet:
+    """Table 1 'Neural ODEs 172K' (Dupont et al. 2019, CIFAR-10): 125 filters (``width``), no augmentation."""
+    return ConvODENet(width, augment_dim=0, **kwargs)
 
 
-def anode_172k(**kwargs) -> ConvODENet:
-    """Table 1 'Aug. Neural ODEs 172K' (Dupont et al. 2019, CIFAR-10): 64 filters, 10 extra channels."""
-    return ConvODENet(64, augment_dim=10, **kwargs)
+def anode_172k(width: int = 64, **kwargs) -> ConvODENet:
+    """Table 1 'Aug. Neural ODEs 172K' (Dupont et al. 2019, CIFAR-10): 64 filters (``width``), 10 extra channels."""
+    return ConvODENet(width, augment_dim=10, **kwargs)

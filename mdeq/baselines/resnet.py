@@ -107,11 +107,11 @@ def resnet101(width: int = 64, *, num_classes: int = 10, in_channels: int = 3) -
     return ResNet(Bottleneck, (3, 4, 23, 3), width=width, num_classes=num_classes, in_channels=in_channels)
 
 
-def resnet18_170k(**kwargs) -> ResNet:
+def resnet18_170k(width: int = 8, **kwargs) -> ResNet:
     """Table 1, without augmentation: 'ResNet-18 170K' (width 8)."""
-    return resnet18(width=8, **kwargs)
+    return resnet18(width=width, **kwargs)
 
 
-def resnet18_10m(**kwargs) -> ResNet:
+def resnet18_10m(width: int = 61, **kwargs) -> ResNet:
     """Table 1, with augmentation: 'ResNet-18 10M' (width 61)."""
-    return resnet18(width=61, **kwargs)
+    return resnet18(width=width, **kwargs)
