@@ -337,8 +337,8 @@ def convergence(ctx: Context) -> None:
         if p.dry_run:
             for dataset, s in measure.CONVERGENCE_SETS.items():
                 print(f"would trace {s.config.format(variant=p.variant)} on {p.num_batches} batches of {s.batch} x "
-                      f"{s.input_hw} ({dataset}), weights: initial and runs/full/{s.checkpoint_run}/checkpoint.pt "
-                      f"if present")
+                      f"{s.input_hw} ({dataset}), weights: initial and the first of "
+                      f"{', '.join(f'{r}/checkpoint.pt' for r in s.checkpoint_runs)} that exists")
             return
         measure.check_gpu(p.device, "traces")
         traces = measure.convergence_traces(profile="full", variant=p.variant, data_root=p.data_root,

@@ -55,6 +55,9 @@ class SolverStats:
     nfe: exact number of calls of ``f``. nstep: number of solver updates taken.
     abs_trace, rel_trace: (B, nfe) per-sample residual of each evaluated iterate.
     scale_rel_trace: (S, B, nfe) per-scale relative residual (Fig. 7).
+    step_trace, scale_step_trace: with ``trace_steps=True`` only (else None): (B, nfe - 1) and
+      (S, B, nfe - 1) relative change of the iterate, ||z[i+1] - z[i]|| / ||z[i]||, the measure the
+      paper plots in Figs. 5-7 (NaN where ||z[i]|| is 0, e.g. after the usual z[0] = 0).
     abs_lowest, rel_lowest: (B,) residuals of the returned (lowest) iterate.
     lowest_step: (B,) index (into the traces) of the returned iterate.
     converged: (B,) whether the returned iterate meets ``tol`` in ``stop_mode``.
@@ -77,6 +80,8 @@ class SolverStats:
     stop_reason: str
     message: str = ""
     extra: dict = field(default_factory=dict)
+    step_trace: torch.Tensor | None = None
+    scale_step_trace: torch.Tensor | None = None
 
     @property
     def all_converged(self) -> bool:
@@ -187,8 +192,11 @@ class _Monitor:
     """
 
     def __init__(self, name, layout, max_iter, tol, stop_mode, stagnation_patience,
-                 divergence_factor, check_every, throw, warn, exclude_initial=False, restart_factor=None):
+                 divergence_factor, check_every, throw, warn, exclude_initial=False, restart_factor=None,
+                 trace_steps=False):
         self.name, self.layout = name, layout
+        self.trace_steps = trace_steps  # keep the previous iterate for ||z[i+1] - z[i]|| / ||z[i]|| (figures)
+        self.prev_z, self.steps = None, []
         self.exclude_initial = exclude_initial  # z0 is traced but never returned (the IFT backward)
         self.restart_factor = restart_factor  # Broyden: restart samples whose residual blew up
         self.best_g = None     # (B, D) f(z) - z at the lowest iterate (kept only for restarts)
@@ -208,17 +216,24 @@ class _Monitor:
         self._best_max_host = math.inf
         self._since_improved = 0
 
+    def _scale_norms(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, S) norms of each scale's part of x (B, D)."""
+        return torch.stack([torch.linalg.vector_norm(p, dim=1) for p in x.split(self.layout.sizes, 1)], 1)
+
     def record(self, z: torch.Tensor, fz: torch.Tensor) -> torch.Tensor:
         """Record the residual of iterate z (with f(z) = fz); return g = fz - z."""
         g = fz - z
         step = len(self.abs)
+        if self.trace_steps:
+            if self.prev_z is not None:  # (B, S) norms of the change and of the previous iterate
+                self.steps.append((self._scale_norms(z - self.prev_z), self._scale_norms(self.prev_z)))
+            self.prev_z = z
         if len(self.layout.sizes) == 1:
             dn = torch.linalg.vector_norm(g, dim=1, keepdim=True)
             fn = torch.linalg.vector_norm(fz, dim=1, keepdim=True)
             abs_res, f_norm = dn[:, 0], fn[:, 0]
         else:  # per-scale norms, (B, S)
-            dn = torch.stack([torch.linalg.vector_norm(p, dim=1) for p in g.split(self.layout.sizes, 1)], 1)
-            fn = torch.stack([torch.linalg.vector_norm(p, dim=1) for p in fz.split(self.layout.sizes, 1)], 1)
+            dn, fn = self._scale_norms(g), self._scale_norms(fz)
             abs_res, f_norm = dn.square().sum(1).sqrt(), fn.square().sum(1).sqrt()
         rel_res = abs_res / (f_norm + _EPS)
         self.last_scale_norms = fn  # a non-finite f(z) shows up as a non-finite norm: no extra pass
@@ -306,11 +321,20 @@ class _Monitor:
         rows = torch.arange(abs_tr.shape[0])
         abs_low, rel_low = abs_tr[rows, idx], rel_tr[rows, idx]
         converged = (rel_low if self.stop_mode == "rel" else abs_low) < self.tol
+        steps = {}
+        if self.trace_steps:
+            n_scales = len(self.layout.sizes)
+            dz, zn = (torch.stack([t[k] for t in self.steps], 2).detach().double().cpu() if self.steps
+                      else torch.zeros(abs_tr.shape[0], n_scales, 0, dtype=torch.float64) for k in (0, 1))
+            ratio = lambda a, b: torch.where(b > 0, a / b, torch.nan).float()  # noqa: E731
+            steps = {"scale_step_trace": ratio(dz, zn).permute(1, 0, 2).contiguous(),  # (S, B, nfe - 1)
+                     "step_trace": ratio(dz.square().sum(1).sqrt(), zn.square().sum(1).sqrt())}
+            self.prev_z, self.steps = None, []
         stats = SolverStats(
             solver=self.name, stop_mode=self.stop_mode, tol=self.tol, max_iter=self.max_iter,
             nfe=self.nfe, nstep=nstep, abs_trace=abs_tr, rel_trace=rel_tr, scale_rel_trace=scale_tr,
             abs_lowest=abs_low, rel_lowest=rel_low, lowest_step=idx, converged=converged,
-            stop_reason=self.stop_reason, message=self.message)
+            stop_reason=self.stop_reason, message=self.message, **steps)
         if self.stop_reason == "non_finite" and self.warn:
             warnings.warn(self.message, RuntimeWarning, stacklevel=3)
         if self.throw and not stats.all_converged:
@@ -359,7 +383,8 @@ def _setup(name, f, z0, max_iter, tol, stop_mode, **monitor_kw):
 @_checked_options
 def fixed_point(f: Callable, z0, *, max_iter: int = 50, tol: float = 1e-3, stop_mode: str = "rel",
                 damping: float = 1.0, stagnation_patience: int = 50, divergence_factor: float = 1e6,
-                check_every: int = 1, exclude_initial: bool = False, throw: bool = False, warn: bool = True):
+                check_every: int = 1, exclude_initial: bool = False, throw: bool = False, warn: bool = True,
+                trace_steps: bool = False):
     """Plain (optionally damped) iteration z <- (1 - damping) z + damping f(z).
 
     The baseline of the paper's Figs. 5-6. Each step costs exactly one f evaluation.
@@ -368,7 +393,8 @@ def fixed_point(f: Callable, z0, *, max_iter: int = 50, tol: float = 1e-3, stop_
         raise ValueError(f"damping must be in (0, 1], got {damping!r}")
     z, F, mon, result = _setup("fixed_point", f, z0, max_iter, tol, stop_mode,
                                stagnation_patience=stagnation_patience, divergence_factor=divergence_factor,
-                               check_every=check_every, exclude_initial=exclude_initial, throw=throw, warn=warn)
+                               check_every=check_every, exclude_initial=exclude_initial, throw=throw, warn=warn,
+                               trace_steps=trace_steps)
     nstep = 0
     while True:
         fz = F(z)
@@ -384,7 +410,7 @@ def fixed_point(f: Callable, z0, *, max_iter: int = 50, tol: float = 1e-3, stop_
 def broyden(f: Callable, z0, *, max_iter: int = 30, tol: float = 1e-3, stop_mode: str = "rel",
             memory: int = 18, restart_factor: float | None = 10.0, stagnation_patience: int = 50,
             divergence_factor: float = 1e6, check_every: int = 1, exclude_initial: bool = False,
-            throw: bool = False, warn: bool = True):
+            throw: bool = False, warn: bool = True, trace_steps: bool = False):
     """Limited-memory Broyden's method for g(z) = f(z) - z = 0 (paper, Appendix B.1).
 
     Keeps the inverse-Jacobian estimate B = -I + U V^T per sample, updated by Sherman-Morrison
@@ -407,7 +433,7 @@ def broyden(f: Callable, z0, *, max_iter: int = 30, tol: float = 1e-3, stop_mode
     z, F, mon, result = _setup("broyden", f, z0, max_iter, tol, stop_mode,
                                stagnation_patience=stagnation_patience, divergence_factor=divergence_factor,
                                check_every=check_every, exclude_initial=exclude_initial, throw=throw, warn=warn,
-                               restart_factor=restart_factor)
+                               restart_factor=restart_factor, trace_steps=trace_steps)
     B, D = z.shape
     m = min(memory, max_iter)
     U = z.new_empty(B, m, D)   # only the first n_used rows are ever read
@@ -489,7 +515,7 @@ def _lmatvec(U, Vt, x):
 def anderson(f: Callable, z0, *, max_iter: int = 50, tol: float = 1e-3, stop_mode: str = "rel",
              memory: int = 6, lam: float = 1e-4, beta: float = 1.0, stagnation_patience: int = 50,
              divergence_factor: float = 1e6, check_every: int = 1, exclude_initial: bool = False,
-             throw: bool = False, warn: bool = True):
+             throw: bool = False, warn: bool = True, trace_steps: bool = False):
     """Anderson acceleration with history ``memory`` (m), regularisation ``lam``, mixing ``beta``.
 
     Minimises ||sum_i a_i g_i|| with sum_i a_i = 1 over the last m residuals g_i = f(x_i) - x_i,
@@ -502,7 +528,8 @@ def anderson(f: Callable, z0, *, max_iter: int = 50, tol: float = 1e-3, stop_mod
         raise ValueError(f"beta must be in (0, 1], got {beta!r}")
     x, F, mon, result = _setup("anderson", f, z0, max_iter, tol, stop_mode,
                                stagnation_patience=stagnation_patience, divergence_factor=divergence_factor,
-                               check_every=check_every, exclude_initial=exclude_initial, throw=throw, warn=warn)
+                               check_every=check_every, exclude_initial=exclude_initial, throw=throw, warn=warn,
+                               trace_steps=trace_steps)
     B, D = x.shape
     m = memory
     Fh = x.new_empty(B, m, D)   # f(x_i); only filled slots are read

@@ -1,6 +1,7 @@
 """mdeq.measure: the one timing loop, the device rule, solver settings through the config, Fig. 4b and Figs. 5-7."""
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -35,11 +36,13 @@ def test_trace_settings_reach_the_implicit_layer_through_its_options():
     fixed = measure._traced_model("cifar10_tiny_smoke", [], "fixed_point", 7, None, 0, CPU)
     deq = fixed.deq
     assert (deq.max_iter, deq.eval_max_iter, deq.tol, deq.eval_tol, deq.stop_mode) == (7, 7, 1e-12, 1e-12, "rel")
-    assert deq.solver is SOLVERS["fixed_point"] and deq.solver_options == {} and deq.grad == "ift"
-    assert deq.backward_solver is SOLVERS["broyden"] and deq.backward_options == {"memory": 7}
+    assert deq.solver is SOLVERS["fixed_point"] and deq.solver_options == {"trace_steps": True} and deq.grad == "ift"
+    # the backward solve uses the same solver as the forward one (Figs. 5/6: Broyden vs iterating)
+    assert deq.backward_solver is SOLVERS["fixed_point"] and deq.backward_options == {"trace_steps": True}
     assert (deq.backward_max_iter, deq.backward_tol, deq.backward_stop_mode) == (7, 1e-12, "rel")
     broyden = measure._traced_model("cifar10_tiny_smoke", [], "broyden", 7, None, 0, CPU)
-    assert broyden.deq.solver_options == {"memory": 7}
+    assert broyden.deq.solver_options == {"memory": 6, "trace_steps": True}  # the config's m, not the budget
+    assert broyden.deq.backward_options == {"memory": 6, "trace_steps": True}
     # the same initial weights for every solver, so the curves compare solvers, not draws
     assert all(torch.equal(a, b) for a, b in zip(fixed.state_dict().values(), broyden.state_dict().values()))
     with pytest.raises(ConfigError, match="max_iter must be >= 1"):  # checked as a training run's would be
@@ -50,9 +53,11 @@ def test_solve_traces_run_the_whole_budget_forward_backward_and_per_scale():
     torch.manual_seed(0)
     batches = [(torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))) for _ in range(2)]
     model = measure._traced_model("cifar10_tiny_smoke", [], "broyden", 7, None, 0, CPU)
-    fwd, bwd, scale = measure._solve_traces(model, batches, CPU, backward=True)
-    assert [len(t) for t in fwd] == [8, 8] and [len(t) for t in bwd] == [8, 8]  # z0 and 7 steps each
-    assert len(scale[0]) == 3 and len(scale[0][0]) == 8  # (scales, nfe)
+    t = measure._solve_traces(model, batches, CPU, backward=True)
+    assert [len(x) for x in t["forward"]] == [8, 8] and [len(x) for x in t["backward"]] == [8, 8]  # z0 + 7 steps
+    assert [len(x) for x in t["forward_step"]] == [7, 7] and [len(x) for x in t["backward_step"]] == [7, 7]
+    assert math.isnan(t["forward_step"][0][0]) and all(0 < v < 10 for v in t["forward_step"][0][1:])  # z0 = 0
+    assert len(t["scale"][0]) == 3 and len(t["scale"][0][0]) == 8 and len(t["scale_step"][0][0]) == 7
     stats = measure._trace_stats([[1.0, 0.5], [3.0]])
     assert stats["mean"] == [2.0, 0.5] and stats["std"] == [1.0, 0.0] and stats["n_batches"] == 2
 

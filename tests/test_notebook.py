@@ -176,7 +176,7 @@ def test_full_profile_dry_runs_say_what_they_would_do(capsys):
         step(ctx)
     out = capsys.readouterr().out
     assert "would measure MDEQ, MDEQ-small, ResNet-18, ResNet-101, ANODE at batch 32" in out
-    assert "would trace cityscapes_large_paper on 5 batches of 1 x (1024, 2048)" in out
+    assert "would trace cityscapes_small_paper on 5 batches of 1 x (1024, 2048)" in out
     ctx = notebook.setup(notebook.check_parameters(
         {"profile": "full", "dry_run": True, "nproc": 4, "seeds": 2, "data_root": "/datasets"}, "01_cifar10"))
     notebook.train(ctx)

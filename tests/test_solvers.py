@@ -225,3 +225,37 @@ def test_channels_last_state_gives_the_same_iterates(name):
     torch.testing.assert_close(st_cl.scale_rel_trace, st_ref.scale_rel_trace, rtol=1e-5, atol=0)
     for a, b in zip(z_cl, z_ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", ["fixed_point", "broyden", "anderson"])
+def test_step_trace_is_the_papers_relative_change_of_the_iterate(solver):
+    """Figs. 5-7 plot ||z[i+1] - z[i]|| / ||z[i]||: recorded per scale and for the whole state on request."""
+    torch.manual_seed(0)
+    shapes = [torch.Size((4, 3, 4, 4)), torch.Size((4, 5, 2, 2))]
+    A = [0.3 * torch.randn(s[1:].numel(), s[1:].numel(), dtype=torch.float64) / s[1:].numel() ** 0.5
+         for s in shapes]
+    b = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    seen = []
+
+    def f(zs):
+        seen.append([z.clone() for z in zs])
+        return [(z.flatten(1) @ a.T).view_as(z) + c + 0.1 * torch.tanh(zs[1 - i].mean()) for i, (z, a, c)
+                in enumerate(zip(zs, A, b))]
+
+    z0 = [torch.full(s, 0.5, dtype=torch.float64) for s in shapes]
+    _, plain = SOLVERS[solver](f, z0, max_iter=8, tol=1e-30)
+    assert plain.step_trace is None and plain.scale_step_trace is None  # off by default: no extra work
+    seen.clear()
+    _, stats = SOLVERS[solver](f, z0, max_iter=8, tol=1e-30, trace_steps=True)
+    assert stats.step_trace.shape == (4, stats.nfe - 1) and stats.scale_step_trace.shape == (2, 4, stats.nfe - 1)
+    for i in range(stats.nfe - 1):
+        d = [(seen[i + 1][s] - seen[i][s]).flatten(1).norm(dim=1) for s in range(2)]
+        n = [seen[i][s].flatten(1).norm(dim=1) for s in range(2)]
+        for s in range(2):
+            torch.testing.assert_close(stats.scale_step_trace[s, :, i], (d[s] / n[s]).float())
+        whole = (d[0] ** 2 + d[1] ** 2).sqrt() / (n[0] ** 2 + n[1] ** 2).sqrt()
+        torch.testing.assert_close(stats.step_trace[:, i], whole.float())
+    torch.testing.assert_close(stats.rel_trace, plain.rel_trace)  # tracing changes no iterate
+    _, from_zero = SOLVERS[solver](f, [torch.zeros(s, dtype=torch.float64) for s in shapes], max_iter=3,
+                                   tol=1e-30, trace_steps=True)
+    assert torch.isnan(from_zero.step_trace[:, 0]).all() and torch.isfinite(from_zero.step_trace[:, 1:]).all()
