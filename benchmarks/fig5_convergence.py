@@ -18,7 +18,9 @@ there, so the measurement runs in chunks (``--datasets cityscapes`` alone takes 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -28,7 +30,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, provenance, write_json  # noqa: E402
 
-from mdeq.measure import CONVERGENCE_SETS, convergence_traces  # noqa: E402
+from mdeq.measure import CONVERGENCE_SETS, PER_SCALE_SETS, convergence_traces  # noqa: E402
 
 SETTINGS = ("variant", "num_batches", "seed")  # a rerun keeps earlier curves only if these are the same
 
@@ -47,7 +49,8 @@ def main() -> None:
                         "resized stand-ins for the others)")
     p.add_argument("--cifar-option", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="builder options of --cifar-root, e.g. source=jpeg_q75")
-    p.add_argument("--fresh", action="store_true", help="discard the curves already in --out")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard the curves already in --out and the snapshot of the trained checkpoints")
     p.add_argument("--out", type=Path, default=Path("results") / "convergence_traces.json",
                    help="relative to the repository root (default results/convergence_traces.json)")
     args = p.parse_args()
@@ -56,6 +59,8 @@ def main() -> None:
     options = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.cifar_option)}
     stand_in = (args.cifar_root, options) if args.cifar_root is not None else None
     done = None
+    if args.fresh:
+        shutil.rmtree(ROOT / "runs" / "bench" / "fig5_checkpoints", ignore_errors=True)
     if path.is_file() and not args.fresh:
         old = json.loads(path.read_text())
         same = all(old.get(k) == getattr(args, k) for k in SETTINGS) and old.get("profile") == "full"
@@ -68,9 +73,27 @@ def main() -> None:
     def save(out: dict) -> None:
         write_json(path, {**out, "seed": args.seed, "hardware": hardware, "chunks": chunks})
 
+    # Trained weights from a snapshot: the campaign replaces results/runs/*/checkpoint.pt every 50 steps, and
+    # every curve of one measurement must trace the same weights.
+    snapshot = ROOT / "runs" / "bench" / "fig5_checkpoints"
+    for folder in {r for s in CONVERGENCE_SETS.values() for r in s.checkpoint_runs} | \
+            {r for _, runs_ in PER_SCALE_SETS.values() for r in runs_}:
+        src, dst = ROOT / folder / "checkpoint.pt", snapshot / folder / "checkpoint.pt"
+        if src.is_file() and not dst.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+        if dst.is_file():
+            prov.setdefault("checkpoints", {})[folder] = hashlib.sha256(dst.read_bytes()).hexdigest()
+    before = (done or {}).get("chunks", [{}])[-1].get("checkpoints", {})
+    if done and before != prov.get("checkpoints", {}):  # other trained weights: their curves are measured again
+        print("trained checkpoints differ from the earlier chunk's; measuring their curves again")
+        for entry in done.get("datasets", {}).values():
+            entry["curves"] = {k: v for k, v in entry.get("curves", {}).items() if v.get("checkpoint") is None}
+        done["per_scale"] = {k: v for k, v in done.get("per_scale", {}).items() if v.get("checkpoint") is None}
     out = convergence_traces(profile="full", variant=args.variant, data_root=args.data_root,
                              num_batches=args.num_batches, device="cpu", seed=args.seed, datasets=args.datasets,
-                             per_scale=not args.no_per_scale, stand_in=stand_in, done=done, save=save)
+                             per_scale=not args.no_per_scale, stand_in=stand_in, done=done, save=save,
+                             checkpoints=snapshot)
     save(out)
     print(f"wrote {path}")
 

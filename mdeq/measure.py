@@ -557,13 +557,13 @@ def _find_checkpoint(runs_: Sequence[str], root: Path | None) -> Path | None:
 
 
 def _weights_label(path: Path | None) -> str:
-    """"initial weights", or "trained, epoch k of E (step s)" from what the checkpoint says."""
+    """"initial weights", or "trained, epoch k of E, step s" from what the checkpoint says."""
     if path is None:
         return "initial weights"
     ckpt = load_checkpoint(path, map_location="cpu")
     epochs = (ckpt.get("config") or {}).get("train", {}).get("epochs")
     done = ckpt.get("epoch", 0)  # epochs completed before the one in progress
-    return (f"trained, epoch {done}{f' of {epochs}' if epochs else ''} (step {ckpt.get('global_step')})")
+    return f"trained, epoch {done}{f' of {epochs}' if epochs else ''}, step {ckpt.get('global_step')}"
 
 
 def convergence_traces(*, profile: str = "smoke", quick: bool = False, variant: str = "paper", data_root: str = "",
