@@ -82,6 +82,8 @@ def test_py_files_open_as_notebooks_and_an_unchanged_save_keeps_git_clean(lab):
     repo, port = lab
     settings = _api(port, "/lab/api/settings/@jupyterlab/docmanager-extension:plugin")
     assert settings["settings"]["defaultViewers"]["python"] == "Jupytext Notebook"
+    news = _api(port, "/lab/api/settings/@jupyterlab/apputils-extension:notification")["settings"]
+    assert news["fetchNews"] == "false" and news["checkForUpdates"] is False  # no news prompt, no network
     names = sorted(p.name for p in (repo / "notebooks").glob("*.py"))
     assert len(names) == 5
     for name in names:
