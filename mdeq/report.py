@@ -14,7 +14,7 @@ import os
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -310,8 +310,10 @@ def _last_finite(values) -> float | None:
 
 def convergence_table(ctx, kind: str, traces: Mapping | None, numbers: Mapping | None = None,
                       threshold: float = 1e-2) -> pd.DataFrame:
-    """F evaluations until the mean Broyden trace falls below ``threshold`` (the paper states ~30 on
-    CIFAR-10 and over 100 on Cityscapes, without saying its threshold), and the last residuals."""
+    """F evaluations until the mean forward trace falls below ``threshold``, in the paper's measure
+    ||z[i+1] - z[i]|| / ||z[i]|| where it was recorded (else the residual; the ``metric`` column says which),
+    and the last values of both. The paper states ~30 f evaluations on CIFAR-10 and over 100 on Cityscapes,
+    without its threshold."""
     numbers = numbers if numbers is not None else paper_numbers()
     st = {s["key"]: s for s in numbers["convergence"]["statements"]}
     paper = {"cifar10": st["cifar10_broyden_steps"]["value"], "cityscapes": st["cityscapes_broyden_steps"]["value"]}
@@ -322,16 +324,21 @@ def convergence_table(ctx, kind: str, traces: Mapping | None, numbers: Mapping |
             c = (entry or {}).get("curves", {}).get(key)
             if entry is not None and c is None:
                 continue
-            mean = np.asarray(c["forward"]["mean"], dtype=float) if c else None
+            measure = "forward_step" if c and "forward_step" in c else "forward"
+            mean = np.asarray(c[measure]["mean"], dtype=float) if c else None
             below = np.nonzero(mean < threshold)[0] if mean is not None else []
             n = int(below[0] + 1) if len(below) else None
             ours = n if n is not None else (f"> {len(mean)} (not reached)" if mean is not None else NOT_RUN)
             p = paper.get(dataset) if key.startswith("broyden") else None
-            rows.append({"table": "Figs. 5-6", "setting": title, "row": _CURVE_STYLE[key][0], "key": key,
-                         "metric": f"f evaluations until the mean rel. residual < {threshold:g}",
+            name = "||z[i+1] - z[i]|| / ||z[i]||" if measure == "forward_step" else "rel. residual"
+            rows.append({"table": "Figs. 5-6", "setting": title,
+                         "row": _curve_label(key, c) if c else _CURVE_STYLE[key][0], "key": key,
+                         "metric": f"f evaluations until the mean {name} < {threshold:g}",
                          "paper": p, "ours": ours,
                          "delta": (n - p) if (n is not None and p is not None and kind != "smoke") else None,
-                         "last_rel_residual": _last_finite(mean),
+                         "last_step_change": _last_finite(c["forward_step"]["mean"]) if c and "forward_step" in c
+                         else None,
+                         "last_rel_residual": _last_finite(c["forward"]["mean"]) if c else None,
                          "ours_source": ctx.source(kind, entry["data"], traces["hardware"]) if entry else NOT_RUN,
                          "status": (SMOKE_NOTE if kind == "smoke" else "measured") if entry else NOT_RUN,
                          "paper_note": "paper: 'within 30 steps' (CIFAR-10), 'over 100 steps' (Cityscapes); "
@@ -564,48 +571,87 @@ def _band(ax, stats: Mapping, label: str, colour: str, style: str) -> None:
     ax.fill_between(x, lo, mean + std, color=colour, alpha=0.15, lw=0)
 
 
+_MEASURES = {  # trace key suffix -> y label
+    "_step": "||z[i+1] - z[i]|| / ||z[i]||",
+    "": "||f(z) - z|| / ||f(z)||",
+}
+
+
+def _curve_label(key: str, curve: Mapping) -> str:
+    """"Broyden, initial weights" / "iterating f, trained, epoch 4 of 50, step 1800" (older traces: by key)."""
+    solver = "Broyden" if key.startswith("broyden") else "iterating f"
+    weights = curve.get("weights")
+    if not isinstance(weights, str) or "/" in weights or weights.startswith("initial ("):
+        return _CURVE_STYLE.get(key, (key,))[0]
+    return f"{solver}, {weights}"
+
+
+def _shared_legend(fig, axes) -> None:
+    """One legend for the figure, below the panels, from the labels of every panel."""
+    seen: dict[str, Any] = {}
+    for ax in np.ravel(axes):
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, h)
+    if seen:
+        fig.legend(seen.values(), seen.keys(), loc="lower center", ncol=min(len(seen), 2), fontsize=8, frameon=False)
+
+
 def plot_convergence(traces: Mapping | None, kind: str, *, direction: str = "forward"):
-    """Figs. 5/6: relative residual vs f evaluations at the three resolutions (mean ± std over batches)."""
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.2))
+    """Figs. 5/6: the paper's ||z[i+1] - z[i]|| / ||z[i]|| (top row) and the residual ||f(z) - z|| / ||f(z)||
+    (bottom row) against f evaluations at the three resolutions, mean ± std over batches. Traces measured
+    before the paper's measure was recorded have the residual row only."""
+    datasets = (traces or {}).get("datasets", {})
+    rows = [m for m in _MEASURES if any(direction + m in c for e in datasets.values()
+                                           for c in e.get("curves", {}).values())] or ["_step"]
+    fig, axes = plt.subplots(len(rows), 3, figsize=(10, 2.7 * len(rows) + 1.3), squeeze=False)
     what = "forward" if direction == "forward" else "backward (IFT)"
-    for ax, dataset in zip(axes, _DATASET_TITLES):
-        entry = (traces or {}).get("datasets", {}).get(dataset)
-        curves = {k: v for k, v in (entry or {}).get("curves", {}).items() if direction in v}
-        if not curves:
-            no_data(ax, f"{NOT_RUN}: no {what} traces for {_DATASET_TITLES[dataset]}")
-            ax.set_title(_DATASET_TITLES[dataset])
-            continue
-        for key, c in curves.items():
-            label, colour, style = _CURVE_STYLE.get(key, (key, "mdeq", "-"))
-            _band(ax, c[direction], label, COLORS[colour], style)
-        ax.set_yscale("log")
-        ax.set_xlabel("number of f evaluations")
-        h, w = entry["input_hw"]
-        ax.set_title(f"{_DATASET_TITLES[dataset]} ({h}x{w}, {entry['config']})", fontsize=8.5)
-        if ax is axes[0]:
-            ax.set_ylabel("||f(z) - z|| / ||f(z)||")
-            ax.legend(loc="lower left", fontsize=7)
+    for r, measure in enumerate(rows):
+        for ax, dataset in zip(axes[r], _DATASET_TITLES):
+            entry = datasets.get(dataset)
+            curves = {k: v for k, v in (entry or {}).get("curves", {}).items() if direction + measure in v}
+            if not curves:
+                no_data(ax, f"{NOT_RUN}: no {what} traces\nfor {_DATASET_TITLES[dataset]}")
+                ax.set_title(_DATASET_TITLES[dataset], fontsize=8.5)
+                continue
+            for key, c in sorted(curves.items()):
+                _, colour, style = _CURVE_STYLE.get(key, (key, "mdeq", "-"))
+                _band(ax, c[direction + measure], _curve_label(key, c), COLORS[colour], style)
+            ax.set_yscale("log")
+            ax.set_xlabel("number of f evaluations" if direction == "forward" else "number of VJP evaluations")
+            h, w = entry["input_hw"]
+            ax.set_title(f"{_DATASET_TITLES[dataset]} {h}x{w}, {entry['config']}, batch {entry['batch']}",
+                         fontsize=8)
+            if ax is axes[r][0]:
+                ax.set_ylabel(_MEASURES[measure], fontsize=8)
+    _shared_legend(fig, axes)
     fig.suptitle(figure_title(f"Convergence to equilibrium, {what} pass", kind))
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.09 if len(rows) > 1 else 0.14, 1, 1))
     return fig
 
 
 def plot_per_scale(traces: Mapping | None, kind: str):
-    """Fig. 7: per-scale relative residual of the CIFAR-10 MDEQ vs the single-stream DEQ (Broyden)."""
-    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    """Fig. 7: per-scale ||z_i[k+1] - z_i[k]|| / ||z_i[k]|| (left; the paper's) and residual (right) of the
+    CIFAR-10 MDEQ and the single-stream DEQ, Broyden forward solve, mean ± std over batches."""
     ps = (traces or {}).get("per_scale", {})
-    if not ps:
-        no_data(ax, f"{NOT_RUN}: no per-scale traces")
-    else:
-        if "mdeq" in ps:
-            for i, st in enumerate(ps["mdeq"]["scales"]):
-                _band(ax, st, f"MDEQ scale {i + 1} ({ps['mdeq']['channels'][i]} ch.)",
+    measures = [m for m in _MEASURES if any(f"scales{m}" in v for v in ps.values())] or ["_step"]
+    fig, axes = plt.subplots(1, len(measures), figsize=(4.8 * len(measures), 3.9), squeeze=False)
+    for ax, measure in zip(axes[0], measures):
+        if not ps:
+            no_data(ax, f"{NOT_RUN}: no per-scale traces")
+            continue
+        if "mdeq" in ps and f"scales{measure}" in ps["mdeq"]:
+            m = ps["mdeq"]
+            for i, st in enumerate(m[f"scales{measure}"]):
+                _band(ax, st, f"MDEQ-small scale {i + 1} ({m['channels'][i]} ch.), {m['weights']}",
                       SCALE_COLORS[i % len(SCALE_COLORS)], "-")
-        if "single_stream" in ps:
-            _band(ax, ps["single_stream"]["scales"][0], "single-stream DEQ (scale 1)", COLORS["single_stream"], "--")
+        if "single_stream" in ps and f"scales{measure}" in ps["single_stream"]:
+            single = ps["single_stream"]
+            _band(ax, single[f"scales{measure}"][0], f"single-stream DEQ, {single['weights']}",
+                  COLORS["single_stream"], "--")
         ax.set_yscale("log")
         ax.set_xlabel("number of f evaluations")
-        ax.set_ylabel("per-scale ||f_i(z) - z_i|| / ||f_i(z)||")
-        ax.legend(loc="lower left", fontsize=7)
-    ax.set_title(figure_title("Per-scale convergence on CIFAR-10 (Broyden)", kind))
+        ax.set_ylabel(f"per scale: {_MEASURES[measure]}", fontsize=8)
+    _shared_legend(fig, axes)
+    fig.suptitle(figure_title("Per-scale convergence on CIFAR-10 (Broyden, forward)", kind))
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
     return fig

@@ -275,3 +275,35 @@ def test_training_memory_ratio_reaches_the_table_and_the_figure(tmp_path, number
     empty = report.plot_training_memory(None, "smoke", numbers)
     assert all(report.NOT_RUN in " ".join(t.get_text() for t in ax.texts) for ax in empty.axes)
     plt.close(empty)
+
+
+def _trace(values):
+    return {"mean": list(values), "std": [0.0] * len(values), "n_batches": 5}
+
+
+def test_convergence_figures_plot_the_papers_measure_and_the_residual_with_one_legend(tmp_path):
+    curve = lambda w: {"weights": w, "forward": _trace([1, 0.1, 0.01]), "forward_step": _trace([float("nan"), 0.2, 0.005])}  # noqa: E731
+    traces = {"hardware": "CPU", "datasets": {"cifar10": {
+        "config": "cifar10_small_paper", "input_hw": [32, 32], "batch": 32, "data": "CIFAR-10",
+        "curves": {"broyden_init": curve("initial weights"),
+                   "broyden_final": curve("trained, epoch 4 of 50, step 1800")}}},
+        "per_scale": {"mdeq": {"weights": "initial weights", "channels": [8, 16],
+                               "scales": [_trace([1, 0.1])] * 2, "scales_step": [_trace([0.5, 0.1])] * 2}}}
+    fig = report.plot_convergence(traces, "real", direction="forward")
+    axes = fig.axes
+    assert len(axes) == 6 and axes[0].get_ylabel() == "||z[i+1] - z[i]|| / ||z[i]||"
+    assert axes[3].get_ylabel() == "||f(z) - z|| / ||f(z)||"
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert sorted(labels) == ["Broyden, initial weights", "Broyden, trained, epoch 4 of 50, step 1800"]
+    assert all(ax.get_legend() is None for ax in axes)  # one shared legend, none per panel
+    assert "not run yet" in " ".join(t.get_text() for t in axes[1].texts)  # ImageNet: nothing measured
+    residual_only = {**traces, "datasets": {"cifar10": {**traces["datasets"]["cifar10"], "curves": {
+        "broyden_init": {"forward": _trace([1, 0.1])}}}}}
+    assert len(report.plot_convergence(residual_only, "real").axes) == 3  # older traces: the residual row only
+    fig7 = report.plot_per_scale(traces, "real")
+    assert len(fig7.axes) == 2 and "MDEQ-small scale 1 (8 ch.), initial weights" in [
+        t.get_text() for t in fig7.legends[0].get_texts()]
+    df = report.convergence_table(_ctx(tmp_path, "05_convergence"), "real", traces)
+    row = df[df.key == "broyden_final"].iloc[0]
+    assert row["ours"] == 3 and "||z[i+1] - z[i]||" in row["metric"] and row["last_step_change"] == 0.005
+    assert row["row"] == "Broyden, trained, epoch 4 of 50, step 1800"
