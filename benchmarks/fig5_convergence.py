@@ -9,8 +9,9 @@ real validation images where ``data/`` has them and otherwise on CIFAR-10 test i
 size (the output says which). Fig. 7: per scale, MDEQ-small against the single-stream DEQ. Both measures
 are kept: ||z[i+1] - z[i]|| / ||z[i]|| (the paper's) and the residual ||f(z) - z|| / ||f(z)||.
 
-The output is rewritten after each curve, and a rerun with the same settings keeps the curves already
-there, so the measurement runs in chunks (``--datasets cityscapes`` alone takes hours on 2 CPU cores).
+The output is rewritten after each batch, and a rerun with the same settings goes on where it stopped
+(finished curves kept, a curve stopped between batches resumed at its next batch), so the measurement
+runs in chunks (``--datasets cityscapes`` alone takes hours on 2 CPU cores).
 
     python benchmarks/fig5_convergence.py --datasets cifar10 imagenet --cifar-root data/cifar10-jpeg-q75 \\
         --cifar-option source=jpeg_q75          # results/convergence_traces.json
@@ -89,6 +90,7 @@ def main() -> None:
         print("trained checkpoints differ from the earlier chunk's; measuring their curves again")
         for entry in done.get("datasets", {}).values():
             entry["curves"] = {k: v for k, v in entry.get("curves", {}).items() if v.get("checkpoint") is None}
+            entry["partial"] = {k: v for k, v in entry.get("partial", {}).items() if k.endswith("_init")}
         done["per_scale"] = {k: v for k, v in done.get("per_scale", {}).items() if v.get("checkpoint") is None}
     out = convergence_traces(profile="full", variant=args.variant, data_root=args.data_root,
                              num_batches=args.num_batches, device="cpu", seed=args.seed, datasets=args.datasets,

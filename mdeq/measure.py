@@ -579,7 +579,8 @@ def convergence_traces(*, profile: str = "smoke", quick: bool = False, variant: 
     under ``checkpoints`` or the repository) where one exists ("final"). ``stand_in`` = (CIFAR-10 root,
     builder options): the inputs of a data set whose real data is absent are CIFAR-10 test images resized
     to its size (labelled so). ``done``: an earlier output whose finished curves are kept (a resumed
-    measurement); ``save`` is called with the output after each curve. The smoke profile uses shrunken
+    measurement, also of a curve stopped between two batches); ``save`` is called with the output after
+    each batch. The smoke profile uses shrunken
     models at initialisation on synthetic data.
     """
     dev = resolve_device(device)
@@ -589,6 +590,10 @@ def convergence_traces(*, profile: str = "smoke", quick: bool = False, variant: 
                            "measures": TRACE_MEASURES, "datasets": {}, "per_scale": {}}
     if done:
         out["datasets"] = {k: dict(v, curves=dict(v.get("curves", {}))) for k, v in done.get("datasets", {}).items()}
+        for entry in out["datasets"].values():  # a curve stopped between batches goes on from its next batch
+            if "partial" in entry:
+                entry["partial"] = {k: {"seconds": v["seconds"], "traces": {n: list(t) for n, t in v["traces"].items()}}
+                                    for k, v in entry["partial"].items()}
         out["per_scale"] = dict(done.get("per_scale", {}))
     wanted = list(datasets) if datasets is not None else list(CONVERGENCE_SETS)
     jobs = []
@@ -607,7 +612,7 @@ def convergence_traces(*, profile: str = "smoke", quick: bool = False, variant: 
             if kind == "curve":
                 _trace_curve(out, key, tag, path, solver, profile=profile, quick=quick, variant=variant,
                              data_root=data_root, num_batches=num_batches, dev=dev, seed=seed, budgets=budgets,
-                             stand_in=stand_in)
+                             stand_in=stand_in, save=save)
             else:
                 _trace_per_scale(out, key, profile=profile, quick=quick, variant=variant, data_root=data_root,
                                  num_batches=num_batches, dev=dev, seed=seed, budgets=budgets,
@@ -649,7 +654,7 @@ def _trace_inputs(dataset: str, cfg_name: str, overrides: list[str], *, profile:
 
 
 def _trace_curve(out: dict, dataset: str, tag: str, path: Path | None, solver: str, *, profile, quick, variant,
-                 data_root, num_batches, dev, seed, budgets, stand_in) -> None:
+                 data_root, num_batches, dev, seed, budgets, stand_in, save=None) -> None:
     cfg_name = CONVERGENCE_SETS[dataset].config.format(variant=variant)
     overrides = smoke_overrides(smoke_spec(cfg_name), variant, quick=quick) if profile == "smoke" else []
     cfg, overrides, batches, source, batch = _trace_inputs(dataset, cfg_name, overrides, profile=profile,
@@ -660,14 +665,27 @@ def _trace_curve(out: dict, dataset: str, tag: str, path: Path | None, solver: s
                   "budget": budgets[dataset], "broyden_memory": cfg.solver.memory})
     model = _traced_model(cfg_name, overrides, solver, budgets[dataset], path, seed, dev)
     entry["params"] = sum(p.numel() for p in model.parameters())
-    t0 = time.perf_counter()
-    traces = _solve_traces(model, batches, dev, backward=True)
+    key = f"{solver}_{tag}"
+    # Batch by batch, each kept in "partial" and saved: a stopped measurement resumes at its next batch.
+    part = entry.setdefault("partial", {}).setdefault(key, {"seconds": 0.0, "traces": {}})
+    for i, b in enumerate(batches):
+        if i < len(part["traces"].get("forward", [])):
+            continue
+        t0 = time.perf_counter()
+        for name, values in _solve_traces(model, [b], dev, backward=True).items():
+            part["traces"].setdefault(name, []).extend(values)
+        part["seconds"] += time.perf_counter() - t0
+        if save is not None and i + 1 < len(batches):
+            save(out)
     curve = {"weights": _weights_label(path), "checkpoint": paths.rel(path) if path else None,
-             "seconds": round(time.perf_counter() - t0, 1)}
+             "seconds": round(part["seconds"], 1)}
     for direction in ("forward", "forward_step", "backward", "backward_step"):
-        if traces[direction]:
-            curve[direction] = _trace_stats(traces[direction])
-    entry["curves"][f"{solver}_{tag}"] = curve
+        if part["traces"].get(direction):
+            curve[direction] = _trace_stats(part["traces"][direction])
+    entry["curves"][key] = curve
+    del entry["partial"][key]
+    if not entry["partial"]:
+        del entry["partial"]
     print(f"convergence traces: {dataset} {solver} ({curve['weights']}) done in {curve['seconds']} s", flush=True)
 
 

@@ -1,9 +1,11 @@
 """mdeq.measure: the one timing loop, the device rule, solver settings through the config, Fig. 4b and Figs. 5-7."""
 from __future__ import annotations
 
+import json
 import math
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,3 +101,29 @@ def test_measure_memory_implicit_saves_less_than_unrolled():
     assert imp["grad"] == "ift" and unr["grad"] == "unrolled" and unr["unroll_steps"] == imp["max_iter"] == 15
     assert (imp["nfe_forward"], imp["nfe_backward"]) == (16, 19)  # the full budgets 15 and 18, + 1 each (f(z*))
     assert imp["state_bytes"] == unr["state_bytes"] and imp["saved_bytes"] * 3 < unr["saved_bytes"]
+
+
+def test_convergence_traces_resume_a_curve_stopped_between_batches():
+    """A measurement killed after a batch goes on from the next one and ends with the uninterrupted curve."""
+    kw = dict(profile="smoke", quick=True, num_batches=2, device="cpu", datasets=["cifar10"], per_scale=False)
+    whole = measure.convergence_traces(**kw)
+    saved = []
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(out):
+        saved.append(json.loads(json.dumps(out)))  # what the file would hold
+        raise Killed
+
+    with pytest.raises(Killed):
+        measure.convergence_traces(**kw, save=save_then_die)
+    partial = saved[-1]["datasets"]["cifar10"]
+    assert partial["curves"] == {} and len(partial["partial"]["broyden_init"]["traces"]["forward"]) == 1
+    resumed = measure.convergence_traces(**kw, done=saved[-1])
+    curves = resumed["datasets"]["cifar10"]["curves"]
+    assert "partial" not in resumed["datasets"]["cifar10"] and set(curves) == {"broyden_init", "fixed_point_init"}
+    for key, curve in whole["datasets"]["cifar10"]["curves"].items():
+        for measure_ in ("forward", "forward_step", "backward", "backward_step"):
+            np.testing.assert_allclose(curves[key][measure_]["mean"], curve[measure_]["mean"], rtol=1e-6)
+            assert curves[key][measure_]["n_batches"] == 2
