@@ -1050,6 +1050,9 @@ def _start_logs(out_dir: Path, cfg: ExperimentConfig, options: RunOptions, state
     for name in ("steps.jsonl", "metrics.csv", "final.json"):
         (out_dir / name).unlink(missing_ok=True)
     recorded = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in dataclasses.asdict(options).items()}
+    for key in ("out_dir", "data_root"):  # inside the repository: relative, so a committed log names no machine
+        if recorded[key] is not None:
+            recorded[key] = paths.rel(recorded[key])
     prov = provenance(options.command or "mdeq.train.main(cfg, options) from Python", device, world_size=world,
                       config=config_to_dict(cfg), baseline=options.baseline, options=plain(recorded), **fields,
                       model_selection="none: the final epoch is reported; the best epoch is shown beside it for "

@@ -41,20 +41,6 @@ VOID = frozenset("area base br col embed hr img input link meta param source tra
 CAPTION = re.compile(r"Figure \((?P<name>[A-Za-z0-9_]+)\)\. (?P<text>.*?)Drawn by notebooks/(?P<notebook>[A-Za-z0-9_]+)"
                      r"\.ipynb from \S")
 
-# Defects of the committed notebooks/*.ipynb (not of the book machinery): their outputs predate the banner and
-# the Markdown captions of mdeq.notebook (cell 2 prints "profile smoke; draws: smoke"; save_figure's caption
-# lines are absent), and two figure cells have no output. `python -m mdeq.reproduce --update-committed` rewrites
-# them with the current code; these xfails then pass and must be removed (strict).
-STALE_BANNER = ("committed notebooks/*.ipynb predate mdeq.notebook.show_banner's Markdown banner: cell 2 prints "
-                "'profile smoke; draws: smoke' (rerun python -m mdeq.reproduce --update-committed)")
-STALE_CAPTIONS = ("committed notebooks/*.ipynb predate save_figure's Markdown caption under each figure "
-                  "(rerun python -m mdeq.reproduce --update-committed)")
-MISSING_FIGURE = {
-    "01_cifar10": "committed 01_cifar10.ipynb: the table1_training_and_solver cell (the last) has no output",
-    "03_runtime_memory": "committed 03_runtime_memory.ipynb: the fig4b_training_memory cell (the last) has no output",
-}
-
-
 # ----------------------------------------------------------------------------------------------
 # Reading a page: a small element tree from html.parser.
 
@@ -442,8 +428,7 @@ def test_no_page_shows_an_error(pages):
 
 
 @needs_book
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=STALE_BANNER))
-                                  for n in NOTEBOOKS])
+@pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_page_opens_with_the_profile_banner(pages, name):
     profile = COMMITTED_PROFILE[name]
     # The smoke banner is fixed text; the logs and full ones depend on the logs and GPUs of the run.
@@ -453,8 +438,7 @@ def test_notebook_page_opens_with_the_profile_banner(pages, name):
 
 
 @needs_book
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=STALE_CAPTIONS))
-                                  for n in NOTEBOOKS])
+@pytest.mark.parametrize("name", NOTEBOOKS)
 def test_every_figure_has_its_caption_as_text(pages, name):
     page = _notebook_page(pages, name)
     assert page.article.find_all("img"), f"{page.name}: no figure on the page"
@@ -463,8 +447,7 @@ def test_every_figure_has_its_caption_as_text(pages, name):
 
 
 @needs_book
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=MISSING_FIGURE[n]))
-                                  if n in MISSING_FIGURE else n for n in NOTEBOOKS])
+@pytest.mark.parametrize("name", NOTEBOOKS)
 def test_every_figure_of_the_notebook_is_on_its_page(pages, name):
     """As many images as figures the notebook owns (one kind per committed profile), each under its caption
     once the captions are there (the caption test)."""
