@@ -442,7 +442,8 @@ def trace_overrides(solver: str, budget: int) -> list[str]:
 
 
 def _trace_stats(traces: list) -> dict:
-    """Mean and std over batches of the batch-mean trace; shorter traces are padded with NaN."""
+    """Mean and std over batches of the batch-mean trace, and how many batches reach each step (``count``: a
+    solve that diverged stops early); shorter traces are padded with NaN."""
     n = max(len(t) for t in traces)
     arr = np.full((len(traces), n), np.nan)
     for i, t in enumerate(traces):
@@ -451,7 +452,9 @@ def _trace_stats(traces: list) -> dict:
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(arr, axis=0)
         std = np.nanstd(arr, axis=0)
-    return {"mean": [float(v) for v in mean], "std": [float(v) for v in std], "n_batches": len(traces)}
+    count = [sum(len(t) > i for t in traces) for i in range(n)]
+    return {"mean": [float(v) for v in mean], "std": [float(v) for v in std], "n_batches": len(traces),
+            "count": count}
 
 
 def _val_batches(dataset: str, cfg, root: Path, data_options: dict, batch: int, num: int, seed: int):
@@ -501,14 +504,15 @@ def _traced_model(cfg_name: str, overrides: list[str], solver: str, budget: int,
                   device: torch.device):
     """The model of ``cfg_name`` whose implicit layer runs ``solver`` for the whole ``budget``, in eval mode,
     at its initial weights (drawn from ``seed``, the same for every solver) or at ``weights``; its solves
-    record the paper's ||z[i+1] - z[i]|| / ||z[i]|| too (``trace_steps``)."""
+    record the paper's ||z[i+1] - z[i]|| / ||z[i]|| too (``trace_steps``) and stop early only if they diverge."""
     cfg = load_config(cfg_name, [*overrides, *trace_overrides(solver, budget)])
     torch.manual_seed(seed)
     model = build_model(cfg).to(device).eval()
     if weights is not None:
         load_pretrained(model, weights)
-    model.deq.solver_options["trace_steps"] = True
-    model.deq.backward_options["trace_steps"] = True
+    for options in (model.deq.solver_options, model.deq.backward_options):
+        # the whole budget unless the solve diverges (the solvers' divergence_factor, 1e6): no stop for stagnation
+        options.update(trace_steps=True, stagnation_patience=budget + 1)
     return model
 
 

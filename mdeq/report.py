@@ -563,8 +563,16 @@ def plot_segmentation_examples(folder: str | Path | None, kind: str):
 
 
 def _band(ax, stats: Mapping, label: str, colour: str, style: str) -> None:
+    """Mean ± std over batches, drawn only as far as every batch's solve went (a diverged one stops early:
+    a mean over the survivors would be a different curve)."""
     mean = np.asarray(stats["mean"], dtype=float)
     std = np.asarray(stats["std"], dtype=float)
+    if "count" in stats:
+        full = np.asarray(stats["count"]) == stats["n_batches"]
+        end = len(full) if full.all() else int(np.argmin(full))
+        mean, std = mean[:end], std[:end]
+        if end < len(full):
+            label = f"{label} (a solve diverged at {end + 1})"
     x = np.arange(1, len(mean) + 1)
     ax.plot(x, mean, style, color=colour, label=label)
     lo = np.clip(mean - std, mean * 1e-2, None)

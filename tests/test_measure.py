@@ -38,13 +38,14 @@ def test_trace_settings_reach_the_implicit_layer_through_its_options():
     fixed = measure._traced_model("cifar10_tiny_smoke", [], "fixed_point", 7, None, 0, CPU)
     deq = fixed.deq
     assert (deq.max_iter, deq.eval_max_iter, deq.tol, deq.eval_tol, deq.stop_mode) == (7, 7, 1e-12, 1e-12, "rel")
-    assert deq.solver is SOLVERS["fixed_point"] and deq.solver_options == {"trace_steps": True} and deq.grad == "ift"
+    traced = {"trace_steps": True, "stagnation_patience": 8}  # the whole budget unless a solve diverges
+    assert deq.solver is SOLVERS["fixed_point"] and deq.solver_options == traced and deq.grad == "ift"
     # the backward solve uses the same solver as the forward one (Figs. 5/6: Broyden vs iterating)
-    assert deq.backward_solver is SOLVERS["fixed_point"] and deq.backward_options == {"trace_steps": True}
+    assert deq.backward_solver is SOLVERS["fixed_point"] and deq.backward_options == traced
     assert (deq.backward_max_iter, deq.backward_tol, deq.backward_stop_mode) == (7, 1e-12, "rel")
     broyden = measure._traced_model("cifar10_tiny_smoke", [], "broyden", 7, None, 0, CPU)
-    assert broyden.deq.solver_options == {"memory": 6, "trace_steps": True}  # the config's m, not the budget
-    assert broyden.deq.backward_options == {"memory": 6, "trace_steps": True}
+    assert broyden.deq.solver_options == {"memory": 6, **traced}  # the config's m, not the budget
+    assert broyden.deq.backward_options == {"memory": 6, **traced}
     # the same initial weights for every solver, so the curves compare solvers, not draws
     assert all(torch.equal(a, b) for a, b in zip(fixed.state_dict().values(), broyden.state_dict().values()))
     with pytest.raises(ConfigError, match="max_iter must be >= 1"):  # checked as a training run's would be
@@ -62,6 +63,7 @@ def test_solve_traces_run_the_whole_budget_forward_backward_and_per_scale():
     assert len(t["scale"][0]) == 3 and len(t["scale"][0][0]) == 8 and len(t["scale_step"][0][0]) == 7
     stats = measure._trace_stats([[1.0, 0.5], [3.0]])
     assert stats["mean"] == [2.0, 0.5] and stats["std"] == [1.0, 0.0] and stats["n_batches"] == 2
+    assert stats["count"] == [2, 1]  # the second solve stopped after one entry
 
 
 def test_measure_runtime_reports_times_memory_and_solver_work():

@@ -307,3 +307,11 @@ def test_convergence_figures_plot_the_papers_measure_and_the_residual_with_one_l
     row = df[df.key == "broyden_final"].iloc[0]
     assert row["ours"] == 3 and "||z[i+1] - z[i]||" in row["metric"] and row["last_step_change"] == 0.005
     assert row["row"] == "Broyden, trained, epoch 4 of 50, step 1800"
+
+
+def test_a_band_stops_where_a_batch_solve_diverged():
+    fig, ax = plt.subplots()
+    stats = {"mean": [1.0, 0.5, 9.0], "std": [0.0] * 3, "n_batches": 5, "count": [5, 5, 2]}
+    report._band(ax, stats, "iterating f", "#000000", "-")
+    line = ax.get_lines()[0]
+    assert list(line.get_xdata()) == [1, 2] and line.get_label() == "iterating f (a solve diverged at 3)"
