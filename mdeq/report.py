@@ -443,12 +443,14 @@ def plot_runtime_memory(measure: Mapping | None, kind: str, *, reference: str = 
     models = measure["models"]
     ref = models[reference]
     keys = list(models)
+    rss = ref.get("memory_kind") == "cpu_peak_rss_increase"  # on a CPU: the process's peak resident-set growth
     for ax, (metric, label) in zip(axes, (("train_ms", "training time / batch"),
                                           ("inference_ms", "inference time / batch"),
-                                          ("peak_train_memory_mb", "peak training memory"))):
+                                          ("peak_train_memory_mb", "peak RSS growth in training" if rss
+                                           else "peak training memory"))):
         vals = [models[k][metric] / ref[metric] if ref[metric] else float("nan") for k in keys]
         ax.bar(range(len(keys)), vals, color=[COLORS.get(k, "#999999") for k in keys])
-        ax.set_xticks(range(len(keys)), [models[k]["label"] for k in keys], rotation=35, ha="right")
+        ax.set_xticks(range(len(keys)), [_sized(models[k]) for k in keys], rotation=35, ha="right")
         ax.axhline(1.0, color="#555555", lw=0.8, ls=":")
         for i, v in enumerate(vals):
             ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
@@ -502,7 +504,7 @@ def plot_training_memory(memory: Mapping | None, kind: str, numbers: Mapping | N
     ref_mib = models[reference]["peak_bytes"] / MIB
     ax.axhline(bound * ref_mib, color="#c44e52", lw=1.0, ls="--",
                label=f"paper: MDEQ < {bound:g} x ResNet-101 (> {1 - bound:.0%} saved)")
-    labels = [models[k]["label"] + (" unrolled" if k.endswith("_unrolled") else "") for k in keys]
+    labels = [_sized(models[k]) + (" unrolled" if k.endswith("_unrolled") else "") for k in keys]
     ax.set_xticks(range(len(keys)), labels, rotation=35, ha="right")
     ax.set_ylabel("peak live tensor MiB (ratio to ResNet-101 on top)")
     ax.set_title(f"batch {memory['batch_size']}")
@@ -560,6 +562,14 @@ def plot_segmentation_examples(folder: str | Path | None, kind: str):
     fig.suptitle(figure_title(title, kind))
     fig.tight_layout()
     return fig
+
+
+def _sized(entry: Mapping) -> str:
+    """A measured model's label with its size: "MDEQ (9.0M)", "ANODE (172K)" (from its parameter count)."""
+    n = entry.get("params")
+    if not n:
+        return entry["label"]
+    return f"{entry['label']} ({n / 1e6:.1f}M)" if n >= 1e6 else f"{entry['label']} ({n / 1e3:.0f}K)"
 
 
 def _band(ax, stats: Mapping, label: str, colour: str, style: str) -> None:
