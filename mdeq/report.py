@@ -320,6 +320,8 @@ def convergence_table(ctx, kind: str, traces: Mapping | None, numbers: Mapping |
     rows = []
     for dataset, title in _DATASET_TITLES.items():
         entry = (traces or {}).get("datasets", {}).get(dataset)
+        if entry is not None and not entry.get("curves"):
+            entry = None  # a measurement in progress (only partial curves): nothing to report yet
         for key in ("broyden_final", "broyden_init", "fixed_point_final", "fixed_point_init"):
             c = (entry or {}).get("curves", {}).get(key)
             if entry is not None and c is None:
@@ -335,7 +337,7 @@ def convergence_table(ctx, kind: str, traces: Mapping | None, numbers: Mapping |
                          "row": _curve_label(key, c) if c else _CURVE_STYLE[key][0], "key": key,
                          "metric": f"f evaluations until the mean {name} < {threshold:g}",
                          "paper": p, "ours": ours,
-                         "delta": (n - p) if (n is not None and p is not None and kind != "smoke") else None,
+                         "delta": None,  # the paper's are bounds ("within 30", "over 100") at an unstated threshold
                          "last_step_change": _last_finite(c["forward_step"]["mean"]) if c and "forward_step" in c
                          else None,
                          "last_rel_residual": _last_finite(c["forward"]["mean"]) if c else None,
@@ -573,18 +575,20 @@ def _sized(entry: Mapping) -> str:
 
 
 def _band(ax, stats: Mapping, label: str, colour: str, style: str) -> None:
-    """Mean ± std over batches, drawn only as far as every batch's solve went (a diverged one stops early:
-    a mean over the survivors would be a different curve)."""
+    """Mean ± std over batches, drawn only as far as every batch's solve went, with an x where one diverged
+    and stopped (a mean over the survivors would be a different curve)."""
     mean = np.asarray(stats["mean"], dtype=float)
     std = np.asarray(stats["std"], dtype=float)
+    diverged = False
     if "count" in stats:
         full = np.asarray(stats["count"]) == stats["n_batches"]
         end = len(full) if full.all() else int(np.argmin(full))
         mean, std = mean[:end], std[:end]
-        if end < len(full):
-            label = f"{label} (a solve diverged at {end + 1})"
+        diverged = end < len(full)
     x = np.arange(1, len(mean) + 1)
     ax.plot(x, mean, style, color=colour, label=label)
+    if diverged and len(mean):  # an x where the first batch's solve diverged (unlabelled: the caption says so)
+        ax.plot(x[-1:], mean[-1:], "x", color=colour, ms=7, mew=1.5)
     lo = np.clip(mean - std, mean * 1e-2, None)
     ax.fill_between(x, lo, mean + std, color=colour, alpha=0.15, lw=0)
 

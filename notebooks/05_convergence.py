@@ -84,12 +84,13 @@ for kind in ctx.kinds():
                        caption="Forward solve: the paper's ||z[i+1] - z[i]|| / ||z[i]|| (top) and the residual "
                                "||f(z) - z|| / ||f(z)|| (bottom) vs f evaluations, Broyden (blue) and plain "
                                "iteration of f (yellow), mean and std over batches; each panel names its model, "
-                               "input size and batch, each legend entry its weights")
+                               "input size and batch, each legend entry its weights; a curve ends with an x where a "
+                               "batch's solve diverged (its residual grew 1e6-fold) and stopped")
     fig = report.plot_convergence(traces, kind, direction="backward")
     notebook.save_figure(fig, "fig5_convergence_backward", ctx, kind, source=source,
                        caption="Backward (IFT) solve, with the forward's solver: the paper's measure (top) and "
                                "the residual (bottom) vs evaluations of the vector-Jacobian product, mean and "
-                               "std over batches")
+                               "std over batches; an x marks where a batch's solve diverged and stopped")
     table = report.convergence_table(ctx, kind, traces)
     csv = notebook.save_table(table, "table_fig5_convergence", ctx, kind)
     display(report.show_table(table, kind, csv))

@@ -169,6 +169,9 @@ COMMITTED_TABLES = {  # results/<name>.csv: (notebook, kind)
     "table_3_cityscapes": ("04_cityscapes", "real"),
     "table_fig4b_runtime_memory": ("03_runtime_memory", "real"),
     "table_fig5_convergence": ("05_convergence", "real"),
+    "smoke/table_1_cifar10": ("01_cifar10", "smoke"),
+    "smoke/table_2_imagenet": ("02_imagenet", "smoke"),
+    "smoke/table_3_cityscapes": ("04_cityscapes", "smoke"),
     "smoke/table_fig4b_runtime_memory": ("03_runtime_memory", "smoke"),
     "smoke/table_fig5_convergence": ("05_convergence", "smoke"),
 }
@@ -192,7 +195,7 @@ def test_logs_profile_redraws_the_committed_tables(path, tmp_path, monkeypatch):
     """Each committed results/table_*.csv comes out byte for byte from the logs and measurements committed
     beside it, so a change to the reporting code that changes a table cannot pass unnoticed. The results of
     the commit that last wrote the table are used: a campaign commits new logs before its tables are redrawn.
-    (The smoke tables 1-3 are left out: no smoke run logs are committed.)"""
+    The smoke tables come from the smoke run logs committed in results/smoke/runs/."""
     try:
         commit = _git("log", "-1", "--format=%H", "--", f"results/{path}.csv").strip()
     except (OSError, subprocess.CalledProcessError):
@@ -313,5 +316,6 @@ def test_a_band_stops_where_a_batch_solve_diverged():
     fig, ax = plt.subplots()
     stats = {"mean": [1.0, 0.5, 9.0], "std": [0.0] * 3, "n_batches": 5, "count": [5, 5, 2]}
     report._band(ax, stats, "iterating f", "#000000", "-")
-    line = ax.get_lines()[0]
-    assert list(line.get_xdata()) == [1, 2] and line.get_label() == "iterating f (a solve diverged at 3)"
+    line, cross = ax.get_lines()
+    assert list(line.get_xdata()) == [1, 2] and line.get_label() == "iterating f"
+    assert list(cross.get_xdata()) == [2] and cross.get_marker() == "x" and cross.get_label().startswith("_")
