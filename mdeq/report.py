@@ -625,7 +625,7 @@ def plot_convergence(traces: Mapping | None, kind: str, *, direction: str = "for
     datasets = (traces or {}).get("datasets", {})
     rows = [m for m in _MEASURES if any(direction + m in c for e in datasets.values()
                                            for c in e.get("curves", {}).values())] or ["_step"]
-    fig, axes = plt.subplots(len(rows), 3, figsize=(10, 2.7 * len(rows) + 1.3), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 3, figsize=(9.0, 2.3 * len(rows) + 1.1), squeeze=False)
     what = "forward" if direction == "forward" else "backward (IFT)"
     for r, measure in enumerate(rows):
         for ax, dataset in zip(axes[r], _DATASET_TITLES):
@@ -641,7 +641,7 @@ def plot_convergence(traces: Mapping | None, kind: str, *, direction: str = "for
             ax.set_yscale("log")
             ax.set_xlabel("number of f evaluations" if direction == "forward" else "number of VJP evaluations")
             h, w = entry["input_hw"]
-            ax.set_title(f"{_DATASET_TITLES[dataset]} {h}x{w}, {entry['config']}, batch {entry['batch']}",
+            ax.set_title(f"{_DATASET_TITLES[dataset]} {h}x{w}\n{entry['config']}, batch {entry['batch']}",
                          fontsize=8)
             if ax is axes[r][0]:
                 ax.set_ylabel(_MEASURES[measure], fontsize=8)

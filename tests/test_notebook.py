@@ -86,7 +86,7 @@ def test_files_in_figures_and_results_tables_have_their_owner():
             name = f.name.split(".")[0]
             assert name in notebook.FIGURE_OWNERS, f"{f} is written by no notebook (notebook.FIGURE_OWNERS)"
             assert f.suffix in (".png", ".svg", ".json"), f
-            assert f.stat().st_size < 300_000, f"{f} is {f.stat().st_size} bytes"
+            assert f.stat().st_size < 450_000, f"{f} is {f.stat().st_size} bytes"  # 6 panels at 200 dpi: ~350 KB
             if f.suffix == ".json":
                 meta = json.loads(f.read_text())
                 assert meta["notebook"] == f"notebooks/{notebook.FIGURE_OWNERS[name]}.ipynb"
