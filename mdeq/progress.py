@@ -60,14 +60,14 @@ def bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str
         unit: str = "it", show: bool | None = None, leave: bool = True, **kwargs) -> tqdm:
     """A tqdm bar for a long step (``show``: None decides by ``where()``; False draws nothing).
 
-    In a notebook the bar is one text line refreshed at most twice a second; on a terminal, tqdm's usual
-    bar on stderr. Use it as tqdm: iterate, or ``update`` / ``set_postfix_str`` and ``close``.
+    In a notebook the bar is one text line of 80 characters (the book's code width), refreshed at most
+    twice a second; on a terminal, tqdm's usual bar on stderr. Use it as tqdm: iterate, or ``update`` / ``set_postfix_str`` and ``close``.
     """
     place = where() if show is None or show else "none"
     if show and place == "none":
         place = "terminal"
     if place == "notebook":
-        return tqdm(iterable, total=total, desc=desc, unit=unit, file=_DisplayLine(), ncols=100, ascii=False,
+        return tqdm(iterable, total=total, desc=desc, unit=unit, file=_DisplayLine(), ncols=80, ascii=False,
                     mininterval=0.5, leave=True, **kwargs)
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=place == "none", dynamic_ncols=True,
                 leave=leave, **kwargs)

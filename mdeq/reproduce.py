@@ -120,6 +120,7 @@ def build_book(notebooks_dir: Path, out: Path, *, strict: bool = True) -> Path:
     (stage / "book" / "notebooks").mkdir(parents=True)
     for name in ("_config.yml", "_toc.yml", "intro.md", "paper_vs_released.md"):
         shutil.copyfile(BOOK / name, stage / "book" / name)
+    shutil.copytree(BOOK / "_static", stage / "book" / "_static")  # outputs.css: long output lines wrap
     shutil.copyfile(paths.ROOT / "README.md", stage / "README.md")  # intro.md includes ../README.md
     (stage / "docs").mkdir()
     shutil.copyfile(paths.ROOT / "docs" / "paper_vs_released.md", stage / "docs" / "paper_vs_released.md")

@@ -460,3 +460,11 @@ def test_every_figure_of_the_notebook_is_on_its_page(pages, name):
     assert images == kinds * len(owned) and not missing, (
         f"{page.name}: {images} figure image(s) for the {len(owned)} figure(s) {owned} of {name}"
         + (f"; no caption for {missing}" if missing else ""))
+
+
+@needs_book
+def test_long_output_lines_wrap_instead_of_running_off_the_page(book):
+    css = book / "_static" / "outputs.css"
+    assert css.is_file() and "pre-wrap" in css.read_text()
+    for name in NOTEBOOKS:
+        assert "_static/outputs.css" in (book / "notebooks" / f"{name}.html").read_text(), name
