@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from mdeq import paths, progress
 from mdeq.checkpoint import load_checkpoint, load_pretrained
 from mdeq.config import config_from_dict, load_config
-from mdeq.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset
+from mdeq.data import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, build_dataset
 from mdeq.metrics import IGNORE_INDEX, PeakMemory
 from mdeq.model import build_model, upsample_logits
 from mdeq.runlog import hardware_label
@@ -481,12 +481,10 @@ def _stand_in_batches(dataset: str, cfg, hw: Sequence[int], batch: int, num: int
     cifar, _ = _val_batches("cifar10", cfg, cifar_root, cifar_options, batch * cols, num, seed)
     g = torch.Generator().manual_seed(seed)
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    from mdeq.data import CIFAR10_MEAN, CIFAR10_STD  # undo CIFAR-10's normalisation first
-
     c_mean, c_std = torch.tensor(CIFAR10_MEAN)[:, None, None], torch.tensor(CIFAR10_STD)[:, None, None]
     out = []
     for images, _ in cifar:
-        pixels = images * c_std + c_mean
+        pixels = images * c_std + c_mean  # undo CIFAR-10's normalisation, then ImageNet's as the real data
         if cols == 2:
             pixels = torch.cat(pixels.chunk(2, 0), dim=3)  # two images side by side
         x = (F.interpolate(pixels, size=tuple(hw), mode="bilinear", align_corners=False) - mean) / std

@@ -129,3 +129,19 @@ def test_convergence_traces_resume_a_curve_stopped_between_batches():
         for measure_ in ("forward", "forward_step", "backward", "backward_step"):
             np.testing.assert_allclose(curves[key][measure_]["mean"], curve[measure_]["mean"], rtol=1e-6)
             assert curves[key][measure_]["n_batches"] == 2
+
+
+def test_stand_in_inputs_are_resized_cifar_test_images_and_say_so():
+    from mdeq.config import load_config
+    from mdeq.runs import smoke_data
+
+    root, options = smoke_data("cifar10")
+    cfg = load_config("cityscapes_small_paper")
+    batches, label = measure._stand_in_batches("cityscapes", cfg, [64, 128], 1, 2, 0, root, options)
+    (x, y), _ = batches
+    assert x.shape == (1, 3, 64, 128) and y.shape == (1, 64, 128) and int(y.max()) < cfg.data.num_classes
+    assert label.startswith("stand-in: CIFAR-10 test images (two side by side, resized to 64x128)")
+    assert not torch.equal(x[..., :64], x[..., 64:])  # two different images, one per half
+    imagenet, label = measure._stand_in_batches("imagenet", load_config("imagenet_small_paper"), [96, 96], 2, 1, 0,
+                                                root, options)
+    assert imagenet[0][0].shape == (2, 3, 96, 96) and imagenet[0][1].shape == (2,) and "resized to 96x96" in label
