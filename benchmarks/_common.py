@@ -5,6 +5,7 @@ so a benchmark's numbers are measured and labelled as the notebooks' are.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mdeq.measure import sync, timeit
+from mdeq.measure import RUNTIME_MODELS, sync, timeit
 from mdeq.paths import ROOT
 from mdeq.runlog import provenance as run_provenance
 
@@ -32,6 +33,15 @@ def provenance(args, device) -> dict:
     record = run_provenance(" ".join([Path(sys.executable).name] + sys.argv), device, args=vars(args),
                             dirty_folders=("mdeq", "benchmarks"))
     return {**record, "device": str(torch.device(device))}
+
+
+def fig4b_parser(description: str) -> argparse.ArgumentParser:
+    """The options both Fig. 4b scripts take: batch, config variant, models (time and memory measure the same)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--variant", default="paper", choices=("paper", "official"))
+    p.add_argument("--models", nargs="*", default=[m.key for m in RUNTIME_MODELS])
+    return p
 
 
 def write_json(path: Path, payload: dict) -> None:

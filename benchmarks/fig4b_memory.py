@@ -13,23 +13,19 @@ model, so a stopped run leaves what it finished.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, provenance, write_json  # noqa: E402
+from _common import ROOT, fig4b_parser, provenance, write_json  # noqa: E402
 
-from mdeq.measure import MEMORY_BUDGETS, RUNTIME_MODELS, measure_memory  # noqa: E402
+from mdeq.measure import MEMORY_BUDGETS, measure_memory  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--variant", default="paper", choices=("paper", "official"))
-    p.add_argument("--models", nargs="*", default=[m.key for m in RUNTIME_MODELS])
+    p = fig4b_parser(__doc__)
     p.add_argument("--budgets", type=int, nargs="*", default=list(MEMORY_BUDGETS))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("results") / "fig4b_memory_cpu.json",

@@ -11,23 +11,19 @@ the process's resident-set growth; Fig. 4b's memory is ``benchmarks/fig4b_memory
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, provenance, write_json  # noqa: E402
+from _common import ROOT, fig4b_parser, provenance, write_json  # noqa: E402
 
-from mdeq.measure import RUNTIME_MODELS, measure_runtime  # noqa: E402
+from mdeq.measure import measure_runtime  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--variant", default="paper", choices=("paper", "official"))
-    p.add_argument("--models", nargs="*", default=[m.key for m in RUNTIME_MODELS])
+    p = fig4b_parser(__doc__)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
