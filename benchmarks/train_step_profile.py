@@ -176,7 +176,7 @@ def main(argv=None) -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     variants = {"current": (ROOT, ["--channels-last"])}
     if args.ref:
-        variants = {"ref": (_worktree(args.ref), []), **variants}
+        variants = {"ref": (_worktree(args.ref), ["--channels-last"]), **variants}  # the same step, older code
     if args.compile:
         variants["current_compile"] = (ROOT, ["--channels-last", "--compile"])
     if args.amp:

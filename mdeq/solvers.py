@@ -193,13 +193,14 @@ class _Monitor:
 
     def __init__(self, name, layout, max_iter, tol, stop_mode, stagnation_patience,
                  divergence_factor, check_every, throw, warn, exclude_initial=False, restart_factor=None,
-                 trace_steps=False):
+                 trace_steps=False, keep_best_g=True):
         self.name, self.layout = name, layout
         self.trace_steps = trace_steps  # keep the previous iterate for ||z[i+1] - z[i]|| / ||z[i]|| (figures)
         self.prev_z, self.steps = None, []
         self.exclude_initial = exclude_initial  # z0 is traced but never returned (the IFT backward)
         self.restart_factor = restart_factor  # Broyden: restart samples whose residual blew up
         self.best_g = None     # (B, D) f(z) - z at the lowest iterate (kept only for restarts)
+        self.keep_best_g = keep_best_g and restart_factor is not None
         self.restart = None    # (B,) bool, samples to restart after the last check, or None
         self.restarts = 0
         self.max_iter, self.tol, self.stop_mode = max_iter, tol, stop_mode
@@ -220,9 +221,9 @@ class _Monitor:
         """(B, S) norms of each scale's part of x (B, D)."""
         return torch.stack([torch.linalg.vector_norm(p, dim=1) for p in x.split(self.layout.sizes, 1)], 1)
 
-    def record(self, z: torch.Tensor, fz: torch.Tensor) -> torch.Tensor:
-        """Record the residual of iterate z (with f(z) = fz); return g = fz - z."""
-        g = fz - z
+    def record(self, z: torch.Tensor, fz: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Record the residual of iterate z (with f(z) = fz); return g = fz - z (written into ``out``)."""
+        g = torch.sub(fz, z, out=out)
         step = len(self.abs)
         if self.trace_steps:
             if self.prev_z is not None:  # (B, S) norms of the change and of the previous iterate
@@ -251,7 +252,7 @@ class _Monitor:
             self.best_step = torch.zeros_like(res, dtype=torch.long)
             self.first_abs = abs_res
             if self.restart_factor is not None:
-                self.best_g = g.clone()
+                self.best_g = g.clone() if self.keep_best_g else None
                 self.best_abs = abs_res
         else:
             better = res < self.best
@@ -259,7 +260,8 @@ class _Monitor:
             self.best_z = torch.where(better[:, None], z, self.best_z)
             self.best_step = torch.where(better, step, self.best_step)
             if self.restart_factor is not None:
-                self.best_g = torch.where(better[:, None], g, self.best_g)
+                if self.keep_best_g:
+                    self.best_g = torch.where(better[:, None], g, self.best_g)
                 self.best_abs = torch.minimum(self.best_abs, abs_res)
         return g
 
@@ -406,43 +408,67 @@ def fixed_point(f: Callable, z0, *, max_iter: int = 50, tol: float = 1e-3, stop_
     return result(nstep)
 
 
+HISTORIES = ("auto", "low_rank", "residuals")
+
+
 @_checked_options
 def broyden(f: Callable, z0, *, max_iter: int = 30, tol: float = 1e-3, stop_mode: str = "rel",
             memory: int = 18, restart_factor: float | None = 10.0, stagnation_patience: int = 50,
             divergence_factor: float = 1e6, check_every: int = 1, exclude_initial: bool = False,
-            throw: bool = False, warn: bool = True, trace_steps: bool = False):
+            throw: bool = False, warn: bool = True, trace_steps: bool = False, history: str = "auto"):
     """Limited-memory Broyden's method for g(z) = f(z) - z = 0 (paper, Appendix B.1).
 
     Keeps the inverse-Jacobian estimate B = -I + U V^T per sample, updated by Sherman-Morrison
     ("good" Broyden), step size 1, so the first step is z1 = z0 + g(z0) = f(z0) (the sign the
-    released code fixed in commit eb3d85f). The history holds at most ``memory`` (m) updates in
-    (B, m, D) buffers; once full, the oldest update is dropped (a ring buffer), so memory is
-    O(m B D) whatever ``max_iter`` is. One iteration costs one f evaluation plus four low-rank
-    products over the used history (torchdeq does six over a (B, D, max_iter) buffer).
+    released code fixed in commit eb3d85f). At most ``memory`` (m) updates are kept; once full, the
+    oldest update is dropped (a ring buffer), so memory is O(m B D) whatever ``max_iter`` is.
 
     Dropping old updates can make the estimate inconsistent, and a sample's iterate can then run
     away. A sample whose absolute residual exceeds ``restart_factor`` times its lowest is restarted
     from its lowest iterate with an empty history (B = -I) while the others go on; ``None`` disables
-    this.
-    ``stats.extra["restarts"]`` counts restarted samples.
+    this. ``stats.extra["restarts"]`` counts restarted samples.
+
+    ``history`` says how the updates are stored; both give the same iterates (up to float rounding):
+    - ``low_rank``: u_j and v_j as (B, m, D) buffers; four passes over them per iteration.
+    - ``residuals``: every residual g_0..g_k in a (B, max_iter + 1, D) buffer, and u_j, v_j and the
+      step as float64 coefficients over it (u_j, v_j and the steps all lie in the span of the
+      residuals), with the residuals' Gram matrix: one reduction and one expansion per iteration,
+      and no D-sized work for u_j, v_j. It is the faster store while the whole solve fits.
+    - ``auto``: ``residuals`` when it needs no more memory than ``low_rank`` (max_iter + 1 <= 2 m,
+      e.g. the paper's training solves) and ``low_rank`` otherwise (long solves of Figs. 5-6).
     """
     if not (isinstance(memory, int) and memory >= 1):
         raise ValueError(f"memory must be a positive int, got {memory!r}")
     if restart_factor is not None and not restart_factor > 1:
         raise ValueError(f"restart_factor must be > 1 or None, got {restart_factor!r}")
+    if history not in HISTORIES:
+        raise ValueError(f"history must be one of {HISTORIES}, got {history!r}")
+    m = min(memory, max_iter) if isinstance(max_iter, int) else memory
+    if history == "auto":
+        history = "residuals" if isinstance(max_iter, int) and max_iter + 1 <= 2 * m else "low_rank"
     z, F, mon, result = _setup("broyden", f, z0, max_iter, tol, stop_mode,
                                stagnation_patience=stagnation_patience, divergence_factor=divergence_factor,
                                check_every=check_every, exclude_initial=exclude_initial, throw=throw, warn=warn,
-                               restart_factor=restart_factor, trace_steps=trace_steps)
+                               restart_factor=restart_factor, trace_steps=trace_steps,
+                               keep_best_g=history == "low_rank")
+    run = _broyden_low_rank if history == "low_rank" else _broyden_residuals
+    nstep, history_bytes = run(z, F, mon, m)
+    out = result(nstep)
+    out[1].extra.update(memory=m, history=history, history_bytes=history_bytes, restarts=mon.restarts)
+    return out
+
+
+def _broyden_low_rank(z, F, mon, m):
+    """Broyden with u_j, v_j stored as (B, m, D) ring buffers. Returns (nstep, history bytes)."""
     B, D = z.shape
-    m = min(memory, max_iter)
     U = z.new_empty(B, m, D)   # only the first n_used rows are ever read
     Vt = z.new_empty(B, m, D)
+    nbytes = 2 * U.numel() * U.element_size()
     fz = F(z)
     g = mon.record(z, fz)
     nstep, n_used, head = 0, 0, 0  # head: slot of the next update
     if mon.should_stop(nstep):
-        return result(nstep)
+        return nstep, nbytes
     delta = g.clone()  # -B0 g = g
     while True:
         z = z + delta
@@ -450,7 +476,7 @@ def broyden(f: Callable, z0, *, max_iter: int = 30, tol: float = 1e-3, stop_mode
         g_new = mon.record(z, fz)
         nstep += 1
         if mon.should_stop(nstep):
-            break
+            return nstep, nbytes
         if mon.restart is not None:  # rare: restart the blown-up samples from their lowest iterate
             bad = mon.restart[:, None]
             z = torch.where(bad, mon.best_z, z)
@@ -467,8 +493,7 @@ def broyden(f: Callable, z0, *, max_iter: int = 30, tol: float = 1e-3, stop_mode
         vt = _lmatvec(Uh, Vh, delta)           # s^T B_k
         vg = _dot(vt, g_new)
         vy = vg - _dot(vt, g)                  # v^T y with y = g_new - g
-        ok = vy != 0                           # a zero denominator skips the update (u = 0)
-        inv = torch.where(ok, -1.0 / torch.where(ok, vy, torch.ones_like(vy)), torch.zeros_like(vy))
+        inv = _inverse_or_zero(vy)             # a zero denominator skips the update (u = 0)
         # New direction -B_{k+1} g_new = -(Bg + u (v^T g_new)) = -Bg (1 + inv vg), plus the dropped
         # term if the history wraps; u = Bg inv goes straight into its history slot.
         delta = Bg * (-1.0 - inv * vg)
@@ -479,9 +504,81 @@ def broyden(f: Callable, z0, *, max_iter: int = 30, tol: float = 1e-3, stop_mode
         head = (head + 1) % m
         n_used = min(n_used + 1, m)
         g = g_new
-    out = result(nstep)
-    out[1].extra.update(memory=m, history_bytes=2 * U.numel() * U.element_size(), restarts=mon.restarts)
-    return out
+
+
+def _broyden_residuals(z, F, mon, m):
+    """The same iterates as ``_broyden_low_rank``, with the history stored as coefficients over the residuals.
+
+    Per sample, G holds the residuals g_0..g_k as rows and K = G G^T their Gram matrix (float64).
+    Every D-vector of the method is c^T G for a coefficient row c (float64): u_j = a_j^T G,
+    v_j = b_j^T G, the step delta = d^T G, and the current and previous residuals (one-hot rows,
+    or a past row after a restart). Dot products are then small: (p^T G)(q^T G) = p^T K q. One
+    iteration reads G twice: the new residual's dot products with every row (a row of K) and the
+    step z + d^T G. Returns (nstep, history bytes).
+    """
+    B, D = z.shape
+    n = mon.max_iter + 1                       # rows: z0 and one per step
+    G = z.new_empty(B, n, D)
+    K = torch.zeros(B, n, n, dtype=torch.float64, device=z.device)
+    A = torch.zeros(B, m, n, dtype=torch.float64, device=z.device)    # u_j = A[:, j] G
+    V = torch.zeros(B, m, n, dtype=torch.float64, device=z.device)    # v_j = V[:, j] G
+    eye = torch.eye(n, dtype=torch.float64, device=z.device)
+    nbytes = G.numel() * G.element_size() + (K.numel() + A.numel() + V.numel()) * K.element_size()
+
+    def append(k, z, fz):
+        """Record the residual at z as row k of G and its dot products with rows 0..k as row k of K."""
+        g = mon.record(z, fz, out=G[:, k])
+        dots = _coef(G[:, :k + 1], g).squeeze(1).to(torch.float64)  # (B, k + 1)
+        K[:, k, :k + 1] = dots
+        K[:, :k + 1, k] = dots
+
+    append(0, z, F(z))
+    nstep, head = 0, 0
+    if mon.should_stop(nstep):
+        return nstep, nbytes
+    g = eye[0].expand(B, n).clone()     # coefficients of the previous residual
+    d = g.clone()                       # of the step: -B0 g = g
+    while True:
+        z = torch.baddbmm(z.unsqueeze(1), d[:, None, :nstep + 1].to(z.dtype), G[:, :nstep + 1]).squeeze(1)
+        nstep += 1
+        append(nstep, z, F(z))
+        if mon.should_stop(nstep):
+            return nstep, nbytes
+        g_new = eye[nstep].expand(B, n)
+        if mon.restart is not None:  # rare: restart the blown-up samples from their lowest iterate
+            bad = mon.restart[:, None]
+            best = eye[mon.best_step]                 # the lowest iterate's residual is a row of G
+            z = torch.where(bad, mon.best_z, z)
+            g_new = torch.where(bad, best, g_new)
+            g = torch.where(bad, best, g)
+            d = torch.where(bad, -g, d)
+            keep = (~mon.restart).to(A.dtype)[:, None, None]
+            A.mul_(keep)
+            V.mul_(keep)
+            mon.restarts += int(mon.restart.sum())
+        r = _bmv(K, g_new)                            # (B, n): g_i . g_new for every row i
+        Bg = _bmv(A.transpose(1, 2), _bmv(V, r)) - g_new          # B_k g_new = -g_new + sum_j u_j (v_j . g_new)
+        vt = _bmv(V.transpose(1, 2), _bmv(A, _bmv(K, d))) - d      # s^T B_k = -s + sum_j (u_j . s) v_j
+        vg = (vt * r).sum(1, keepdim=True)
+        vy = vg - (vt * _bmv(K, g)).sum(1, keepdim=True)
+        inv = _inverse_or_zero(vy)
+        d = Bg * (-1.0 - inv * vg)
+        d = d + A[:, head] * (V[:, head] * r).sum(1, keepdim=True)  # the dropped update (zero until the ring wraps)
+        A[:, head] = Bg * inv
+        V[:, head] = vt
+        head = (head + 1) % m
+        g = g_new
+
+
+def _bmv(M, x):
+    """Batched matrix-vector product: (B, p, q) x (B, q) -> (B, p)."""
+    return torch.bmm(M, x.unsqueeze(2)).squeeze(2)
+
+
+def _inverse_or_zero(x):
+    """-1 / x, and 0 where x is 0 (a zero Broyden denominator skips the update)."""
+    ok = x != 0
+    return torch.where(ok, -1.0 / torch.where(ok, x, torch.ones_like(x)), torch.zeros_like(x))
 
 
 # Low-rank products over a (B, n, D) history. Reductions are written as (B, 1, D) x (B, D, n) with a

@@ -329,3 +329,48 @@ def test_compile_forward_solves_like_eager():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     for a, b in zip(g0, g1):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def _mdeq_small_step(batch, dtype, history):
+    """Loss and gradients of one implicit training step of MDEQ-small (T_f 15, T_b 18, m 12) from the Table 1
+    campaign's committed checkpoint (trained weights: both solves converge), dropout off, a fixed batch."""
+    from pathlib import Path
+
+    from mdeq.checkpoint import load_checkpoint
+    from mdeq.config import load_config
+    from mdeq.model import build_model
+    from mdeq.train import build_criterion, set_phase
+
+    ckpt = Path(__file__).resolve().parent.parent / "results" / "runs" / "cifar10_mdeq_small" / "checkpoint.pt"
+    cfg = load_config("cifar10_small_paper", {"data.batch_size": batch, "model.dropout": 0.0})
+    model = build_model(cfg).train()
+    model.load_state_dict(load_checkpoint(ckpt)["model"])
+    set_phase(model, cfg, cfg.train.pretrain_steps)
+    model.deq.solver_options["history"] = model.deq.backward_options["history"] = history
+    model = model.to(dtype)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 3, 32, 32, generator=g).to(dtype)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    loss = build_criterion(cfg)(model(x), y)
+    loss.backward()
+    info = model.last_info
+    assert (info.forward.nfe, info.backward.nfe) == (16, 19)
+    assert info.forward.extra["history"] == info.backward.extra["history"] == history
+    grads = torch.cat([p.grad.flatten().double() for p in model.parameters() if p.grad is not None])
+    return loss.item(), grads
+
+
+@pytest.mark.parametrize("batch", [16, pytest.param(128, marks=pytest.mark.slow)])
+def test_broyden_stores_give_the_same_training_step(batch):
+    """The Table 1 campaign may switch Broyden's history store mid-run: float64 loss and gradients agree to
+    rounding, and in float32 the residual store is at least as close to the float64 step as the low-rank one."""
+    warnings.filterwarnings("ignore", "IFT backward solve did not converge")
+    l64, g64 = _mdeq_small_step(batch, torch.float64, "low_rank")
+    l64r, g64r = _mdeq_small_step(batch, torch.float64, "residuals")
+    assert abs(l64r - l64) <= 1e-12 * abs(l64) and ((g64r - g64).norm() / g64.norm()).item() < 1e-10
+    err = {}
+    for history in ("low_rank", "residuals"):
+        loss, grads = _mdeq_small_step(batch, torch.float32, history)
+        assert abs(loss - l64) <= 1e-6 * abs(l64)
+        err[history] = ((grads - g64).norm() / g64.norm()).item()
+    assert err["residuals"] <= err["low_rank"] + 1e-5, err

@@ -259,3 +259,51 @@ def test_step_trace_is_the_papers_relative_change_of_the_iterate(solver):
     _, from_zero = SOLVERS[solver](f, [torch.zeros(s, dtype=torch.float64) for s in shapes], max_iter=3,
                                    tol=1e-30, trace_steps=True)
     assert torch.isnan(from_zero.step_trace[:, 0]).all() and torch.isfinite(from_zero.step_trace[:, 1:]).all()
+
+
+@pytest.mark.parametrize("gain,memory,max_iter", [(0.5, 18, 30), (0.9, 4, 25), (0.9, 12, 15), (0.9, 12, 18),
+                                                  (1.5, 6, 40)])
+def test_broyden_histories_give_the_same_iterates(gain, memory, max_iter):
+    """The residual store is the same algorithm as the low-rank store: float64 traces and z* agree, through
+    the ring buffer's wrap (memory < max_iter) and restarts (gain 1.5 restarts samples)."""
+    fm = MultiscaleMap(gain=gain)
+    xs = inputs(batch=5)
+    runs = {h: broyden(lambda z: fm(z, xs), zeros_like_state(xs), max_iter=max_iter, tol=1e-14, memory=memory,
+                       history=h) for h in ("low_rank", "residuals")}
+    (z_lr, lr), (z_res, res) = runs["low_rank"], runs["residuals"]
+    assert res.extra["history"] == "residuals" and lr.extra["history"] == "low_rank"
+    assert res.nfe == lr.nfe == max_iter + 1 and res.extra["restarts"] == lr.extra["restarts"]
+    floor = 1e-9 * lr.abs_trace[:, :1]  # float64 rounding once converged to ~1e-12
+    assert (res.abs_trace - lr.abs_trace).abs().le(1e-5 * lr.abs_trace + floor).all()
+    for a, b in zip(z_res, z_lr):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    if gain == 1.5:
+        assert lr.extra["restarts"] > 0
+
+
+@pytest.mark.parametrize("memory,max_iter", [(12, 15), (12, 18), (4, 25)])
+def test_broyden_residual_store_is_as_accurate_in_float32(memory, max_iter):
+    """In float32 the two stores round differently; the residual store's trace is as close to the float64
+    solve as the low-rank store's (each store's worst relative error against float64, within 3x)."""
+    fm64, xs64 = MultiscaleMap(gain=0.9), inputs(batch=5)
+    fm32, xs32 = MultiscaleMap(gain=0.9).float(), [x.float() for x in xs64]
+
+    def trace(fm, xs, dtype_history):
+        return broyden(lambda z: fm(z, xs), zeros_like_state(xs), max_iter=max_iter, tol=1e-14, memory=memory,
+                       history=dtype_history)[1].abs_trace
+
+    truth = trace(fm64, xs64, "low_rank")
+    err = {h: ((trace(fm32, xs32, h) - truth).abs() / truth).max().item() for h in ("low_rank", "residuals")}
+    assert err["residuals"] <= 3 * err["low_rank"] + 1e-5, err
+
+
+def test_broyden_auto_history_picks_the_residual_store_when_it_fits():
+    fm, xs = MultiscaleMap(gain=0.5), inputs(batch=2)
+    f = lambda z: fm(z, xs)  # noqa: E731
+    _, short = broyden(f, zeros_like_state(xs), max_iter=15, tol=1e-14, memory=12)
+    _, long = broyden(f, zeros_like_state(xs), max_iter=30, tol=1e-14, memory=12)
+    _, forced = broyden(f, zeros_like_state(xs), max_iter=15, tol=1e-14, memory=12, history="low_rank")
+    assert short.extra["history"] == "residuals" and long.extra["history"] == "low_rank"
+    assert short.extra["history_bytes"] < forced.extra["history_bytes"]
+    with pytest.raises(ValueError, match="history must be one of"):
+        broyden(f, zeros_like_state(xs), history="dense")
