@@ -27,6 +27,7 @@ Solves run under ``torch.no_grad()``: gradients come from ``mdeq.implicit.Implic
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import inspect
@@ -117,11 +118,26 @@ def _checked_options(fn):
                 hints.append(f"'{k}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
             raise TypeError(f"{fn.__name__}() got unknown option(s) {', '.join(hints)}; "
                             f"valid options are: {', '.join(valid)}")
-        with torch.no_grad():  # a solve is never differentiated through: ImplicitLayer attaches gradients
+        # A solve is never differentiated through (ImplicitLayer attaches gradients), and under autocast
+        # only f runs in lower precision: the solver's own products (bmm is on autocast's list) stay in z0's dtype.
+        first = z0 if isinstance(z0, torch.Tensor) else next(iter(z0), None)
+        device = first.device.type if isinstance(first, torch.Tensor) else "cpu"
+        if torch.is_autocast_enabled(device):
+            f, off = _under_autocast(f, device, torch.get_autocast_dtype(device)), torch.autocast(device, enabled=False)
+        else:
+            off = contextlib.nullcontext()
+        with torch.no_grad(), off:
             return fn(f, z0, **options)
 
     wrapper.options = tuple(valid)
     return wrapper
+
+
+def _under_autocast(f, device, dtype):
+    def f_autocast(z):
+        with torch.autocast(device, dtype=dtype):
+            return f(z)
+    return f_autocast
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,7 +209,7 @@ class _Monitor:
 
     def __init__(self, name, layout, max_iter, tol, stop_mode, stagnation_patience,
                  divergence_factor, check_every, throw, warn, exclude_initial=False, restart_factor=None,
-                 trace_steps=False, keep_best_g=True):
+                 trace_steps=False, keep_best_g=True, keep_best_z=True):
         self.name, self.layout = name, layout
         self.trace_steps = trace_steps  # keep the previous iterate for ||z[i+1] - z[i]|| / ||z[i]|| (figures)
         self.prev_z, self.steps = None, []
@@ -201,6 +217,7 @@ class _Monitor:
         self.restart_factor = restart_factor  # Broyden: restart samples whose residual blew up
         self.best_g = None     # (B, D) f(z) - z at the lowest iterate (kept only for restarts)
         self.keep_best_g = keep_best_g and restart_factor is not None
+        self.keep_best_z = keep_best_z  # False: the solver rebuilds the lowest iterate itself (from best_step)
         self.restart = None    # (B,) bool, samples to restart after the last check, or None
         self.restarts = 0
         self.max_iter, self.tol, self.stop_mode = max_iter, tol, stop_mode
@@ -224,6 +241,18 @@ class _Monitor:
     def record(self, z: torch.Tensor, fz: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Record the residual of iterate z (with f(z) = fz); return g = fz - z (written into ``out``)."""
         g = torch.sub(fz, z, out=out)
+        single = len(self.layout.sizes) == 1
+        return self._record(z, g, torch.linalg.vector_norm(fz, dim=1, keepdim=True) if single else self._scale_norms(fz))
+
+    def record_parts(self, z: torch.Tensor, fz: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        """``record`` for f(z) given as f's per-scale outputs: g goes straight into ``out`` (no flat copy of f(z))."""
+        for o, zi, gi in zip(fz, self.layout.split(z), self.layout.split(out)):
+            torch.sub(o, zi, out=gi)
+        norms = [torch.linalg.vector_norm(o, dim=tuple(range(1, o.dim())), dtype=z.dtype) for o in fz]
+        return self._record(z, out, torch.stack(norms, 1))
+
+    def _record(self, z: torch.Tensor, g: torch.Tensor, fn: torch.Tensor) -> torch.Tensor:
+        """The bookkeeping of ``record``, given g = f(z) - z and the (B, S) norms of f(z) per scale."""
         step = len(self.abs)
         if self.trace_steps:
             if self.prev_z is not None:  # (B, S) norms of the change and of the previous iterate
@@ -231,10 +260,9 @@ class _Monitor:
             self.prev_z = z
         if len(self.layout.sizes) == 1:
             dn = torch.linalg.vector_norm(g, dim=1, keepdim=True)
-            fn = torch.linalg.vector_norm(fz, dim=1, keepdim=True)
             abs_res, f_norm = dn[:, 0], fn[:, 0]
         else:  # per-scale norms, (B, S)
-            dn, fn = self._scale_norms(g), self._scale_norms(fz)
+            dn = self._scale_norms(g)
             abs_res, f_norm = dn.square().sum(1).sqrt(), fn.square().sum(1).sqrt()
         rel_res = abs_res / (f_norm + _EPS)
         self.last_scale_norms = fn  # a non-finite f(z) shows up as a non-finite norm: no extra pass
@@ -248,7 +276,7 @@ class _Monitor:
         self.abs_res = abs_res
         if self.best is None:
             self.best = res.clone()
-            self.best_z = z.clone()
+            self.best_z = z.clone() if self.keep_best_z else None
             self.best_step = torch.zeros_like(res, dtype=torch.long)
             self.first_abs = abs_res
             if self.restart_factor is not None:
@@ -257,7 +285,8 @@ class _Monitor:
         else:
             better = res < self.best
             self.best = torch.where(better, res, self.best)
-            self.best_z = torch.where(better[:, None], z, self.best_z)
+            if self.keep_best_z:
+                self.best_z = torch.where(better[:, None], z, self.best_z)
             self.best_step = torch.where(better, step, self.best_step)
             if self.restart_factor is not None:
                 if self.keep_best_g:
@@ -359,8 +388,8 @@ def _setup(name, f, z0, max_iter, tol, stop_mode, **monitor_kw):
     mon = _Monitor(name, layout, max_iter, tol, stop_mode, **monitor_kw)
     checked = [False]
 
-    def F(x: torch.Tensor) -> torch.Tensor:
-        """f on the flat state: (B, D) -> (B, D), counting evaluations."""
+    def F(x: torch.Tensor, flat: bool = True):
+        """f on the flat state: (B, D) -> (B, D), counting evaluations (``flat=False``: f's list of outputs)."""
         zs = layout.split(x)
         out = f(zs[0]) if single else f(zs)
         if single and isinstance(out, torch.Tensor):
@@ -369,7 +398,7 @@ def _setup(name, f, z0, max_iter, tol, stop_mode, **monitor_kw):
             layout.check_output(out)
             checked[0] = True
         mon.nfe += 1
-        return layout.flat(out)
+        return layout.flat(out) if flat else out
 
     def result(nstep):
         stats = mon.finish(nstep)
@@ -450,7 +479,7 @@ def broyden(f: Callable, z0, *, max_iter: int = 30, tol: float = 1e-3, stop_mode
                                stagnation_patience=stagnation_patience, divergence_factor=divergence_factor,
                                check_every=check_every, exclude_initial=exclude_initial, throw=throw, warn=warn,
                                restart_factor=restart_factor, trace_steps=trace_steps,
-                               keep_best_g=history == "low_rank")
+                               keep_best_g=history == "low_rank", keep_best_z=history == "low_rank")
     run = _broyden_low_rank if history == "low_rank" else _broyden_residuals
     nstep, history_bytes = run(z, F, mon, m)
     out = result(nstep)
@@ -506,49 +535,66 @@ def _broyden_low_rank(z, F, mon, m):
         g = g_new
 
 
-def _broyden_residuals(z, F, mon, m):
+def _broyden_residuals(z0, F, mon, m):
     """The same iterates as ``_broyden_low_rank``, with the history stored as coefficients over the residuals.
 
     Per sample, G holds the residuals g_0..g_k as rows and K = G G^T their Gram matrix (float64).
-    Every D-vector of the method is c^T G for a coefficient row c (float64): u_j = a_j^T G,
-    v_j = b_j^T G, the step delta = d^T G, and the current and previous residuals (one-hot rows,
-    or a past row after a restart). Dot products are then small: (p^T G)(q^T G) = p^T K q. One
-    iteration reads G twice: the new residual's dot products with every row (a row of K) and the
-    step z + d^T G. Returns (nstep, history bytes).
+    Every D-vector of the method is z0 + c^T G or c^T G for a coefficient row c (float64): the
+    iterates z_k (C[:, k]), u_j = a_j^T G, v_j = b_j^T G, the step d^T G, and the current and
+    previous residuals (one-hot rows, or a past row after a restart). Dot products are then small:
+    (p^T G)(q^T G) = p^T K q. One iteration reads G twice: the new residual's dot products with every
+    row (a row of K) and the step z + d^T G. The lowest iterate is not copied every iteration but
+    rebuilt once, at the end, from its coefficients (equal to the evaluated one up to float rounding).
+    Returns (nstep, history bytes).
     """
-    B, D = z.shape
+    B, D = z0.shape
     n = mon.max_iter + 1                       # rows: z0 and one per step
-    G = z.new_empty(B, n, D)
-    K = torch.zeros(B, n, n, dtype=torch.float64, device=z.device)
-    A = torch.zeros(B, m, n, dtype=torch.float64, device=z.device)    # u_j = A[:, j] G
-    V = torch.zeros(B, m, n, dtype=torch.float64, device=z.device)    # v_j = V[:, j] G
-    eye = torch.eye(n, dtype=torch.float64, device=z.device)
-    nbytes = G.numel() * G.element_size() + (K.numel() + A.numel() + V.numel()) * K.element_size()
+    f64 = dict(dtype=torch.float64, device=z0.device)
+    G = z0.new_empty(B, n, D)
+    K = torch.zeros(B, n, n, **f64)
+    C = torch.zeros(B, n, n, **f64)            # z_k = z0 + C[:, k] G
+    A = torch.zeros(B, m, n, **f64)            # u_j = A[:, j] G
+    V = torch.zeros(B, m, n, **f64)            # v_j = V[:, j] G
+    eye = torch.eye(n, **f64)
+    rows = torch.arange(B, device=z0.device)
+    nbytes = G.numel() * G.element_size() + sum(t.numel() for t in (K, C, A, V)) * K.element_size()
 
-    def append(k, z, fz):
-        """Record the residual at z as row k of G and its dot products with rows 0..k as row k of K."""
-        g = mon.record(z, fz, out=G[:, k])
+    def evaluate(k, z):
+        """f at z_k, its residual as row k of G and the residual's dot products as row k of K."""
+        g = mon.record_parts(z, F(z, flat=False), out=G[:, k])
         dots = _coef(G[:, :k + 1], g).squeeze(1).to(torch.float64)  # (B, k + 1)
         K[:, k, :k + 1] = dots
         K[:, :k + 1, k] = dots
 
-    append(0, z, F(z))
+    def expand(x, coef, k):
+        """x + coef G over the first k rows of G."""
+        return torch.baddbmm(x.unsqueeze(1), coef[:, None, :k].to(x.dtype), G[:, :k]).squeeze(1)
+
+    def done(nstep):
+        mon.best_z = expand(z0, C[rows, mon.best_step], mon.nfe)  # the lowest iterate, up to float rounding
+        return nstep, nbytes
+
+    z, c = z0, C[:, 0]
+    evaluate(0, z)
     nstep, head = 0, 0
     if mon.should_stop(nstep):
-        return nstep, nbytes
+        return done(nstep)
     g = eye[0].expand(B, n).clone()     # coefficients of the previous residual
     d = g.clone()                       # of the step: -B0 g = g
     while True:
-        z = torch.baddbmm(z.unsqueeze(1), d[:, None, :nstep + 1].to(z.dtype), G[:, :nstep + 1]).squeeze(1)
+        z = expand(z, d, nstep + 1)
+        c = c + d
         nstep += 1
-        append(nstep, z, F(z))
+        C[:, nstep] = c
+        evaluate(nstep, z)
         if mon.should_stop(nstep):
-            return nstep, nbytes
+            return done(nstep)
         g_new = eye[nstep].expand(B, n)
         if mon.restart is not None:  # rare: restart the blown-up samples from their lowest iterate
             bad = mon.restart[:, None]
             best = eye[mon.best_step]                 # the lowest iterate's residual is a row of G
-            z = torch.where(bad, mon.best_z, z)
+            c = torch.where(bad, C[rows, mon.best_step], c)
+            z = torch.where(bad, expand(z0, c, nstep), z)
             g_new = torch.where(bad, best, g_new)
             g = torch.where(bad, best, g)
             d = torch.where(bad, -g, d)

@@ -284,7 +284,8 @@ def test_broyden_histories_give_the_same_iterates(gain, memory, max_iter):
 @pytest.mark.parametrize("memory,max_iter", [(12, 15), (12, 18), (4, 25)])
 def test_broyden_residual_store_is_as_accurate_in_float32(memory, max_iter):
     """In float32 the two stores round differently; the residual store's trace is as close to the float64
-    solve as the low-rank store's (each store's worst relative error against float64, within 3x)."""
+    solve as the low-rank store's: each store's worst error against float64, in units of the first residual
+    (about float32's eps, 6e-8, for both), within 3x."""
     fm64, xs64 = MultiscaleMap(gain=0.9), inputs(batch=5)
     fm32, xs32 = MultiscaleMap(gain=0.9).float(), [x.float() for x in xs64]
 
@@ -293,8 +294,8 @@ def test_broyden_residual_store_is_as_accurate_in_float32(memory, max_iter):
                        history=dtype_history)[1].abs_trace
 
     truth = trace(fm64, xs64, "low_rank")
-    err = {h: ((trace(fm32, xs32, h) - truth).abs() / truth).max().item() for h in ("low_rank", "residuals")}
-    assert err["residuals"] <= 3 * err["low_rank"] + 1e-5, err
+    err = {h: ((trace(fm32, xs32, h) - truth).abs() / truth[:, :1]).max().item() for h in ("low_rank", "residuals")}
+    assert err["residuals"] <= 3 * err["low_rank"] + 1e-7, err
 
 
 def test_broyden_auto_history_picks_the_residual_store_when_it_fits():
@@ -307,3 +308,16 @@ def test_broyden_auto_history_picks_the_residual_store_when_it_fits():
     assert short.extra["history_bytes"] < forced.extra["history_bytes"]
     with pytest.raises(ValueError, match="history must be one of"):
         broyden(f, zeros_like_state(xs), history="dense")
+
+
+@pytest.mark.parametrize("history", ["low_rank", "residuals"])
+def test_broyden_products_stay_in_the_state_dtype_under_autocast(history):
+    """Under autocast only f may run in lower precision: Broyden's bmm products (on autocast's list) do not.
+    An f without autocast-listed ops then gives the same solve with autocast on and off."""
+    torch.manual_seed(0)
+    b = torch.randn(4, 3, 5, 5)
+    f = lambda z: [0.5 * torch.tanh(z[0]) + b]  # noqa: E731
+    _, plain = broyden(f, [torch.zeros(4, 3, 5, 5)], max_iter=15, tol=1e-12, memory=12, history=history)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, auto = broyden(f, [torch.zeros(4, 3, 5, 5)], max_iter=15, tol=1e-12, memory=12, history=history)
+    torch.testing.assert_close(auto.abs_trace, plain.abs_trace, rtol=0, atol=0)
