@@ -89,7 +89,7 @@ def build_case(name, device, batch):
     raise ValueError(f"unknown case {name!r}; choose one of {CASES}")
 
 
-def bench_forward(make_f, z0, device, repeats, max_iters, tol, memory, with_torchdeq):
+def bench_forward(make_f, z0, device, repeats, max_iters, tol, memory, with_torchdeq, histories=("auto",)):
     rows = []
     with torch.no_grad():
         f = make_f()
@@ -98,7 +98,8 @@ def bench_forward(make_f, z0, device, repeats, max_iters, tol, memory, with_torc
     with torch.no_grad():
         z_star, _ = SOLVERS["broyden"](f, z0, max_iter=60, tol=tol)
         t_f = median(timeit(lambda: f(z_star), device, 30, warmup=3))
-    solvers = [("ours", "broyden", {"memory": memory}), ("ours", "anderson", {}), ("ours", "fixed_point", {})]
+    solvers = [("ours", "broyden", {"memory": memory, "history": h}) for h in histories]
+    solvers += [("ours", "anderson", {}), ("ours", "fixed_point", {})]
     if with_torchdeq:
         solvers += [("torchdeq", "broyden", {}), ("torchdeq", "anderson", {}), ("torchdeq", "fixed_point_iter", {})]
     for max_iter in max_iters:
@@ -122,17 +123,20 @@ def bench_forward(make_f, z0, device, repeats, max_iters, tol, memory, with_torc
             nfe = counter.n
             rel = _rel_max(f, out["z"])
             st = out.get("stats")
+            if st is not None and "history" in st.extra:
+                opts = {**opts, "history": st.extra["history"]}  # what "auto" chose
             rows.append({"impl": impl, "solver": solver, "options": opts, "max_iter": max_iter, "tol": tol,
                          "stop_reason": st.stop_reason if st else None,
                          "restarts": st.extra.get("restarts") if st else None, "nfe": nfe, "time_s": median(times), "times_s": times, "f_time_ms": 1e3 * t_f,
                          "ratio": median(times) / (nfe * t_f), "rel_residual_max": rel,
                          "converged": rel < tol * 1.0001})
-            print(f"  fwd  {impl:8s} {solver:16s} max_iter={max_iter:3d}  nfe={nfe:3d}  "
+            label = f"{solver}/{opts['history']}" if "history" in opts else solver
+            print(f"  fwd  {impl:8s} {label:20s} max_iter={max_iter:3d}  nfe={nfe:3d}  "
                   f"time={median(times):.3f}s  ratio={rows[-1]['ratio']:.2f}  rel={rel:.2e}", flush=True)
     return rows, t_f
 
 
-def bench_backward(make_f, z0, params, device, repeats, max_iter, tol, memory, with_torchdeq):
+def bench_backward(make_f, z0, params, device, repeats, max_iter, tol, memory, with_torchdeq, histories=("auto",)):
     """One training step (forward + IFT backward), Broyden both ways; times the backward only."""
     rows = []
     f = make_f()
@@ -146,13 +150,13 @@ def bench_backward(make_f, z0, params, device, repeats, max_iter, tol, memory, w
     t_vjp_all = median(timeit(lambda: torch.autograd.grad(fz, zs + params, v, retain_graph=True), device, 30, warmup=3))
     w = [torch.randn_like(t) for t in fz]
     loss_of = lambda z: sum((a * b).sum() for a, b in zip(z, w))  # noqa: E731
-    impls = [("ours", None)] + ([("torchdeq", None)] if with_torchdeq else [])
-    for impl, _ in impls:
+    impls = [("ours", h) for h in histories] + ([("torchdeq", None)] if with_torchdeq else [])
+    for impl, history in impls:
         rec = {}
         if impl == "ours":
-            layer = ImplicitLayer(lambda z: cur["f"](z), max_iter=max_iter, tol=tol, solver_options={"memory": memory},
-                                  backward_max_iter=max_iter, backward_tol=tol,
-                                  backward_options={"memory": memory}, warn=False)
+            opts = {"memory": memory, "history": history}
+            layer = ImplicitLayer(lambda z: cur["f"](z), max_iter=max_iter, tol=tol, solver_options=opts,
+                                  backward_max_iter=max_iter, backward_tol=tol, backward_options=opts, warn=False)
 
             def step():
                 cur["f"] = make_f()
@@ -166,6 +170,7 @@ def bench_backward(make_f, z0, params, device, repeats, max_iter, tol, memory, w
                 rec["vjps"] = info.backward.nfe
                 rec["brel"] = info.backward.rel_lowest.max().item()
                 rec["stop"] = info.backward.stop_reason
+                rec["history"] = info.backward.extra.get("history")
         else:
             import torchdeq.grad as tg
             layer = _torchdeq_layer("broyden", max_iter, tol, b_max_iter=max_iter, ift=True).train()
@@ -214,11 +219,13 @@ def bench_backward(make_f, z0, params, device, repeats, max_iter, tol, memory, w
         t = median(bwd)
         n = int(median(vjps))
         ratio = (t - t_vjp_all) / (n * t_vjp_z)
-        rows.append({"impl": impl, "solver": "broyden", "max_iter": max_iter, "tol": tol, "vjps": n,
+        rows.append({"impl": impl, "solver": "broyden", "history": rec.get("history"), "max_iter": max_iter,
+                     "tol": tol, "vjps": n,
                      "stop_reason": rec.get("stop"),
                      "backward_time_s": t, "backward_times_s": bwd, "vjp_z_ms": 1e3 * t_vjp_z,
                      "vjp_all_ms": 1e3 * t_vjp_all, "backward_ratio": ratio, "backward_rel_max": median(brel)})
-        print(f"  bwd  {impl:8s} broyden          max_iter={max_iter:3d}  vjps={n:3d}  time={t:.3f}s  "
+        label = f"broyden/{rec['history']}" if rec.get("history") else "broyden"
+        print(f"  bwd  {impl:8s} {label:20s} max_iter={max_iter:3d}  vjps={n:3d}  time={t:.3f}s  "
               f"ratio={ratio:.2f}  rel={median(brel):.2e}", flush=True)
     return rows
 
@@ -239,6 +246,8 @@ def main(argv=None):
     p.add_argument("--tol", type=float, default=1e-3)
     p.add_argument("--memory", type=int, default=18, help="our L-Broyden history m")
     p.add_argument("--max-iters", type=int, nargs="+", default=[30, 100])
+    p.add_argument("--histories", nargs="+", default=["auto"], choices=("auto", "low_rank", "residuals"),
+                   help="our Broyden's history store(s) to time (low_rank is the store before the residual one)")
     p.add_argument("--no-torchdeq", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None)
@@ -257,9 +266,10 @@ def main(argv=None):
     for case in cases:
         print(f"case {case} on {device} (batch {args.batch}, tol {args.tol} rel)", flush=True)
         make_f, z0, params, desc = build_case(case, device, args.batch)
-        fwd, t_f = bench_forward(make_f, z0, device, args.repeats, args.max_iters, args.tol, args.memory, with_torchdeq)
+        fwd, t_f = bench_forward(make_f, z0, device, args.repeats, args.max_iters, args.tol, args.memory, with_torchdeq,
+                                 args.histories)
         bwd = bench_backward(make_f, z0, params, device, args.repeats, max(args.max_iters), args.tol, args.memory,
-                             with_torchdeq)
+                             with_torchdeq, args.histories)
         payload["cases"][case] = {"description": desc, "f_time_ms": 1e3 * t_f, "forward": fwd, "backward": bwd}
     out = args.out or ROOT / "results" / "benchmarks" / f"solver_speed_{device.type}.json"
     write_json(out, payload)
@@ -270,16 +280,18 @@ def main(argv=None):
 def _print_table(payload):
     for case, res in payload["cases"].items():
         print(f"\n{case}: f = {res['f_time_ms']:.1f} ms")
-        print(f"{'solver':14s} {'max_iter':>8s} | {'ours NFE':>8s} {'ratio':>6s} | {'torchdeq NFE':>12s} {'ratio':>6s}")
-        by = {(r["impl"], r["solver"].replace("_iter", ""), r["max_iter"]): r for r in res["forward"]}
-        for (impl, solver, mi), r in sorted(by.items(), key=lambda kv: (kv[0][2], kv[0][1])):
+        print(f"{'solver':22s} {'max_iter':>8s} | {'ours NFE':>8s} {'ratio':>6s} | {'torchdeq NFE':>12s} {'ratio':>6s}")
+        by = {(r["impl"], r["solver"].replace("_iter", ""), r["options"].get("history", ""), r["max_iter"]): r
+              for r in res["forward"]}
+        for (impl, solver, history, mi), r in sorted(by.items(), key=lambda kv: (kv[0][3], kv[0][1], kv[0][2])):
             if impl != "ours":
                 continue
-            t = by.get(("torchdeq", solver, mi))
+            t = by.get(("torchdeq", solver, "", mi))
             tcol = f"{t['nfe']:12d} {t['ratio']:6.2f}" if t else f"{'-':>12s} {'-':>6s}"
-            print(f"{solver:14s} {mi:8d} | {r['nfe']:8d} {r['ratio']:6.2f} | {tcol}")
+            label = f"{solver}/{history}" if history else solver
+            print(f"{label:22s} {mi:8d} | {r['nfe']:8d} {r['ratio']:6.2f} | {tcol}")
         for r in res["backward"]:
-            print(f"IFT backward ({r['impl']}): {r['vjps']} VJPs, {r['backward_time_s']:.3f} s, "
+            print(f"IFT backward ({r['impl']}{'/' + r['history'] if r.get('history') else ''}): {r['vjps']} VJPs, {r['backward_time_s']:.3f} s, "
                   f"ratio {r['backward_ratio']:.2f}, rel {r['backward_rel_max']:.1e}")
 
 

@@ -14,9 +14,15 @@ opens (``mdeq::forward_solve``, ``mdeq::forward_f``, ``mdeq::f_star``, ``mdeq::b
 
 With ``--ref COMMIT`` the same step of that commit (a git worktree under ``runs/bench/``) is timed in
 the same run, child processes alternating ref / current so that a load change hits both alike, and
-the loss and gradients of both on one fixed batch are compared.
+the loss and gradients of both on one fixed batch are compared. ``--compile``, ``--amp``, ``--allocator``
+(glibc's default malloc instead of ``mdeq.allocator``'s setting) and ``--check-every N`` add variants of
+today's code. Every variant's first step (same weights, batch and dropout masks) is also compared with
+the float64 step, the reference for "the same gradients to float32 rounding". ``--weights`` starts from
+a checkpoint: at initial weights the solves are far from converged and the float32 gradient of any
+variant is off the float64 one by about 100 %, so compare gradients from trained weights.
 
-    python benchmarks/train_step_profile.py --ref aa0d948   # results/benchmarks/train_step_profile_cpu.json
+    python benchmarks/train_step_profile.py --ref 84ce564 --compile --amp --allocator --check-every 4 \
+        --weights results/runs/cifar10_mdeq_small/checkpoint.pt   # results/benchmarks/train_step_profile_cpu.json
 """
 from __future__ import annotations
 
@@ -47,17 +53,36 @@ def child(args) -> dict:
 
     warnings.filterwarnings("ignore", "IFT backward solve did not converge")
     torch.set_num_threads(args.threads)
+    if not args.glibc_default:  # as mdeq.train does on a CPU (a ref commit without mdeq.allocator runs without it)
+        try:
+            from mdeq.allocator import keep_freed_memory
+            keep_freed_memory()
+        except ImportError:
+            pass
+    import mdeq.model
+    draw = mdeq.model._variational_mask  # dropout masks drawn in float32 in every variant (float64, bf16): same masks
+    mdeq.model._variational_mask = lambda b, c, p, like, gen: draw(b, c, p, like.float(), gen).to(like.dtype)
     overrides = {"data.batch_size": args.batch, "solver.tol": 1e-12}
     cfg = load_config(args.config, overrides)
     torch.manual_seed(0)
     model = build_model(cfg).train()
+    if args.weights:
+        from mdeq.checkpoint import load_checkpoint
+        model.load_state_dict(load_checkpoint(args.weights)["model"])
     model.deq.warn = False
+    if args.check_every:
+        for opts in (model.deq.solver_options, model.deq.backward_options):
+            opts["check_every"] = args.check_every
+    if args.float64:  # the float64 step: the reference the variants' float32 gradients are measured against
+        model = model.double()
     optimizer = build_optimizer(model, cfg.train)
     criterion = build_criterion(cfg)
     g = torch.Generator().manual_seed(0)
     h, w = cfg.data.image_size
     x = torch.rand(args.batch, 3, h, w, generator=g)
     y = torch.randint(0, cfg.data.num_classes, (args.batch,), generator=g)
+    if args.float64:
+        x = x.double()
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     set_phase(model, cfg, cfg.train.pretrain_steps)
@@ -83,10 +108,19 @@ def child(args) -> dict:
     first = [True]
     state = {k: v.clone() for k, v in model.state_dict().items()}
     opt_state = optimizer.state_dict()
+    torch.manual_seed(1)  # the same dropout masks in every variant's first step
     t0 = time.perf_counter()
     loss0, grads0 = step()
     first_ms = 1000 * (time.perf_counter() - t0)  # with --compile: includes compiling f
     info = model.last_info
+    solver = {"forward_rel_max": info.forward.rel_lowest.max().item(),
+              "forward_rel_mean": info.forward.rel_lowest.mean().item(),
+              "backward_rel_max": info.backward.rel_lowest.max().item(),
+              "backward_rel_mean": info.backward.rel_lowest.mean().item(),
+              "history": info.forward.extra.get("history", "low_rank")}
+    if args.float64:
+        torch.save({"loss": loss0, "grads": grads0}, args.grads_out)
+        return {"loss0": loss0, "solver": solver}
     times = []
     for _ in range(args.warmup + args.steps):
         t0 = time.perf_counter()
@@ -94,7 +128,7 @@ def child(args) -> dict:
         times.append(1000 * (time.perf_counter() - t0))
     times = times[args.warmup:]
     out = {"step_ms_median": statistics.median(times), "step_ms": times, "first_step_ms": first_ms, "loss0": loss0,
-           "grad_norm0": grads0.norm().item(), "nfe_forward": info.forward.nfe,
+           "grad_norm0": grads0.norm().item(), "solver": solver, "nfe_forward": info.forward.nfe,
            "nfe_backward": info.backward.nfe if info.backward is not None else None}
     if args.grads_out:
         torch.save({"loss": loss0, "grads": grads0}, args.grads_out)
@@ -129,7 +163,8 @@ def split(ranges: dict) -> dict:
 def _run_child(args, pythonpath: Path, extra: list[str]) -> dict:
     cmd = [sys.executable, "-P", str(Path(__file__).resolve()), "--child", "--config", args.config,
            "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--threads", str(args.threads), *extra]
+           "--threads", str(args.threads), *(["--weights", str(Path(args.weights).resolve())] if args.weights else []),
+           *extra]
     env = dict(os.environ, PYTHONPATH=str(pythonpath))
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=pythonpath, env=env)
     if out.returncode != 0:
@@ -158,8 +193,17 @@ def main(argv=None) -> None:
     p.add_argument("--ref", default=None, help="a commit to time against (e.g. the one before a speed change)")
     p.add_argument("--amp", action="store_true", help="also time the current code under bf16 autocast")
     p.add_argument("--compile", action="store_true", help="also time the current code with f compiled (forward solve)")
+    p.add_argument("--weights", default=None,
+                   help="a checkpoint to start from (e.g. results/runs/cifar10_mdeq_small/checkpoint.pt: trained "
+                        "weights, where both solves converge); default: initial weights")
+    p.add_argument("--allocator", action="store_true",
+                   help="also time the current code with glibc's default malloc (without mdeq.allocator)")
+    p.add_argument("--check-every", type=int, default=0,
+                   help="also time the current code with both solvers checking their stopping rule every N steps")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--float64", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--glibc-default", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--channels-last", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--profile", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--grads-out", default=None, help=argparse.SUPPRESS)
@@ -181,6 +225,12 @@ def main(argv=None) -> None:
         variants["current_compile"] = (ROOT, ["--channels-last", "--compile"])
     if args.amp:
         variants["current_bf16"] = (ROOT, ["--channels-last", "--amp"])
+    if args.allocator:
+        variants["current_glibc_default"] = (ROOT, ["--channels-last", "--glibc-default"])
+    if args.check_every:
+        variants[f"current_check{args.check_every}"] = (ROOT, ["--channels-last", "--check-every", str(args.check_every)])
+    reference = _run_child(args, ROOT, ["--channels-last", "--float64", "--grads-out", str(tmp / "grads_float64.pt")])
+    print(f"float64 step: loss {reference['loss0']:.6f}, solver {reference['solver']}", flush=True)
     runs = {k: [] for k in variants}
     for r in range(args.rounds):
         for name, (path, extra) in variants.items():
@@ -198,7 +248,7 @@ def main(argv=None) -> None:
         result[name] = {"step_ms_median": statistics.median(t for r in rs for t in r["step_ms"]),
                         "step_ms": [t for r in rs for t in r["step_ms"]], "nfe_forward": rs[0]["nfe_forward"],
                         "nfe_backward": rs[0]["nfe_backward"], "loss0": rs[0]["loss0"],
-                        "first_step_ms": [r["first_step_ms"] for r in rs]}
+                        "solver": rs[0]["solver"], "first_step_ms": [r["first_step_ms"] for r in rs]}
     prof = runs["current"][0]
     parts = split(prof["ranges_ms"])
     total = sum(parts.values())
@@ -209,6 +259,12 @@ def main(argv=None) -> None:
     result["current"]["forward_solver_ratio"] = rg["mdeq::forward_solve"] / rg["mdeq::forward_f"]
     result["current"]["backward_solver_ratio"] = rg["mdeq::backward_solve"] / rg["mdeq::backward_vjp"]
     g_cur = torch.load(tmp / "grads_current.pt")
+    g64 = torch.load(tmp / "grads_float64.pt")
+    result["float64"] = {"loss0": reference["loss0"], "solver": reference["solver"]}
+    for name in variants:  # each variant's float32 first step against the float64 one
+        g = torch.load(tmp / f"grads_{name}.pt")
+        result[name]["loss_rel_err_vs_float64"] = abs(g["loss"] - g64["loss"]) / abs(g64["loss"])
+        result[name]["grad_rel_err_vs_float64"] = ((g["grads"] - g64["grads"]).norm() / g64["grads"].norm()).item()
     for name in variants:
         if name == "current":
             continue
@@ -220,7 +276,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     path = args.out or ROOT / "results" / "benchmarks" / "train_step_profile_cpu.json"
     write_json(path, {"benchmark": "train_step_profile", "config": args.config, "batch": args.batch,
-                      "ref": args.ref, "results": result, "provenance": provenance(args, "cpu")})
+                      "ref": args.ref, "weights": args.weights, "results": result,
+                      "provenance": provenance(args, "cpu")})
     print(f"\nprofile of the current step ({prof['range_calls']}), ms per step (profiler on):")
     for k, v in parts.items():
         print(f"  {k:58s} {v:8.0f}  {100 * v / total:5.1f} %")
@@ -231,6 +288,10 @@ def main(argv=None) -> None:
             r = result[name]
             print(f"{name}: {r['step_ms_median']:.0f} ms/step, current is {r['speedup_of_current']:.2f}x faster; "
                   f"loss rel diff {r['loss_rel_diff_vs_current']:.1e}, grad rel diff {r['grad_rel_diff_vs_current']:.1e}")
+    for name in variants:
+        r = result[name]
+        print(f"{name}: against the float64 step: loss {r['loss_rel_err_vs_float64']:.1e}, "
+              f"gradients {r['grad_rel_err_vs_float64']:.1e}; solver {r['solver']}")
     print(f"wrote {path}")
 
 

@@ -43,10 +43,12 @@ def _variational_mask(batch: int, channels: int, p: float, like: Tensor,
                       generator: torch.Generator | None) -> Tensor:
     """Bernoulli(1 - p) / (1 - p) of shape (B, C, 1, 1): whole channels dropped per sample.
 
-    As locuslab/mdeq ``lib/modules/optimizations.py``, ``VariationalHidDropout2d``.
+    As locuslab/mdeq ``lib/modules/optimizations.py``, ``VariationalHidDropout2d``. Under autocast (a
+    half-precision ``like``) the draw is made in float32 and cast, so the masks do not depend on ``--amp``.
     """
-    keep = torch.full((batch, channels, 1, 1), 1.0 - p, dtype=like.dtype, device=like.device)
-    return torch.bernoulli(keep, generator=generator).div_(1.0 - p)
+    half = like.dtype in (torch.float16, torch.bfloat16)
+    keep = torch.full((batch, channels, 1, 1), 1.0 - p, dtype=torch.float32 if half else like.dtype, device=like.device)
+    return torch.bernoulli(keep, generator=generator).div_(1.0 - p).to(like.dtype)
 
 
 class WeightNormConv2d(nn.Module):

@@ -82,7 +82,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
-from mdeq import distributed, paths, progress
+from mdeq import allocator, distributed, paths, progress
 from mdeq.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, load_pretrained, restore_rng_state,
                              save_checkpoint, unwrap_model)
 from mdeq.config import ConfigError, ExperimentConfig, TrainConfig, config_to_dict, load_config
@@ -124,6 +124,9 @@ class RunOptions:
     ``compile_forward``; up to a minute of compiling per batch shape and mode). On the project's 2-core
     CPU neither changed the MDEQ-small step at batch 128 beyond the +-8 % noise
     (``benchmarks/train_step_profile.py``, README "Where a training step's time goes").
+    keep_freed_memory: on a CPU run, keep freed memory in the process for reuse (``mdeq.allocator``: no
+    page faults on every new tensor; the numbers do not change, the process keeps its peak memory;
+    None: on for CPU runs, for the rest of the process).
     """
 
     out_dir: str | Path
@@ -152,6 +155,7 @@ class RunOptions:
     max_param_abs: float | None = 1e6
     channels_last: bool | None = None
     compile: bool = False
+    keep_freed_memory: bool | None = None
 
     def __post_init__(self) -> None:
         if self.amp_dtype not in ("auto", "float16", "bfloat16"):
@@ -858,6 +862,8 @@ def main(cfg: ExperimentConfig, options: RunOptions) -> dict[str, Any]:
         if options.threads is not None:
             torch.set_num_threads(options.threads)
         device = resolve_device(options.device, dist_info.local_rank)
+        if options.keep_freed_memory or (options.keep_freed_memory is None and device.type == "cpu"):
+            allocator.keep_freed_memory()
         if options.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
@@ -1186,6 +1192,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="extra data set builder options, e.g. --data-option base_size=256")
     p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms, no cudnn.benchmark")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep freed memory for reuse, no page faults per new tensor (default: on a CPU; mdeq/allocator.py)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar even on a terminal")
     p.add_argument("--find-unused-parameters", action="store_true", help="DDP find_unused_parameters")
     p.add_argument("--stop-at", type=float, default=None, metavar="UNIX_TIME",
@@ -1258,7 +1266,8 @@ def cli(argv: Sequence[str] | None = None) -> int:
             deterministic=args.deterministic, threads=args.threads, progress=False if args.no_progress else None,
             find_unused_parameters=args.find_unused_parameters, stop_at=args.stop_at,
             divergence_factor=args.divergence_factor or None, max_param_abs=args.max_param_abs or None,
-            channels_last=args.channels_last, compile=args.compile, command=shlex.join(["python", "-m", "mdeq.train", *argv_list]))
+            channels_last=args.channels_last, compile=args.compile, keep_freed_memory=args.keep_freed_memory,
+            command=shlex.join(["python", "-m", "mdeq.train", *argv_list]))
         main(cfg, options)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         if show_stack:

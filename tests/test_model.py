@@ -184,6 +184,19 @@ def test_dropout_mask_is_shared_across_solver_iterations(monkeypatch):
     assert not all(torch.equal(a, b) for a, b in zip(first.masks, calls[0].masks))
 
 
+def test_dropout_masks_do_not_depend_on_autocast():
+    """Under --amp the masks are the float32 run's (a bf16 draw would take another random stream)."""
+    model = build_model(_tiny(**{"model.dropout": 0.25})).train()
+    like = torch.zeros(4, 3, 16, 16)
+    masks = []
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(7)
+        masks.append(model.f.prepare(64, like.to(dtype)).masks)
+    for a, b in zip(*masks):
+        assert b.dtype == torch.bfloat16 and torch.equal(a != 0, b != 0)  # the same channels dropped
+        torch.testing.assert_close(b.float(), a, rtol=1e-2, atol=0)  # 1 / 0.75 rounded to bf16
+
+
 def test_eval_mode_turns_dropout_off(monkeypatch):
     torch.manual_seed(0)
     model = build_model(_tiny(**{"model.dropout": 0.5})).eval()
