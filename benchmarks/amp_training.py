@@ -90,7 +90,10 @@ def main(argv=None) -> None:
                                    / summary["float32"]["rel_residual_forward_mean_last"]),
     }
     torch.set_num_threads(args.threads)
+    import hashlib
+    sha = hashlib.sha256(args.checkpoint.read_bytes()).hexdigest()
     write_json(args.out, {"benchmark": "amp_training", "config": args.config, "checkpoint_step": start,
+                          "checkpoint_sha256": sha,
                           "steps": steps, "per_step": per_step, "summary": summary,
                           "provenance": provenance(args, "cpu")})
     for name in VARIANTS:

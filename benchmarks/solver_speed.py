@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, MDEQLikeMap, median, provenance, sync, timeit, write_json  # noqa: E402
 
+from mdeq.allocator import keep_freed_memory  # noqa: E402
 from mdeq.implicit import ImplicitLayer  # noqa: E402
 from mdeq.solvers import SOLVERS  # noqa: E402
 
@@ -249,12 +250,15 @@ def main(argv=None):
     p.add_argument("--histories", nargs="+", default=["auto"], choices=("auto", "low_rank", "residuals"),
                    help="our Broyden's history store(s) to time (low_rank is the store before the residual one)")
     p.add_argument("--no-torchdeq", action="store_true")
+    p.add_argument("--glibc-default", action="store_true", help="glibc's default malloc, without mdeq.allocator's setting")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+        if not args.glibc_default:
+            keep_freed_memory()  # as mdeq.train does on a CPU: no page faults on each new state-sized tensor
     with_torchdeq = not args.no_torchdeq
     if with_torchdeq:
         try:

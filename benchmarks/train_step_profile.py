@@ -275,8 +275,14 @@ def main(argv=None) -> None:
                                                     / g["grads"].norm()).item()
     torch.set_num_threads(args.threads)
     path = args.out or ROOT / "results" / "benchmarks" / "train_step_profile_cpu.json"
+    weights = None
+    if args.weights:  # which weights: a checkpoint that later chunks of a campaign overwrite is named by its step
+        import hashlib
+        ckpt = torch.load(args.weights, map_location="cpu", weights_only=False)
+        weights = {"path": str(args.weights), "global_step": ckpt.get("global_step"), "epoch": ckpt.get("epoch"),
+                   "sha256": hashlib.sha256(Path(args.weights).read_bytes()).hexdigest()}
     write_json(path, {"benchmark": "train_step_profile", "config": args.config, "batch": args.batch,
-                      "ref": args.ref, "weights": args.weights, "results": result,
+                      "ref": args.ref, "weights": weights, "results": result,
                       "provenance": provenance(args, "cpu")})
     print(f"\nprofile of the current step ({prof['range_calls']}), ms per step (profiler on):")
     for k, v in parts.items():

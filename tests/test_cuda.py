@@ -24,6 +24,21 @@ def test_solvers_on_cuda_match_cpu(name):
         torch.testing.assert_close(a, b.cpu(), rtol=1e-7, atol=1e-8)
 
 
+@pytest.mark.parametrize("history", ["low_rank", "residuals"])
+def test_broyden_stores_on_cuda_match_cpu(history):
+    """The residual store (float64 coefficients on the device, no host sync per iteration) on CUDA."""
+    fm = MultiscaleMap(gain=0.9)
+    xs = inputs(batch=6)
+    kw = dict(max_iter=18, tol=1e-14, memory=12, history=history)
+    z_cpu, st_cpu = SOLVERS["broyden"](lambda z: fm(z, xs), zeros_like_state(xs), **kw)
+    fm_c, xs_c = fm.cuda(), [x.cuda() for x in xs]
+    z_gpu, st_gpu = SOLVERS["broyden"](lambda z: fm_c(z, xs_c), zeros_like_state(xs_c), check_every=4, **kw)
+    assert st_gpu.extra["history"] == history and z_gpu[0].is_cuda and st_gpu.nfe == st_cpu.nfe
+    torch.testing.assert_close(st_gpu.abs_trace, st_cpu.abs_trace, rtol=1e-5, atol=0)
+    for a, b in zip(z_cpu, z_gpu):
+        torch.testing.assert_close(a, b.cpu(), rtol=1e-7, atol=1e-9)
+
+
 def test_ift_gradients_on_cuda_match_cpu():
     fm = MultiscaleMap(gain=0.5)
     xs = [x.requires_grad_() for x in inputs()]
