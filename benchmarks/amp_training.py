@@ -6,7 +6,10 @@ the head in bf16; the solver state, its products and the backward solve in float
 same batches (the checkpoint holds the sampler's position and the RNG states) and the same dropout masks
 where bf16 does not change them, so the difference is the arithmetic. Every step is logged
 (``--log-every 1``); this script compares the training loss, the solvers' residuals reached at equal NFE
-(T_f, T_b) and the step time, and writes ``results/benchmarks/amp_training_cpu.json``.
+(T_f, T_b) and the step time, and writes ``results/benchmarks/amp_training_cpu.json``. The engine ends a
+``--max-steps`` run with an evaluation on the test set (about 2 minutes here), so the test accuracy of both
+is compared too; each run's logs (``final.json``, ``steps.jsonl``, ``provenance.json``) are copied to
+``results/benchmarks/amp_training_cpu_runs/<variant>/``.
 
     python benchmarks/amp_training.py --data-root data/cifar10-jpeg-q75 \\
         --data-option source=jpeg_q75 exact_subset=data/cifar10-partial-exact/cifar10_exact_prefix_subset.npz
@@ -47,8 +50,18 @@ def run_variant(args, name: str, start: int) -> list[dict]:
         cmd += ["--data-option", *args.data_option]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True)
+    keep = args.out.parent / f"{args.out.stem}_runs" / name
+    keep.mkdir(parents=True, exist_ok=True)
+    for log in ("final.json", "steps.jsonl", "provenance.json"):
+        if (out / log).exists():
+            shutil.copy2(out / log, keep / log)
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines() if line.strip()]
     return [s for s in steps if s["step"] > start]
+
+
+def final_eval(args, name: str) -> dict | None:
+    path = args.workdir / name / "final.json"
+    return json.loads(path.read_text()).get("final_eval") if path.exists() else None
 
 
 def main(argv=None) -> None:
@@ -81,6 +94,8 @@ def main(argv=None) -> None:
         summary[name] = {f"{c}_mean_last": statistics.fmean(cols[c][-last:]) for c in COLUMNS}
         summary[name]["step_time_ms_median"] = statistics.median(cols["step_time_ms"][1:])
     f32, b16 = per_step["float32"]["loss"], per_step["bf16"]["loss"]
+    for name in VARIANTS:
+        summary[name]["final_eval"] = final_eval(args, name)
     summary["bf16_vs_float32"] = {
         "loss_abs_diff_first_step": abs(b16[0] - f32[0]),
         "loss_abs_diff_max": max(abs(a - b) for a, b in zip(b16, f32)),

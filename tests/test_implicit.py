@@ -333,7 +333,8 @@ def test_compile_forward_solves_like_eager():
 
 def _mdeq_small_step(batch, dtype, history):
     """Loss and gradients of one implicit training step of MDEQ-small (T_f 15, T_b 18, m 12) from the Table 1
-    campaign's committed checkpoint (trained weights: both solves converge), dropout off, a fixed batch."""
+    campaign's checkpoint at step 3250 (trained weights: both solves converge; the benchmarks start from it
+    too), dropout off, a fixed batch."""
     from pathlib import Path
 
     from mdeq.checkpoint import load_checkpoint
@@ -341,7 +342,7 @@ def _mdeq_small_step(batch, dtype, history):
     from mdeq.model import build_model
     from mdeq.train import build_criterion, set_phase
 
-    ckpt = Path(__file__).resolve().parent.parent / "results" / "runs" / "cifar10_mdeq_small" / "checkpoint.pt"
+    ckpt = Path(__file__).resolve().parents[1] / "results" / "benchmarks" / "weights" / "cifar10_mdeq_small_step3250.pt"
     cfg = load_config("cifar10_small_paper", {"data.batch_size": batch, "model.dropout": 0.0})
     model = build_model(cfg).train()
     model.load_state_dict(load_checkpoint(ckpt)["model"])
