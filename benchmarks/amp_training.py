@@ -14,7 +14,7 @@ is compared too; each run's logs (``final.json``, ``steps.jsonl``, ``provenance.
     python benchmarks/amp_training.py --data-root data/cifar10-jpeg-q75 \\
         --data-option source=jpeg_q75 exact_subset=data/cifar10-partial-exact/cifar10_exact_prefix_subset.npz
 
-The checkpoint (default: the Table 1 campaign's committed MDEQ-small) should be past the unrolled warm-up,
+The checkpoint (default: the Table 1 campaign's MDEQ-small at step 3250) should be past the unrolled warm-up,
 so that the steps are implicit ones. The stretch should not cross an epoch's end (its evaluation would be
 timed as a step); the script says how many steps are left in the checkpoint's epoch.
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -64,17 +65,30 @@ def final_eval(args, name: str) -> dict | None:
     return json.loads(path.read_text()).get("final_eval") if path.exists() else None
 
 
+def _from_root(path: Path | None, default: str) -> Path:
+    """``path`` (or ``default``) relative to the repository root when it lies inside it."""
+    p = (Path(path) if path is not None else ROOT / default).resolve()
+    return p.relative_to(ROOT) if p.is_relative_to(ROOT) else p
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=ROOT / "results" / "runs" / "cifar10_mdeq_small" / "checkpoint.pt")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="default: results/benchmarks/weights/cifar10_mdeq_small_step3250.pt (the campaign's step 3250)")
     p.add_argument("--config", default="cifar10_small_paper")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data-root", default=None)
     p.add_argument("--data-option", nargs="+", default=[], metavar="KEY=VALUE")
-    p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench" / "amp_training")
-    p.add_argument("--out", type=Path, default=ROOT / "results" / "benchmarks" / "amp_training_cpu.json")
+    p.add_argument("--workdir", type=Path, default=None, help="default: runs/bench/amp_training")
+    p.add_argument("--out", type=Path, default=None, help="default: results/benchmarks/amp_training_cpu.json")
     args = p.parse_args(argv)
+    # Paths are kept relative to the repository root, where everything runs: the JSON and the runs'
+    # provenance then name no machine's folders.
+    args.checkpoint = _from_root(args.checkpoint, "results/benchmarks/weights/cifar10_mdeq_small_step3250.pt")
+    args.workdir = _from_root(args.workdir, "runs/bench/amp_training")
+    args.out = _from_root(args.out, "results/benchmarks/amp_training_cpu.json")
+    os.chdir(ROOT)
 
     import torch
 

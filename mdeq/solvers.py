@@ -238,9 +238,9 @@ class _Monitor:
         """(B, S) norms of each scale's part of x (B, D)."""
         return torch.stack([torch.linalg.vector_norm(p, dim=1) for p in x.split(self.layout.sizes, 1)], 1)
 
-    def record(self, z: torch.Tensor, fz: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Record the residual of iterate z (with f(z) = fz); return g = fz - z (written into ``out``)."""
-        g = torch.sub(fz, z, out=out)
+    def record(self, z: torch.Tensor, fz: torch.Tensor) -> torch.Tensor:
+        """Record the residual of iterate z (with f(z) = fz); return g = fz - z."""
+        g = fz - z
         single = len(self.layout.sizes) == 1
         return self._record(z, g, torch.linalg.vector_norm(fz, dim=1, keepdim=True) if single else self._scale_norms(fz))
 
