@@ -619,3 +619,37 @@ def test_a_full_disk_is_one_line_naming_the_file_and_keeps_the_checkpoint(uninte
         assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # no .steps.jsonl.tmp either
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_train_step_computes_no_gradient_for_the_ift_leaf_z_star(monkeypatch):
+    """A plain backward also fills dL/dz* (the f(z*) call's leaf) and throws it away; ``train_step`` names
+    the optimiser's parameters as the backward's inputs, so z* gets no gradient and the parameters get the
+    same bits as with a plain backward."""
+    import mdeq.implicit as implicit
+    from mdeq.model import build_model
+
+    leaves = []
+    original = implicit._IFTBackward.__init__
+
+    def spy(self, layer, z_star, z_new, info):
+        original(self, layer, z_star, z_new, info)
+        leaves.append(z_star)
+
+    monkeypatch.setattr(implicit._IFTBackward, "__init__", spy)
+    cfg = load_config("cifar10_tiny_smoke")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    set_phase(model, cfg, cfg.train.pretrain_steps)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    torch.manual_seed(1)  # the same dropout masks in both steps
+    F.cross_entropy(model(x), y).backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert all(z.grad is not None and z.grad.abs().sum() > 0 for z in leaves[-1])  # the wasted gradient
+
+    torch.manual_seed(1)
+    train_step(model, torch.nn.CrossEntropyLoss(), opt, x, y)
+    assert len(leaves) == 2 and all(z.grad is None for z in leaves[-1])
+    for n, p in model.named_parameters():
+        assert torch.equal(p.grad, plain[n]), n
