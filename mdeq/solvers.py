@@ -695,7 +695,7 @@ def anderson(f: Callable, z0, *, max_iter: int = 50, tol: float = 1e-3, stop_mod
         scale = Hn.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)[:, None, None]
         A = Hn / scale + lam * torch.eye(n, dtype=x.dtype, device=x.device)
         ones = x.new_ones(B, n, 1)
-        w = torch.linalg.solve(A, ones)
+        w = torch.linalg.solve_ex(A, ones).result  # solve_ex: no host sync for an error check on a GPU
         alpha = (w / w.sum(1, keepdim=True)).transpose(1, 2)  # (B, 1, n)
         x = torch.bmm(alpha, Fh[:, :n]).squeeze(1)
         if beta != 1.0:

@@ -1,4 +1,6 @@
 """CUDA code paths: skipped with a reason on machines without a GPU (CI has none; run on a GPU box)."""
+import warnings
+
 import pytest
 import torch
 
@@ -37,6 +39,31 @@ def test_broyden_stores_on_cuda_match_cpu(history):
     torch.testing.assert_close(st_gpu.abs_trace, st_cpu.abs_trace, rtol=1e-5, atol=0)
     for a, b in zip(z_cpu, z_gpu):
         torch.testing.assert_close(a, b.cpu(), rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("name, options", [("broyden", {"history": "low_rank"}), ("broyden", {"history": "residuals"}),
+                                           ("anderson", {}), ("fixed_point", {})])
+def test_solver_loops_do_not_sync_with_the_host_between_checks(name, options):
+    """A solve's host syncs are its stopping checks, its set-up and its finish, none per iteration: with the
+    checks spaced past the budget, 24 iterations sync as often as 12 (CUDA's sync debug mode counts them)."""
+    fm = MultiscaleMap(gain=0.5).cuda()
+    xs = [x.cuda() for x in inputs()]
+
+    def syncs(max_iter):
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                _, stats = SOLVERS[name](lambda z: fm(z, xs), zeros_like_state(xs), max_iter=max_iter, tol=1e-30,
+                                         check_every=100, warn=False, **options)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        assert stats.nfe == max_iter + 1
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    syncs(12)  # warm-up: first-call library initialisation may sync
+    assert syncs(24) == syncs(12)
 
 
 def test_ift_gradients_on_cuda_match_cpu():
