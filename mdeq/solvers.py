@@ -220,6 +220,7 @@ class _Monitor:
         self.keep_best_z = keep_best_z  # False: the solver rebuilds the lowest iterate itself (from best_step)
         self.restart = None    # (B,) bool, samples to restart after the last check, or None
         self.restarts = 0
+        self.restarted_from = None  # (B,) long: the best_step each sample was last restarted from (-1: never)
         self.max_iter, self.tol, self.stop_mode = max_iter, tol, stop_mode
         self.patience, self.div_factor = stagnation_patience, divergence_factor
         self.check_every, self.throw, self.warn = check_every, throw, warn
@@ -307,12 +308,18 @@ class _Monitor:
         flags = [self.best.max(), growth.to(self.best.dtype),
                  (~torch.isfinite(self.last_scale_norms)).any().to(self.best.dtype)]
         if self.restart_factor is not None:
-            # on the abs residual: in rel mode a run-away iterate can keep a rel residual near 1
-            blown = self.abs_res > self.restart_factor * self.best_abs
+            # on the abs residual: in rel mode a run-away iterate can keep a rel residual near 1. Not twice from
+            # the same lowest iterate: with the history emptied, the first step from it is the same plain step
+            # f(z_best) - z_best, which blew up before, so the sample would cycle there for the rest of the solve.
+            if self.restarted_from is None:
+                self.restarted_from = torch.full_like(self.best_step, -1)
+            blown = (self.abs_res > self.restart_factor * self.best_abs) & (self.best_step != self.restarted_from)
             flags.append(blown.any().to(self.best.dtype))
         flags = torch.stack(flags).tolist()
         best_max, growth, non_finite = flags[:3]
         self.restart = blown if self.restart_factor is not None and flags[3] else None
+        if self.restart is not None:
+            self.restarted_from = torch.where(blown, self.best_step, self.restarted_from)
         if non_finite:
             self._non_finite(nstep)
             return True
@@ -454,8 +461,9 @@ def broyden(f: Callable, z0, *, max_iter: int = 30, tol: float = 1e-3, stop_mode
 
     Dropping old updates can make the estimate inconsistent, and a sample's iterate can then run
     away. A sample whose absolute residual exceeds ``restart_factor`` times its lowest is restarted
-    from its lowest iterate with an empty history (B = -I) while the others go on; ``None`` disables
-    this. ``stats.extra["restarts"]`` counts restarted samples.
+    from its lowest iterate with an empty history (B = -I) while the others go on, at most once from
+    the same lowest iterate (a second restart from it would repeat the step that blew up, forever);
+    ``None`` disables this. ``stats.extra["restarts"]`` counts restarted samples.
 
     ``history`` says how the updates are stored; both give the same iterates (up to float rounding):
     - ``low_rank``: u_j and v_j as (B, m, D) buffers; four passes over them per iteration.

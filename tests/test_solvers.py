@@ -261,6 +261,26 @@ def test_step_trace_is_the_papers_relative_change_of_the_iterate(solver):
     assert torch.isnan(from_zero.step_trace[:, 0]).all() and torch.isfinite(from_zero.step_trace[:, 1:]).all()
 
 
+@pytest.mark.parametrize("history", ["low_rank", "residuals"])
+def test_broyden_does_not_restart_twice_from_the_same_lowest_iterate(history):
+    """g(z) = (A - I) z + b with one strongly expanding direction: the first step, z1 = f(0) = b, has a residual
+    |A b| > 10 |b|, a restart sends the sample back to z0 = 0 whose first step is b again, and so on: a restart
+    loop whose iterates never move (measured on Cityscapes at initial weights: exact-zero steps for 60 of 150
+    iterations). Restarting once from z0 and then going on with the secant update solves the linear system."""
+    A = torch.diag(torch.tensor([-20.0, 0.5, 0.5, 0.5], dtype=torch.float64))
+    b = torch.ones(2, 4, dtype=torch.float64)
+
+    def f(z):
+        return [z[0] @ A + b]
+
+    z, st = broyden(f, [torch.zeros(2, 4, dtype=torch.float64)], max_iter=30, tol=1e-10, stop_mode="abs",
+                    history=history, trace_steps=True)
+    assert st.extra["restarts"] == 2  # each of the two samples once, from z0
+    assert int((st.step_trace == 0).sum()) == 2  # the restart's repeat of the step to b, once per sample
+    assert st.all_converged and st.stop_reason == "tol"
+    torch.testing.assert_close(z[0], f(z)[0], rtol=0, atol=1e-9)
+
+
 @pytest.mark.parametrize("gain,memory,max_iter", [(0.5, 18, 30), (0.9, 4, 25), (0.9, 12, 15), (0.9, 12, 18),
                                                   (1.5, 6, 40)])
 def test_broyden_histories_give_the_same_iterates(gain, memory, max_iter):
