@@ -309,6 +309,7 @@ def test_convergence_figures_plot_the_papers_measure_and_the_residual_with_one_l
     df = report.convergence_table(_ctx(tmp_path, "05_convergence"), "real", traces)
     row = df[df.key == "broyden_final"].iloc[0]
     assert row["ours"] == 3 and "||z[i+1] - z[i]||" in row["metric"] and row["last_step_change"] == 0.005
+    assert row["f_evals_to_0.001"] == "> 3 (not reached)"
     assert row["row"] == "Broyden, trained, epoch 4 of 50, step 1800"
 
 
