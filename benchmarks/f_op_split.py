@@ -53,7 +53,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=10, help="timed evaluations per format and round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=ROOT / "results" / "benchmarks" / "f_op_split_cpu.json")
+    p.add_argument("--out", type=Path, default=Path("results") / "benchmarks" / "f_op_split_cpu.json",
+                   help="relative to the repository root")
     args = p.parse_args(argv)
 
     from mdeq.allocator import keep_freed_memory
@@ -122,7 +123,7 @@ def main(argv=None) -> None:
         print(f"{fmt_name:13s} f {total:6.1f} ms = " + ", ".join(f"{k} {v:.1f}" for k, v in split.items())
               + f", other {total - sum(split.values()):.1f}; VJP {median(vjp_ms[fmt_name]):.1f} ms")
     result["provenance"] = provenance(args, "cpu")
-    write_json(args.out, result)
+    write_json(args.out if args.out.is_absolute() else ROOT / args.out, result)
 
 
 def _detach(t):

@@ -32,7 +32,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=10, help="timed calls per variant and round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=ROOT / "results" / "benchmarks" / "final_backward_cpu.json")
+    p.add_argument("--out", type=Path, default=Path("results") / "benchmarks" / "final_backward_cpu.json",
+                   help="relative to the repository root")
     args = p.parse_args(argv)
 
     from mdeq.allocator import keep_freed_memory
@@ -82,7 +83,7 @@ def main(argv=None) -> None:
               "ms": ms, "provenance": provenance(args, "cpu")}
     print(f"final backward: with dL/dz* {med['with_z_star']:.1f} ms, parameters only {med['params_only']:.1f} ms "
           f"(saves {result['saving_ms']:.1f} ms, ratio {result['ratio']:.3f}); parameter gradients identical: {same}")
-    write_json(args.out, result)
+    write_json(args.out if args.out.is_absolute() else ROOT / args.out, result)
 
 
 if __name__ == "__main__":
