@@ -20,7 +20,8 @@ from mdeq.measure import RUNTIME_MODELS, sync, timeit
 from mdeq.paths import ROOT
 from mdeq.runlog import provenance as run_provenance
 
-__all__ = ["ROOT", "sync", "timeit", "median", "provenance", "write_json", "MDEQLikeMap"]
+__all__ = ["ROOT", "sync", "timeit", "median", "provenance", "write_json", "MDEQLikeMap", "trained_parser",
+           "trained_model", "out_path"]
 
 
 def median(xs):
@@ -42,6 +43,46 @@ def fig4b_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--variant", default="paper", choices=("paper", "official"))
     p.add_argument("--models", nargs="*", default=[m.key for m in RUNTIME_MODELS])
     return p
+
+
+STEP3250 = "results/benchmarks/weights/cifar10_mdeq_small_step3250.pt"  # the campaign's MDEQ-small, committed
+
+
+def trained_parser(description: str, out: str, repeats_help: str) -> argparse.ArgumentParser:
+    """The options of a benchmark that times a trained model's parts: config, batch, weights, repeats, rounds,
+    threads, and ``--out`` (``results/benchmarks/<out>``, relative to the repository root)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", default="cifar10_small_paper")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--weights", default=STEP3250)
+    p.add_argument("--repeats", type=int, default=10, help=repeats_help)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("results") / "benchmarks" / out,
+                   help="relative to the repository root")
+    return p
+
+
+def trained_model(args):
+    """(cfg, model): threads and ``mdeq.allocator`` as ``mdeq.train`` sets them on a CPU, the config at
+    ``args.batch``, its model in train mode with ``args.weights`` loaded (seed 0 for anything not loaded)."""
+    from mdeq.allocator import keep_freed_memory
+    from mdeq.checkpoint import load_checkpoint
+    from mdeq.config import load_config
+    from mdeq.model import build_model
+
+    torch.set_num_threads(args.threads)
+    keep_freed_memory()
+    cfg = load_config(args.config, {"data.batch_size": args.batch})
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    model.load_state_dict(load_checkpoint(ROOT / args.weights)["model"])
+    return cfg, model
+
+
+def out_path(args) -> Path:
+    """``args.out`` resolved against the repository root."""
+    return args.out if args.out.is_absolute() else ROOT / args.out
 
 
 def write_json(path: Path, payload: dict) -> None:

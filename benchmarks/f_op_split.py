@@ -12,7 +12,6 @@ autograd's backward kernels cannot be wrapped from Python).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections import defaultdict
@@ -22,9 +21,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, median, provenance, timeit, write_json  # noqa: E402
+from _common import median, out_path, provenance, timeit, trained_model, trained_parser, write_json  # noqa: E402
 
-WEIGHTS = "results/benchmarks/weights/cifar10_mdeq_small_step3250.pt"
 FORMATS = {"channels_last": torch.channels_last, "nchw": torch.contiguous_format}
 
 
@@ -46,31 +44,12 @@ class _Clocks:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="cifar10_small_paper")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--weights", default=WEIGHTS)
-    p.add_argument("--repeats", type=int, default=10, help="timed evaluations per format and round")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=Path("results") / "benchmarks" / "f_op_split_cpu.json",
-                   help="relative to the repository root")
-    args = p.parse_args(argv)
-
-    from mdeq.allocator import keep_freed_memory
-    from mdeq.checkpoint import load_checkpoint
-    from mdeq.config import load_config
-    from mdeq.model import build_model
-
-    torch.set_num_threads(args.threads)
-    keep_freed_memory()
+    args = trained_parser(__doc__.split("\n\n")[0], "f_op_split_cpu.json",
+                          "timed evaluations per format and round").parse_args(argv)
     clocks = _Clocks()
     for name in ("conv2d", "group_norm", "relu"):  # model.py calls these through F (nn.GroupNorm does too)
         setattr(F, name, clocks.wrap(name, getattr(F, name)))
-    cfg = load_config(args.config, {"data.batch_size": args.batch})
-    torch.manual_seed(0)
-    model = build_model(cfg).train()
-    model.load_state_dict(load_checkpoint(ROOT / args.weights)["model"])
+    cfg, model = trained_model(args)
     f = model.f
     g = torch.Generator().manual_seed(0)
     images = torch.rand(args.batch, 3, *cfg.data.image_size, generator=g)
@@ -123,7 +102,7 @@ def main(argv=None) -> None:
         print(f"{fmt_name:13s} f {total:6.1f} ms = " + ", ".join(f"{k} {v:.1f}" for k, v in split.items())
               + f", other {total - sum(split.values()):.1f}; VJP {median(vjp_ms[fmt_name]):.1f} ms")
     result["provenance"] = provenance(args, "cpu")
-    write_json(args.out if args.out.is_absolute() else ROOT / args.out, result)
+    write_json(out_path(args), result)
 
 
 def _detach(t):

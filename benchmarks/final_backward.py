@@ -12,42 +12,21 @@ parameter gradients are the same bits.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, median, provenance, timeit, write_json  # noqa: E402
-
-WEIGHTS = "results/benchmarks/weights/cifar10_mdeq_small_step3250.pt"
+from _common import median, out_path, provenance, timeit, trained_model, trained_parser, write_json  # noqa: E402
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="cifar10_small_paper")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--weights", default=WEIGHTS)
-    p.add_argument("--repeats", type=int, default=10, help="timed calls per variant and round")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=Path("results") / "benchmarks" / "final_backward_cpu.json",
-                   help="relative to the repository root")
-    args = p.parse_args(argv)
-
-    from mdeq.allocator import keep_freed_memory
-    from mdeq.checkpoint import load_checkpoint
-    from mdeq.config import load_config
-    from mdeq.model import build_model
+    args = trained_parser(__doc__.split("\n\n")[0], "final_backward_cpu.json",
+                          "timed calls per variant and round").parse_args(argv)
     from mdeq.train import build_optimizer, set_phase
 
-    torch.set_num_threads(args.threads)
-    keep_freed_memory()
-    cfg = load_config(args.config, {"data.batch_size": args.batch})
-    torch.manual_seed(0)
-    model = build_model(cfg).train()
-    model.load_state_dict(load_checkpoint(ROOT / args.weights)["model"])
+    cfg, model = trained_model(args)
     set_phase(model, cfg, cfg.train.pretrain_steps)
     optimizer = build_optimizer(model, cfg.train)
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -83,7 +62,7 @@ def main(argv=None) -> None:
               "ms": ms, "provenance": provenance(args, "cpu")}
     print(f"final backward: with dL/dz* {med['with_z_star']:.1f} ms, parameters only {med['params_only']:.1f} ms "
           f"(saves {result['saving_ms']:.1f} ms, ratio {result['ratio']:.3f}); parameter gradients identical: {same}")
-    write_json(args.out if args.out.is_absolute() else ROOT / args.out, result)
+    write_json(out_path(args), result)
 
 
 if __name__ == "__main__":
