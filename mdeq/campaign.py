@@ -3,6 +3,7 @@
     python -m mdeq.campaign --budget 150m     # continue the campaign for 150 minutes
     python -m mdeq.campaign --status          # where each run stands
     python -m mdeq.campaign --dry-run         # the next training command
+    python -m mdeq.campaign --budget 30m --run cifar10_single_stream   # one run, out of order
 
 Why: the paper's protocol is days of CPU time (Table 1's MDEQ-small is about 25 CPU-hours), and work
 on this machine comes in stretches of a few hours that can end without warning. One command
@@ -10,7 +11,8 @@ continues the whole campaign for a wall-clock budget:
 
 - it takes the first run of the campaign (``mdeq/campaigns/<name>.yaml``) that has not finished,
   continues it from its checkpoint with ``python -m mdeq.train --resume``, and goes on to the next
-  when one finishes;
+  when one finishes; ``--run <run>`` continues one run alone, out of that order (to start a later run
+  while an earlier one is unfinished: each resumes exactly from its own checkpoint);
 - the child checkpoints every ``checkpoint_every`` steps and, through ``--stop-at``, stops at a
   checkpoint before a step or an evaluation that would pass the budget's end (never mid-write);
   SIGTERM or Ctrl-C on the campaign asks the child for the same clean stop;
@@ -190,6 +192,11 @@ def code_worktree(commit: str | None = None) -> tuple[Path, str]:
     return tree, sha
 
 
+def _check_run(spec: CampaignSpec, key: str | None) -> None:
+    if key is not None and key not in spec.runs:
+        raise ValueError(f"--run {key!r} is not a run of campaign {spec.name!r}; its runs: {list(spec.runs)}")
+
+
 def _check_data(spec: CampaignSpec, data_root: str | None) -> None:
     root = paths.ROOT / (data_root or spec.data_root)
     if not root.exists():
@@ -276,14 +283,18 @@ def _lock(path: Path):
 
 
 def run_campaign(spec: CampaignSpec, budget_s: float, *, data_root: str | None = None,
-                 results: Path = RESULTS, min_start_s: float = 60.0, code: str = "head") -> list[dict]:
+                 results: Path = RESULTS, min_start_s: float = 60.0, code: str = "head",
+                 only: str | None = None) -> list[dict]:
     """Continue ``spec`` for ``budget_s`` seconds of wall-clock time; returns each run's status after.
 
     No run is started or continued with less than ``min_start_s`` of the budget left. ``code``:
-    "head" runs each chunk from a worktree of the last commit, "tree" from the working tree.
+    "head" runs each chunk from a worktree of the last commit, "tree" from the working tree. ``only``
+    (a run of the campaign) continues that run alone, out of the campaign's order: a later run can
+    start while an earlier one is unfinished, and each resumes exactly from its own checkpoint.
     """
     if code not in ("head", "tree"):
         raise ValueError(f"code must be 'head' or 'tree', got {code!r}")
+    _check_run(spec, only)
     results = Path(results)
     end = time.time() + budget_s
     logfile = WORK / f"{spec.name}.log"
@@ -298,7 +309,7 @@ def run_campaign(spec: CampaignSpec, budget_s: float, *, data_root: str | None =
         with _lock(WORK / ".lock"):
             _log(f"{spec.name}: budget {budget_s / 60:.0f} min, until "
                  f"{_dt.datetime.fromtimestamp(end, _dt.timezone.utc).isoformat(timespec='seconds')}", logfile)
-            for key in spec.runs:
+            for key in (spec.runs if only is None else (only,)):
                 if stop["asked"] or time.time() > end - min_start_s:
                     break
                 status = run_status(spec, key, results)
@@ -371,22 +382,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data-root", default=None, help="override the campaign's data_root")
     p.add_argument("--code", choices=("head", "tree"), default="head",
                    help="run each chunk from a worktree of the last commit (default) or from the working tree")
+    p.add_argument("--run", default=None, metavar="RUN",
+                   help="continue only this run of the campaign, out of its order (e.g. start the next run early)")
     p.add_argument("--status", action="store_true", help="print where each run stands and exit")
     p.add_argument("--dry-run", action="store_true", help="print the next command and exit")
     args = p.parse_args(argv)
     try:
         spec = load_campaign(args.campaign)
+        _check_run(spec, args.run)
+        runs = spec.runs if args.run is None else (args.run,)
         if args.status:
             _print_status([run_status(spec, key) for key in spec.runs])
             return 0
         if args.dry_run:
-            todo = [k for k in spec.runs if not run_status(spec, k)["finished"]]
+            todo = [k for k in runs if not run_status(spec, k)["finished"]]
             print(shlex.join(train_command(spec, todo[0], stop_at=None, data_root=args.data_root)) if todo
-                  else "every run of the campaign has finished")
+                  else f"{args.run or 'every run of the campaign'} has finished")
             return 0
         if args.budget is None:
             raise ValueError("--budget is required (e.g. --budget 150m), or pass --status / --dry-run")
-        statuses = run_campaign(spec, parse_budget(args.budget), data_root=args.data_root, code=args.code)
+        statuses = run_campaign(spec, parse_budget(args.budget), data_root=args.data_root, code=args.code,
+                                only=args.run)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2

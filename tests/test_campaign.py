@@ -48,6 +48,15 @@ def test_budget_chunks_resume_and_finish_every_run(tiny_campaign):
     assert [s["finished"] for s in run_campaign(spec, 600.0, results=results, code="tree")] == [True, True]
 
 
+def test_run_option_continues_one_run_out_of_order(tiny_campaign):
+    spec, results = tiny_campaign
+    statuses = run_campaign(spec, 1.0, results=results, min_start_s=0, code="tree", only="cifar10_node")
+    assert [s["has_checkpoint"] for s in statuses] == [False, True]  # the first run was not touched
+    assert not (campaign.WORK / "cifar10_resnet18_170k").exists()
+    with pytest.raises(ValueError, match="'cifar10_sst' is not a run of campaign 'tiny'"):
+        run_campaign(spec, 1.0, results=results, only="cifar10_sst")
+
+
 def test_status_command_and_bad_input(tiny_campaign, capsys):
     spec, results = tiny_campaign
     s = run_status(spec, "cifar10_node", results)
