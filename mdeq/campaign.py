@@ -79,6 +79,8 @@ class CampaignSpec:
     threads: int = 2
     workers: int = 0
     checkpoint_every: int = 50
+    # Runs whose steps are slow checkpoint more often, so that a kill loses minutes, not an hour.
+    checkpoint_every_run: dict = field(default_factory=dict)
     log_every: int = 50
     compile: bool = False  # mdeq.train --compile: the forward solve's f compiled (same numbers to rounding)
     # For tests and smoke campaigns only; a campaign that reproduces the paper sets none of these.
@@ -104,6 +106,9 @@ def load_campaign(name_or_path: str | Path) -> CampaignSpec:
     raw["overrides"] = tuple(raw.get("overrides") or ())
     for key in raw["runs"]:
         run_spec(key)  # KeyError naming the known runs
+    stray = sorted(set(raw.get("checkpoint_every_run") or {}) - set(raw["runs"]))
+    if stray:
+        raise ValueError(f"{path.name}: checkpoint_every_run names {stray}, which are not among its runs")
     return CampaignSpec(**raw)
 
 
@@ -156,7 +161,7 @@ def train_command(spec: CampaignSpec, key: str, *, stop_at: float | None, data_r
     argv = [python or sys.executable, "-P", "-m", "mdeq.train", "--config", config_name(run, spec.variant),
             "--data-root", str(data_root or spec.data_root), "--out", rel(WORK / key), "--resume",
             "--threads", str(spec.threads), "--workers", str(spec.workers),
-            "--checkpoint-every", str(spec.checkpoint_every), "--log-every", str(spec.log_every), "--no-progress"]
+            "--checkpoint-every", str(spec.checkpoint_every_run.get(key, spec.checkpoint_every)), "--log-every", str(spec.log_every), "--no-progress"]
     if spec.data_options:
         argv += ["--data-option", *(f"{k}={v}" for k, v in spec.data_options.items())]
     if run.overrides or spec.overrides:

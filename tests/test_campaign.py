@@ -1,6 +1,7 @@
 """The chunked campaign: a budget that ends before the first step leaves a checkpoint and no result;
 the next call continues it, finishes the run and goes on to the next; logs and checkpoints land in
 results/runs/<run>/ and a fresh work folder is restored from there."""
+import dataclasses
 import json
 import shutil
 
@@ -68,11 +69,19 @@ def test_status_command_and_bad_input(tiny_campaign, capsys):
     assert run_status(spec, "cifar10_node", results)["last_step"] == 350
     cmd = train_command(spec, "cifar10_node", stop_at=123.0)
     assert cmd[cmd.index("--baseline") + 1] == "node_172k" and cmd[cmd.index("--stop-at") + 1] == "123"
+    assert cmd[cmd.index("--checkpoint-every") + 1] == "2"
+    slow = dataclasses.replace(spec, checkpoint_every_run={"cifar10_node": 1})
+    assert train_command(slow, "cifar10_node", stop_at=None)[cmd.index("--checkpoint-every") + 1] == "1"
+    assert train_command(slow, "cifar10_resnet18_170k", stop_at=None)[cmd.index("--checkpoint-every") + 1] == "2"
     assert parse_budget("150m") == 9000 and parse_budget("2.5h") == 9000 and parse_budget("90s") == 90
     with pytest.raises(ValueError, match="--budget must look like"):
         parse_budget("soon")
     assert campaign.main(["--campaign", "nope"]) == 2
     assert "no campaign 'nope'" in capsys.readouterr().err
+    bad = results.parent / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "bad", "runs": ["cifar10_node"], "checkpoint_every_run": {"cifar10_anode": 3}}))
+    with pytest.raises(ValueError, match=r"checkpoint_every_run names \['cifar10_anode'\]"):
+        load_campaign(bad)
 
 
 def test_shipped_campaign_is_table1_with_the_paper_protocol():
@@ -80,6 +89,7 @@ def test_shipped_campaign_is_table1_with_the_paper_protocol():
     assert spec.runs[:2] == ("cifar10_resnet18_170k", "cifar10_mdeq_small")
     assert spec.variant == "paper" and not spec.overrides and spec.limit_train is None
     assert spec.data_options["source"] == "jpeg_q75" and spec.workers == 0
+    assert spec.checkpoint_every_run["cifar10_node"] < spec.checkpoint_every  # NODE's step is about 52 s
     assert spec.compile  # the DEQ runs' forward solve is compiled ...
     assert "--compile" in train_command(spec, "cifar10_mdeq_small", stop_at=None)
     assert "--compile" not in train_command(spec, "cifar10_resnet18_170k", stop_at=None)  # ... not a baseline
