@@ -133,8 +133,26 @@ def run_status(spec: CampaignSpec, key: str, results: Path = RESULTS) -> dict[st
         "last_eval_top1": float(last["eval_top1"]) if last.get("eval_top1") else None,
         "last_step": max(int(last["step"]) if last.get("step") else 0, _last_logged_step(folder)),
         "hours": sum(float(r["epoch_time_s"]) for r in rows if r.get("epoch_time_s")) / 3600.0,
+        "chunk_hours": _chunk_hours(folder),
         "has_checkpoint": (folder / "checkpoint.pt").is_file(),
     }
+
+
+def _chunk_hours(folder: Path) -> float:
+    """Wall-clock hours of the run's recorded, ended chunks (``provenance.json``), evaluations and pauses included.
+
+    Why beside ``hours``: until 2026-12-03 an epoch that spanned two chunks logged only its last chunk's
+    part in ``epoch_time_s``, so the sum of epoch times undercounts older runs (whose first chunks may
+    also predate chunk records).
+    """
+    path = folder / "provenance.json"
+    if not path.is_file():
+        return 0.0
+    seconds = 0.0
+    for chunk in json.loads(path.read_text()).get("chunks", []):
+        if chunk.get("start") and chunk.get("end"):
+            seconds += (_dt.datetime.fromisoformat(chunk["end"]) - _dt.datetime.fromisoformat(chunk["start"])).total_seconds()
+    return seconds / 3600.0
 
 
 def _last_logged_step(folder: Path) -> int:
@@ -377,7 +395,8 @@ def _print_status(statuses: Sequence[dict]) -> None:
         state = "finished" if s["finished"] else ("not started" if not s["epochs_done"] and not s["has_checkpoint"]
                                                   else "unfinished")
         print(f"{s['run']:24s} epoch {s['epochs_done']:>2d} of {s['epochs_planned']} ({state}); "
-              f"last test top-1 {top1}; step {s['last_step']}; {s['hours']:.2f} h of training epochs")
+              f"last test top-1 {top1}; step {s['last_step']}; {s['hours']:.2f} h of training epochs, "
+              f"{s['chunk_hours']:.2f} h of chunks")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

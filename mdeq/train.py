@@ -187,6 +187,7 @@ class TrainState:
     best: dict | None = None  # best evaluation-set figure so far (reported beside the final one, never used)
     last_eval: dict | None = None  # the latest evaluation (the final figure once training is over)
     meters: dict = field(default_factory=dict)  # {name: (count, total)} of the epoch in progress
+    epoch_seconds: float = 0.0  # wall-clock seconds of training the epoch in progress, over all its chunks
     stopped: str | None = None  # why this process stopped before the run's end ("stop_at", "SIGTERM")
     loss_reference: tuple = (0, 0.0)  # (count, sum) of the run's first losses (_DivergenceGuard)
     checkpoint_step: int | None = None  # the global step of the checkpoint on disk, if any
@@ -576,6 +577,12 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
     if hasattr(core, "deq"):
         core.deq.warn = False  # non-convergence is logged as data (converged_*), not warned every step
     meters = MetricLogger()
+    t_start, before = time.perf_counter(), state.epoch_seconds  # before: this epoch's earlier chunks
+
+    def keep_epoch_so_far() -> None:  # what a checkpoint of a part-trained epoch carries over a resume
+        state.meters = {n: (m.count, m.total) for n, m in meters.meters.items()}
+        state.epoch_seconds = before + time.perf_counter() - t_start
+
     for name, (count, total) in state.meters.items():  # the part of this epoch done before a resume
         meters.meters[name] = SmoothedValue(meters.window_size)
         meters.meters[name].count, meters.meters[name].total = int(count), float(total)
@@ -586,7 +593,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
     while True:
         reason = ctx.stop.reason(1.5 * ctx.stop.step_s)
         if reason is not None:  # before the next batch is drawn: the same state as a checkpoint after a step
-            state.meters = {n: (m.count, m.total) for n, m in meters.meters.items()}
+            keep_epoch_so_far()
             ctx.save(state)
             state.stopped = reason
             break
@@ -645,11 +652,12 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
         end_of_epoch = state.step_in_epoch >= ctx.iterations_per_epoch
         if (options.checkpoint_every and state.global_step % options.checkpoint_every == 0
                 and not end_of_epoch and not done):
-            state.meters = {n: (m.count, m.total) for n, m in meters.meters.items()}
+            keep_epoch_so_far()
             ctx.save(state)
         if done:
             break
     bar.close()
+    state.epoch_seconds = before + time.perf_counter() - t_start
     return meters
 
 
@@ -963,7 +971,8 @@ def _run(cfg: ExperimentConfig, options: RunOptions, dist_info: DistInfo, device
                 "model": core.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": st.epoch, "step_in_epoch": st.step_in_epoch, "global_step": st.global_step,
-                "best": st.best, "last_eval": plain(st.last_eval), "meters": st.meters, "rng": all_rng,
+                "best": st.best, "last_eval": plain(st.last_eval), "meters": st.meters,
+                "epoch_seconds": st.epoch_seconds, "rng": all_rng,
                 "sampler": {"seed": sampler.seed, "epoch": st.epoch, "skip": st.step_in_epoch * batch},
                 "config": config_to_dict(cfg), "baseline": options.baseline, "world_size": world,
                 "git_commit": git_commit(), "torch": str(torch.__version__),
@@ -1046,6 +1055,7 @@ def _resume(ckpt_path: Path, cfg: ExperimentConfig, options: RunOptions, shape: 
     state = TrainState(epoch=ckpt["epoch"], step_in_epoch=ckpt["step_in_epoch"], global_step=ckpt["global_step"],
                        best=ckpt.get("best"), last_eval=ckpt.get("last_eval"),
                        meters=dict(ckpt.get("meters") or {}),
+                       epoch_seconds=float(ckpt.get("epoch_seconds") or 0.0),
                        loss_reference=tuple(ckpt.get("loss_reference") or (0, 0.0)),
                        checkpoint_step=ckpt["global_step"])
     restore_rng_state(ckpt["rng"][rank])  # _shape_diff: written by as many processes
@@ -1102,9 +1112,8 @@ def _train_epochs(model, core, criterion, optimizer, scheduler, sampler, train_s
         set_phase(model, cfg, state.global_step)
         phase_start = _phase_at(core, cfg, state.global_step - state.step_in_epoch)  # also after a mid-epoch resume
         memory.reset()
-        t0 = time.perf_counter()
         meters = train_one_epoch(model, criterion, optimizer, scheduler, loader, state, ctx)
-        epoch_time = time.perf_counter() - t0
+        epoch_time = state.epoch_seconds  # also the part trained before a resume
         if state.stopped is None and state.step_in_epoch >= iterations_per_epoch:
             eval_estimate = ctx.stop.eval_s if ctx.stop.eval_s is not None else 0.5 * len(eval_loader) * ctx.stop.step_s
             state.stopped = ctx.stop.reason(1.2 * eval_estimate)
@@ -1156,7 +1165,7 @@ def _train_epochs(model, core, criterion, optimizer, scheduler, sampler, train_s
         if not partial:
             state.epoch += 1
             state.step_in_epoch = 0
-        state.meters = {}
+        state.meters, state.epoch_seconds = {}, 0.0
         ctx.save(state)
         if partial:
             break

@@ -171,6 +171,8 @@ def test_chunks_stopped_before_a_step_and_before_an_evaluation_resume_bit_identi
            [(0, 3, "stop_at"), (3, 10, "stop_at"), (10, 20, "finished")]
     assert ckpts[1]["to_step_in_epoch"] == 10  # the epoch was trained, its evaluation ran in the next chunk
     _assert_same_run(full_out, out)
+    for row in _rows(out / "metrics.csv"):  # an epoch's time counts its steps in every chunk
+        assert float(row["epoch_time_s"]) >= int(row["steps"]) * float(row["step_time_ms"]) / 1000
     assert json.loads((out / "final.json").read_text())["final"] == full_final["final"]
 
 
