@@ -19,7 +19,7 @@ def tiny_campaign(tmp_path, monkeypatch):
     root = make_synthetic("cifar10", tmp_path / "data")
     spec_path = tmp_path / "tiny.yaml"
     spec_path.write_text(yaml.safe_dump({
-        "name": "tiny", "runs": ["cifar10_resnet18_170k", "cifar10_node"], "data_root": str(root),
+        "name": "tiny", "runs": ["cifar10_resnet18_170k", "cifar10_mdeq_small"], "data_root": str(root),
         "threads": 1, "checkpoint_every": 2, "log_every": 1,
         "overrides": ["train.epochs=1", "data.batch_size=8", "data.eval_batch_size=8"],
         "limit_train": 24, "limit_eval": 8}))
@@ -53,7 +53,7 @@ def test_budget_chunks_resume_and_finish_every_run(tiny_campaign):
 
 def test_run_option_continues_one_run_out_of_order(tiny_campaign):
     spec, results = tiny_campaign
-    statuses = run_campaign(spec, 1.0, results=results, min_start_s=0, code="tree", only="cifar10_node")
+    statuses = run_campaign(spec, 1.0, results=results, min_start_s=0, code="tree", only="cifar10_mdeq_small")
     assert [s["has_checkpoint"] for s in statuses] == [False, True]  # the first run was not touched
     assert not (campaign.WORK / "cifar10_resnet18_170k").exists()
     with pytest.raises(ValueError, match="'cifar10_sst' is not a run of campaign 'tiny'"):
