@@ -150,7 +150,7 @@ def _row(table: str, row: str, metric: str, paper: float | None, runs: Sequence[
     return {
         "table": table, "setting": setting, "row": row, "metric": metric,
         "paper": paper, "paper_std": paper_std,
-        "ours": round(mean, 4) if mean is not None else NOT_RUN,
+        "ours": round(mean, 4) if mean is not None else ("no epoch evaluated yet" if runs else NOT_RUN),
         "ours_std": round(std, 4) if std is not None else None,
         # no delta for an unfinished run: its number is an intermediate epoch's, not a result
         "delta": (round(mean - paper, 4) if (mean is not None and paper is not None and kind != "smoke"

@@ -92,8 +92,11 @@ for kind in ctx.kinds():
 #
 # Train loss and test accuracy per epoch, and for the DEQ rows the solver statistics of the
 # training steps (epoch means): forward and backward NFE and the relative residual
-# ||f(z) - z|| / ||f(z)|| at the end of each solve. A forward residual that grows over the
-# epochs, or a loss that stalls after the warm-up, would mean the equilibrium is not reached.
+# ||f(z) - z|| / ||f(z)|| at the end of each solve. A loss that stalls after the warm-up would
+# mean the implicit gradient is wrong. A forward residual that grows over the epochs at the fixed
+# 15-step budget means the fixed point got harder to solve; whether it is still reached with more
+# steps is what `benchmarks/equilibrium_over_training.py` checks (README, "MDEQ-small's equilibrium
+# over the epochs").
 
 # %%
 PANELS = [("train_loss", "train loss", True), ("eval_top1", "test accuracy (%)", False),

@@ -137,6 +137,12 @@ def test_table1_unfinished_run_shows_its_latest_epoch_without_a_delta(tmp_path, 
     row = df[df["row"] == "ResNet-18 [26] [Explicit]"].iloc[0]
     assert row["ours"] == 60.0 and pd.isna(row["delta"])
     assert row["status"] == "1 run; unfinished: epoch 2 of 50"
+    started = tmp_path / "runs" / "cifar10_single_stream"  # a first chunk inside epoch 1: no metrics.csv yet
+    started.mkdir()
+    (started / "provenance.json").write_text((folder / "provenance.json").read_text())
+    (started / "steps.jsonl").write_text('{"step": 50, "epoch": 0}\n')
+    row = report.paper_table(_ctx(tmp_path), "real", "table1").set_index("row").loc["Single-stream DEQ [5]"]
+    assert row["ours"] == "no epoch evaluated yet" and row["status"] == "1 run; unfinished: epoch 0 of 50"
 
 
 def test_a_run_stopped_early_is_labelled_and_gets_no_delta(tmp_path, monkeypatch):
