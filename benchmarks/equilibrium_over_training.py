@@ -58,7 +58,7 @@ def checkpoints(run: str) -> list[tuple[str, dict]]:
     return [found[step] for step in sorted(found)]
 
 
-def training_batches(cfg, root: Path, options: dict, batch: int, num: int, seed: int) -> list[torch.Tensor]:
+def training_batches(root: Path, options: dict, batch: int, num: int, seed: int) -> list[torch.Tensor]:
     """``num`` batches of training images (no labels needed), the same for every checkpoint."""
     ds = build_dataset("cifar10", root, "train", augment=False, **options)
     g = torch.Generator().manual_seed(seed)
@@ -72,7 +72,7 @@ def evals_below(mean: torch.Tensor, threshold: float) -> int | None:
     return int(below[0]) + 1 if len(below) else None
 
 
-def solve_stats(model, batches, *, train: bool, budget: int, train_budget: int, seed: int) -> dict:
+def solve_stats(model, batches, *, train: bool, train_budget: int, seed: int) -> dict:
     """Batch-mean lowest-so-far relative residual per f evaluation, averaged over batches."""
     model.train(train)
     curves = []
@@ -107,7 +107,7 @@ def main() -> None:
     options = dict(kv.split("=", 1) for kv in args.data_option)
     cfg = load_config(args.config, trace_overrides("broyden", args.budget))
     train_budget = load_config(args.config).solver.max_iter + 1  # the training solve's f evaluations
-    batches = training_batches(cfg, ROOT / args.data_root, options, args.batch, args.num_batches, args.seed)
+    batches = training_batches(ROOT / args.data_root, options, args.batch, args.num_batches, args.seed)
     rows = []
     for where, ckpt in checkpoints(args.run):
         torch.manual_seed(args.seed)
@@ -116,9 +116,9 @@ def main() -> None:
         model.deq.warn = False
         row = {"global_step": int(ckpt["global_step"]), "epoch": int(ckpt["epoch"]),
                "step_in_epoch": int(ckpt["step_in_epoch"]), "from": where,
-               "train_mode": solve_stats(model, batches, train=True, budget=args.budget, train_budget=train_budget,
+               "train_mode": solve_stats(model, batches, train=True, train_budget=train_budget,
                                          seed=args.seed),
-               "eval_mode": solve_stats(model, batches, train=False, budget=args.budget, train_budget=train_budget,
+               "eval_mode": solve_stats(model, batches, train=False, train_budget=train_budget,
                                         seed=args.seed)}
         rows.append(row)
         t, e = row["train_mode"], row["eval_mode"]

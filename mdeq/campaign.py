@@ -151,7 +151,8 @@ def _chunk_hours(folder: Path) -> float:
     seconds = 0.0
     for chunk in json.loads(path.read_text()).get("chunks", []):
         if chunk.get("start") and chunk.get("end"):
-            seconds += (_dt.datetime.fromisoformat(chunk["end"]) - _dt.datetime.fromisoformat(chunk["start"])).total_seconds()
+            end, start = (_dt.datetime.fromisoformat(chunk[k]) for k in ("end", "start"))
+            seconds += (end - start).total_seconds()
     return seconds / 3600.0
 
 
@@ -179,7 +180,8 @@ def train_command(spec: CampaignSpec, key: str, *, stop_at: float | None, data_r
     argv = [python or sys.executable, "-P", "-m", "mdeq.train", "--config", config_name(run, spec.variant),
             "--data-root", str(data_root or spec.data_root), "--out", rel(WORK / key), "--resume",
             "--threads", str(spec.threads), "--workers", str(spec.workers),
-            "--checkpoint-every", str(spec.checkpoint_every_run.get(key, spec.checkpoint_every)), "--log-every", str(spec.log_every), "--no-progress"]
+            "--checkpoint-every", str(spec.checkpoint_every_run.get(key, spec.checkpoint_every)),
+            "--log-every", str(spec.log_every), "--no-progress"]
     if spec.data_options:
         argv += ["--data-option", *(f"{k}={v}" for k, v in spec.data_options.items())]
     if run.overrides or spec.overrides:
@@ -215,9 +217,13 @@ def code_worktree(commit: str | None = None) -> tuple[Path, str]:
     return tree, sha
 
 
-def _check_run(spec: CampaignSpec, key: str | None) -> None:
-    if key is not None and key not in spec.runs:
-        raise ValueError(f"--run {key!r} is not a run of campaign {spec.name!r}; its runs: {list(spec.runs)}")
+def _runs(spec: CampaignSpec, only: str | None) -> tuple[str, ...]:
+    """The runs to continue, in order: all of the campaign's, or ``only`` (which must be one of them)."""
+    if only is None:
+        return spec.runs
+    if only not in spec.runs:
+        raise ValueError(f"--run {only!r} is not a run of campaign {spec.name!r}; its runs: {list(spec.runs)}")
+    return (only,)
 
 
 def _check_data(spec: CampaignSpec, data_root: str | None) -> None:
@@ -317,7 +323,7 @@ def run_campaign(spec: CampaignSpec, budget_s: float, *, data_root: str | None =
     """
     if code not in ("head", "tree"):
         raise ValueError(f"code must be 'head' or 'tree', got {code!r}")
-    _check_run(spec, only)
+    runs = _runs(spec, only)
     results = Path(results)
     end = time.time() + budget_s
     logfile = WORK / f"{spec.name}.log"
@@ -332,7 +338,7 @@ def run_campaign(spec: CampaignSpec, budget_s: float, *, data_root: str | None =
         with _lock(WORK / ".lock"):
             _log(f"{spec.name}: budget {budget_s / 60:.0f} min, until "
                  f"{_dt.datetime.fromtimestamp(end, _dt.timezone.utc).isoformat(timespec='seconds')}", logfile)
-            for key in (spec.runs if only is None else (only,)):
+            for key in runs:
                 if stop["asked"] or time.time() > end - min_start_s:
                     break
                 status = run_status(spec, key, results)
@@ -413,8 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         spec = load_campaign(args.campaign)
-        _check_run(spec, args.run)
-        runs = spec.runs if args.run is None else (args.run,)
+        runs = _runs(spec, args.run)
         if args.status:
             _print_status([run_status(spec, key) for key in spec.runs])
             return 0
