@@ -40,7 +40,8 @@ def test_budget_chunks_resume_and_finish_every_run(tiny_campaign):
     assert [s["finished"] for s in after] == [True, True]
     assert [s["epochs_done"] for s in after] == [1, 1]
     # chunk starts and ends are whole seconds: the wall clock of the chunks covers the epochs' training time
-    assert all(s["hours"] * 3600 <= s["chunk_hours"] * 3600 + 2 < 600 for s in after) and after[1]["chunk_hours"] > 0
+    # (a tiny run can start and end within one second, so its chunk hours may be 0)
+    assert all(s["hours"] * 3600 <= s["chunk_hours"] * 3600 + 2 < 600 for s in after)
     chunks = json.loads((res / "provenance.json").read_text())["chunks"]
     assert [c["ended"] for c in chunks] == ["stop_at", "finished"] and chunks[1]["from_step"] == 0
     assert chunks[1]["to_step"] == 3 and "hardware" in chunks[1]
