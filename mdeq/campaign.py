@@ -19,9 +19,12 @@ continues the whole campaign for a wall-clock budget:
 - after every checkpoint the run's small logs (``metrics.csv``, ``steps.jsonl``, ``provenance.json``,
   ``final.json``) and its latest ``checkpoint.pt`` are copied atomically into ``results/runs/<run>/``,
   so committing that folder keeps the campaign, and a fresh clone continues it from there;
+- ``side_by_side: 2`` in the campaign file trains the first two unfinished runs at once, each on half
+  the threads (on a 2-core CPU two 1-thread runs train more steps per hour in all than one 2-thread
+  run: ``benchmarks/campaign_throughput.py``); when one finishes the next takes its place;
 - one campaign process at a time (a lock file in ``runs/campaign/``); a run's protocol is never
   shortened: an unfinished run is reported as "epoch k of 50" (``--status``);
-- each chunk runs the code of the last commit, from a git worktree in ``runs/campaign/code/``
+- each call's chunks run the code of the last commit, from a git worktree in ``runs/campaign/code/``
   (``code="head"``, the default), so editing the working tree while the campaign runs never changes
   a run mid-way and every chunk's provenance names a clean commit; ``--code tree`` runs the working
   tree instead.
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as _dt
 import fcntl
 import json
@@ -83,6 +87,9 @@ class CampaignSpec:
     checkpoint_every_run: dict = field(default_factory=dict)
     log_every: int = 50
     compile: bool = False  # mdeq.train --compile: the forward solve's f compiled (same numbers to rounding)
+    # How many runs train at once, each on threads // side_by_side threads (two 1-thread runs train more
+    # steps per hour in all than one 2-thread run on a 2-core CPU: benchmarks/campaign_throughput.py).
+    side_by_side: int = 1
     # For tests and smoke campaigns only; a campaign that reproduces the paper sets none of these.
     overrides: tuple[str, ...] = ()
     limit_train: int | None = None
@@ -109,6 +116,10 @@ def load_campaign(name_or_path: str | Path) -> CampaignSpec:
     stray = sorted(set(raw.get("checkpoint_every_run") or {}) - set(raw["runs"]))
     if stray:
         raise ValueError(f"{path.name}: checkpoint_every_run names {stray}, which are not among its runs")
+    side, threads = raw.get("side_by_side", 1), raw.get("threads", 2)
+    if not (isinstance(side, int) and isinstance(threads, int) and 1 <= side <= threads):
+        raise ValueError(f"{path.name}: side_by_side must be an integer from 1 to threads ({threads}), got {side!r}: "
+                         f"each run side by side needs at least one thread")
     return CampaignSpec(**raw)
 
 
@@ -316,14 +327,17 @@ def run_campaign(spec: CampaignSpec, budget_s: float, *, data_root: str | None =
                  only: str | None = None) -> list[dict]:
     """Continue ``spec`` for ``budget_s`` seconds of wall-clock time; returns each run's status after.
 
-    No run is started or continued with less than ``min_start_s`` of the budget left. ``code``:
-    "head" runs each chunk from a worktree of the last commit, "tree" from the working tree. ``only``
-    (a run of the campaign) continues that run alone, out of the campaign's order: a later run can
-    start while an earlier one is unfinished, and each resumes exactly from its own checkpoint.
+    Up to ``spec.side_by_side`` runs train at once (the first unfinished ones, in order), each on
+    ``spec.threads // spec.side_by_side`` threads; when one finishes, the next unfinished run takes its
+    place. No run is started or continued with less than ``min_start_s`` of the budget left, and none
+    after a run has stopped unfinished (the budget's end or a stop request). ``code``: "head" runs every
+    chunk of this call from one worktree of the last commit, "tree" from the working tree. ``only`` (a
+    run of the campaign) continues that run alone, out of the campaign's order: a later run can start
+    while an earlier one is unfinished, and each resumes exactly from its own checkpoint.
     """
     if code not in ("head", "tree"):
         raise ValueError(f"code must be 'head' or 'tree', got {code!r}")
-    runs = _runs(spec, only)
+    pending = list(_runs(spec, only))
     results = Path(results)
     end = time.time() + budget_s
     logfile = WORK / f"{spec.name}.log"
@@ -334,62 +348,111 @@ def run_campaign(spec: CampaignSpec, budget_s: float, *, data_root: str | None =
 
     _check_data(spec, data_root)
     old = {s: signal.signal(s, ask_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    active: list[_Chunk] = []
     try:
         with _lock(WORK / ".lock"):
             _log(f"{spec.name}: budget {budget_s / 60:.0f} min, until "
-                 f"{_dt.datetime.fromtimestamp(end, _dt.timezone.utc).isoformat(timespec='seconds')}", logfile)
-            for key in runs:
-                if stop["asked"] or time.time() > end - min_start_s:
+                 f"{_dt.datetime.fromtimestamp(end, _dt.timezone.utc).isoformat(timespec='seconds')}"
+                 + (f"; {spec.side_by_side} runs side by side" if spec.side_by_side > 1 else ""), logfile)
+            code_dir, halted, failed = None, False, None
+            while True:
+                while (len(active) < spec.side_by_side and pending and not (halted or failed or stop["asked"])
+                       and time.time() <= end - min_start_s):
+                    key = pending.pop(0)
+                    if run_status(spec, key, results)["finished"]:
+                        continue
+                    if code_dir is None:
+                        code_dir = paths.ROOT
+                        if code == "head":  # once per call: a running chunk's code never changes under it
+                            code_dir, sha = code_worktree()
+                    if code == "head":
+                        _log(f"{key}: code of commit {sha} (worktree {rel(code_dir)})", logfile)
+                    work = WORK / key
+                    if restore_run(results / key, work):
+                        _log(f"{key}: restored from {results / key}", logfile)
+                    active.append(_start_chunk(spec, key, end, work, results / key, data_root, logfile, code_dir))
+                if not active:
                     break
-                status = run_status(spec, key, results)
-                if status["finished"]:
-                    continue
-                work = WORK / key
-                if restore_run(results / key, work):
-                    _log(f"{key}: restored from {results / key}", logfile)
-                rc = _run_chunk(spec, key, end, work, results / key, data_root, logfile, stop, code)
-                status = run_status(spec, key, results)
-                _log(f"{key}: exit code {rc}; epoch {status['epochs_done']} of {status['epochs_planned']}"
-                     + (f", last top-1 {status['last_eval_top1']:.2f}%" if status["last_eval_top1"] is not None
-                        else ""), logfile)
-                if rc != 0:
-                    raise RuntimeError(f"{key}: mdeq.train exited with code {rc}; see {work / 'train.log'}")
-                if not status["finished"]:
-                    break  # stopped at the budget's end (or asked to): the next stretch continues here
+                _wait_any(active, _POLL_S)
+                for chunk in list(active):
+                    rc = chunk.watch(stop["asked"] or failed is not None, end, logfile)
+                    if rc is None:
+                        continue
+                    active.remove(chunk)
+                    status = run_status(spec, chunk.key, results)
+                    _log(f"{chunk.key}: exit code {rc}; epoch {status['epochs_done']} of {status['epochs_planned']}"
+                         + (f", last top-1 {status['last_eval_top1']:.2f}%" if status["last_eval_top1"] is not None
+                            else ""), logfile)
+                    if rc != 0 and failed is None:
+                        failed = f"{chunk.key}: mdeq.train exited with code {rc}; see {chunk.work / 'train.log'}"
+                    elif not status["finished"]:
+                        halted = True  # stopped at the budget's end (or asked to): the next stretch continues here
+            if failed:
+                raise RuntimeError(failed)
     finally:
+        for chunk in active:  # only after an exception in this process: the children stop at a checkpoint
+            chunk.proc.send_signal(signal.SIGTERM)
+            chunk.proc.wait()
+            chunk.close()
         for s, h in old.items():
             signal.signal(s, h)
     return [run_status(spec, key, results) for key in spec.runs]
 
 
-def _run_chunk(spec, key, end, work, dest, data_root, logfile, stop, code) -> int:
-    code_dir = paths.ROOT
-    if code == "head":
-        code_dir, sha = code_worktree()
-        _log(f"{key}: code of commit {sha} (worktree {rel(code_dir)})", logfile)
-    cmd = train_command(spec, key, stop_at=end, data_root=data_root)
+@dataclass
+class _Chunk:
+    """One ``mdeq.train`` child of the campaign: it syncs the run's files after each checkpoint it writes."""
+
+    key: str
+    work: Path
+    dest: Path
+    proc: subprocess.Popen
+    out: Any
+    seen: float | None = None
+    signalled: bool = False
+
+    def watch(self, stopping: bool, end: float, logfile: Path) -> int | None:
+        """Sync a new checkpoint; ask the child to stop when told or far past the budget; its exit code once it has exited."""
+        rc = self.proc.poll()
+        ckpt = self.work / "checkpoint.pt"
+        mtime = ckpt.stat().st_mtime if ckpt.is_file() else None
+        if rc is None and mtime is not None and mtime != self.seen:  # train writes its logs before each checkpoint
+            sync_run(self.work, self.dest)
+            self.seen = mtime
+        if rc is None and (stopping or time.time() > end + _GRACE_S) and not self.signalled:
+            self.proc.send_signal(signal.SIGTERM)  # the child stops at its next step, with a checkpoint
+            self.signalled = True
+            _log(f"{self.key}: asked the run to stop at its next step", logfile)
+        if rc is not None:
+            sync_run(self.work, self.dest)
+            self.close()
+        return rc
+
+    def close(self) -> None:
+        self.out.close()
+
+
+def _start_chunk(spec, key, end, work, dest, data_root, logfile, code_dir) -> _Chunk:
+    threads = max(1, spec.threads // spec.side_by_side)
+    child = dataclasses.replace(spec, threads=threads)
+    cmd = train_command(child, key, stop_at=end, data_root=data_root)
     work.mkdir(parents=True, exist_ok=True)
     _log(f"{key}: $ {shlex.join(cmd)}", logfile)
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec.threads), "PYTHONPATH": str(code_dir)}
-    with open(work / "train.log", "a") as out:
-        proc = subprocess.Popen(cmd, cwd=paths.ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-        seen, signalled = None, False
-        while True:
-            try:
-                rc = proc.wait(timeout=_POLL_S)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-            mtime = (work / "checkpoint.pt").stat().st_mtime if (work / "checkpoint.pt").is_file() else None
-            if mtime is not None and mtime != seen:  # train writes its logs before each checkpoint
-                sync_run(work, dest)
-                seen = mtime
-            if (stop["asked"] or time.time() > end + _GRACE_S) and not signalled:
-                proc.send_signal(signal.SIGTERM)  # the child stops at its next step, with a checkpoint
-                signalled = True
-                _log(f"{key}: asked the run to stop at its next step", logfile)
-    sync_run(work, dest)
-    return rc
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(code_dir)}
+    out = open(work / "train.log", "a")
+    proc = subprocess.Popen(cmd, cwd=paths.ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+    return _Chunk(key, work, dest, proc, out)
+
+
+def _wait_any(chunks: Sequence[_Chunk], timeout: float) -> None:
+    """Until one child exits or ``timeout`` seconds pass."""
+    if len(chunks) == 1:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            chunks[0].proc.wait(timeout=timeout)
+        return
+    deadline = time.time() + timeout
+    while time.time() < deadline and all(c.proc.poll() is None for c in chunks):
+        time.sleep(0.2)
 
 
 # ----------------------------------------------------------------------------------------------

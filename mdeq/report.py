@@ -48,7 +48,7 @@ def paper_numbers(path: str | Path = PAPER_NUMBERS) -> dict:
 # Figure style.
 
 COLORS = {  # one colour per model or solver, in every figure
-    "mdeq": "#1f77b4", "mdeq_small": "#1f77b4", "mdeq_large": "#08306b", "mdeq_xl": "#6baed6",
+    "mdeq": "#1f77b4", "mdeq_small": "#1f77b4", "mdeq_small_simple_injection": "#17becf", "mdeq_large": "#08306b", "mdeq_xl": "#6baed6",
     "mdeq_large_unrolled5": "#9467bd", "single_stream": "#ff7f0e", "resnet18": "#2ca02c",
     "resnet18_170k": "#2ca02c", "resnet18_10m": "#98df8a", "resnet101": "#7f7f7f",
     "node": "#d62728", "anode": "#e377c2",
@@ -200,12 +200,15 @@ def paper_table(ctx, kind: str, table: str, numbers: Mapping | None = None) -> p
     for pr in numbers[table]["rows"]:
         if "ours" not in pr:
             continue
-        runs = read_runs(ctx.logs_dir(kind), pr["ours"])
-        for col in spec.columns:
-            values = [None if v is None else v * col.scale for v in (r.value(*col.ours) for r in runs)]
-            rows.append(_row(spec.title, pr["row"], col.metric, pr[col.paper], runs, values, ctx, kind,
-                             paper_std=pr[col.paper_std] if col.paper_std else None, paper_params=pr["params"],
-                             setting=pr["setting"] if spec.setting else ""))
+        variants = {pr["ours"]: None, **(pr.get("ours_variants") or {})}
+        for key, variant in variants.items():
+            runs = read_runs(ctx.logs_dir(kind), key)
+            name = pr["row"] if variant is None else f"{pr['row']}, {variant}"
+            for col in spec.columns:
+                values = [None if v is None else v * col.scale for v in (r.value(*col.ours) for r in runs)]
+                rows.append(_row(spec.title, name, col.metric, pr[col.paper], runs, values, ctx, kind,
+                                 paper_std=pr[col.paper_std] if col.paper_std else None,
+                                 paper_params=pr["params"], setting=pr["setting"] if spec.setting else ""))
     return pd.DataFrame(rows)
 
 

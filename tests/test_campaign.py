@@ -118,3 +118,24 @@ def test_chunks_run_the_last_commit_from_a_worktree(tiny_campaign):
         assert cmd[1] == "-P" and not any(str(paths.ROOT) in a for a in cmd[2:])
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=paths.ROOT, check=False)
+
+
+def test_side_by_side_trains_runs_at_once_on_a_share_of_the_threads(tiny_campaign):
+    spec, results = tiny_campaign
+    spec = dataclasses.replace(spec, threads=2, side_by_side=2)
+    statuses = run_campaign(spec, 600.0, results=results, code="tree")
+    assert [s["finished"] for s in statuses] == [True, True]
+    chunks = {key: json.loads((results / key / "provenance.json").read_text())["chunks"]
+              for key in spec.runs}
+    assert all(c[-1]["hardware"]["torch_threads"] == 1 for c in chunks.values())  # 2 threads shared by 2 runs
+    assert all("--threads 1" in c[-1]["command"] for c in chunks.values())
+    first, second = (chunks[key][-1] for key in spec.runs)
+    assert second["start"] <= first["end"] and first["start"] <= second["end"]  # the chunks overlapped
+    assert "2 runs side by side" in (campaign.WORK / "tiny.log").read_text()
+
+
+def test_side_by_side_needs_a_thread_per_run(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "bad", "runs": ["cifar10_node"], "threads": 2, "side_by_side": 3}))
+    with pytest.raises(ValueError, match="side_by_side must be an integer from 1 to threads"):
+        load_campaign(bad)
