@@ -146,6 +146,15 @@ class SolverConfig:
     phantom_damping: float = 0.5
     eval_max_iter: int | None = None  # None: the training budget
     eval_tol: float | None = None
+    # Fixed-point correction (Bai et al., CVPR 2022; torchdeq n_states), off at 1: supervise this many states
+    # of the forward solve (spread evenly over max_iter, the last being z*), each earlier one through
+    # correction_steps damped steps z <- (1 - d) z + d f(z), d = correction_damping (a phantom gradient; 1
+    # step at d = 1 is the one-step gradient), its loss weighted correction_gamma^(states - 1 - k) (z*: 1).
+    # docs/training_stability.md#fixed-point-correction
+    correction_states: int = 1
+    correction_steps: int = 1
+    correction_damping: float = 1.0
+    correction_gamma: float = 0.8
 
     def __post_init__(self) -> None:
         _check_choice(self.solver, SOLVER_NAMES, "solver.solver")
@@ -162,6 +171,16 @@ class SolverConfig:
         _check(self.eval_tol is None or self.eval_tol > 0, f"solver.eval_tol must be null or > 0, got {self.eval_tol}")
         _check(0.0 < self.phantom_damping <= 1.0,
                f"solver.phantom_damping must be in (0, 1], got {self.phantom_damping}")
+        for name in ("correction_states", "correction_steps"):
+            _check(getattr(self, name) >= 1, f"solver.{name} must be >= 1, got {getattr(self, name)}")
+        _check(self.correction_states <= self.max_iter,
+               f"solver.correction_states ({self.correction_states}) must be <= solver.max_iter ({self.max_iter}): "
+               f"one state per solver step at most")
+        _check(self.correction_states == 1 or self.grad != "unrolled",
+               "solver.correction_states > 1 supervises states of the forward solve; with solver.grad 'unrolled' "
+               "there is none")
+        for name in ("correction_damping", "correction_gamma"):
+            _check(0.0 < getattr(self, name) <= 1.0, f"solver.{name} must be in (0, 1], got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -212,6 +231,25 @@ class TrainConfig:
     pretrain_steps: int = 0  # optimiser steps run as an unrolled weight-tied stack before the DEQ
     seed: int = 0
     pretrained: str | None = None  # checkpoint whose stem, injection and f_theta initialise this model
+    # Jacobian regularisation (Bai, Koltun, Kolter, ICML 2021; the released *_reg.yaml LOSS fields), off at
+    # frequency 0: with probability jac_reg_freq per step (JAC_LOSS_FREQ) the loss gets weight x the Hutchinson
+    # estimate of ||J_f(z*)||_F^2 / numel(z*) from jac_reg_probes Gaussian probes. The weight is
+    # jac_reg_pretrain_weight during the unrolled warm-up (PRETRAIN_JAC_LOSS_WEIGHT), then jac_reg_weight
+    # (JAC_LOSS_WEIGHT) + jac_reg_step per jac_reg_step_every optimiser steps after it (0.1 per JAC_INCREMENTAL;
+    # null: never), and 0 from epoch jac_reg_stop_epoch on (JAC_STOP_EPOCH; null: never).
+    # docs/training_stability.md#jacobian-regularisation
+    jac_reg_freq: float = 0.0
+    jac_reg_weight: float = 0.0
+    jac_reg_pretrain_weight: float = 0.0
+    jac_reg_step: float = 0.1
+    jac_reg_step_every: int | None = None
+    jac_reg_stop_epoch: int | None = None
+    jac_reg_probes: int = 2
+    # The spectral radius of J_f(z*) by the power method (spectral_radius_iters VJPs) on the first evaluation
+    # batch, logged with every spectral_radius_every-th epoch's evaluation (epochs 0, k, 2k, ...; 0: never;
+    # the released SPECTRAL_RADIUS_MODE: every 10, 150 iterations). docs/training_stability.md#spectral-radius
+    spectral_radius_every: int = 0
+    spectral_radius_iters: int = 150
 
     def __post_init__(self) -> None:
         _check_choice(self.optimizer, OPTIMIZERS, "train.optimizer")
@@ -224,6 +262,29 @@ class TrainConfig:
         _check(self.epochs >= 1, f"train.epochs must be >= 1, got {self.epochs}")
         _check(0.0 <= self.eta_min < self.lr, f"train.eta_min must be in [0, lr), got {self.eta_min}")
         _check(self.pretrain_steps >= 0, f"train.pretrain_steps must be >= 0, got {self.pretrain_steps}")
+        _check(0.0 <= self.jac_reg_freq <= 1.0, f"train.jac_reg_freq must be in [0, 1], got {self.jac_reg_freq}")
+        for name in ("jac_reg_weight", "jac_reg_pretrain_weight", "jac_reg_step"):
+            _check(getattr(self, name) >= 0, f"train.{name} must be >= 0, got {getattr(self, name)}")
+        _check(self.jac_reg_step_every is None or self.jac_reg_step_every >= 1,
+               f"train.jac_reg_step_every must be null or >= 1, got {self.jac_reg_step_every}")
+        weighted = self.jac_reg_weight > 0 or self.jac_reg_pretrain_weight > 0 or (
+            self.jac_reg_step > 0 and self.jac_reg_step_every is not None)
+        _check((self.jac_reg_freq > 0) == weighted,
+               f"train.jac_reg_freq ({self.jac_reg_freq}) and the Jacobian penalty's weights (jac_reg_weight "
+               f"{self.jac_reg_weight}, jac_reg_pretrain_weight {self.jac_reg_pretrain_weight}) must be both zero "
+               f"(off) or both set: either alone never applies the penalty")
+        _check(self.jac_reg_stop_epoch is None or self.jac_reg_stop_epoch >= 0,
+               f"train.jac_reg_stop_epoch must be null or >= 0, got {self.jac_reg_stop_epoch}")
+        _check(self.jac_reg_probes >= 1, f"train.jac_reg_probes must be >= 1, got {self.jac_reg_probes}")
+        _check(self.spectral_radius_every >= 0,
+               f"train.spectral_radius_every must be >= 0 (0: never), got {self.spectral_radius_every}")
+        _check(self.spectral_radius_iters >= 1,
+               f"train.spectral_radius_iters must be >= 1, got {self.spectral_radius_iters}")
+
+    @property
+    def jac_reg(self) -> bool:
+        """Whether Jacobian regularisation is on (a nonzero frequency; validated to come with a weight)."""
+        return self.jac_reg_freq > 0
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,22 @@ Gradient modes (``grad``):
 Which path runs depends only on ``torch.is_grad_enabled()`` and on whether the f(z*) output needs
 a gradient, never on ``module.training`` (torchdeq issue #4), so input gradients work in eval mode.
 ``module.training`` only picks the iteration budget (train vs eval ``max_iter`` / ``tol``).
+
+Stabilisers of the authors' later code, all off by default (``mdeq.stability``, docs/training_stability.md):
+- ``correction_states`` = n > 1, fixed-point correction (Bai et al., "Deep Equilibrium Optical Flow
+  Estimation", CVPR 2022; torchdeq ``n_states``): in a call with grad, the inputs of n - 1 evaluations of f
+  spread evenly over the forward solve are kept, and each is returned in ``info.correction`` after
+  ``correction_steps`` damped steps z <- (1 - t) z + t f(z) (t = ``correction_damping``) with a graph: a
+  phantom (one-step for 1 step, t = 1) gradient. A caller supervises them beside the output.
+- ``jacobian_probes`` = k > 0 on a call with grad: ``info.jacobian_loss`` is the Hutchinson estimate of
+  ||J_f(z*)||_F^2 / numel(z*) from k probes, with a graph (Jacobian regularisation, locuslab/deq
+  ``MDEQ-Vision/lib/models/mdeq_core.py``). In ``ift`` mode it reuses the f(z*) call; otherwise it takes one
+  more f evaluation at the detached state. Its probes come from a generator seeded ``jacobian_seed`` (None:
+  the global stream).
+- ``spectral_radius_iters`` = k > 0: ``info.spectral_radius`` is the (B,) power-method estimate of the
+  spectral radius of J_f(z*) after k VJPs, in any call that solves (also under no_grad: evaluation). Its
+  start vector comes from a fixed-seed generator, so the global random stream does not move.
+The three are attributes that may be set between calls, as the engine does per step and per evaluation.
 """
 from __future__ import annotations
 
@@ -28,8 +44,9 @@ from torch import nn
 from torch.profiler import record_function
 
 from mdeq.solvers import SOLVERS, STOP_MODES, SolverStats
+from mdeq.stability import jacobian_frobenius, power_method
 
-__all__ = ["ImplicitLayer", "DEQInfo", "GRAD_MODES"]
+__all__ = ["ImplicitLayer", "DEQInfo", "GRAD_MODES", "correction_indices"]
 
 GRAD_MODES = ("ift", "phantom", "jfb", "unrolled")
 
@@ -42,6 +59,11 @@ class DEQInfo:
     backward: stats of the IFT backward solve; filled in when ``.backward()`` reaches the layer.
     unrolled_rel_residual: (B,) ||f(z_k) - z_k|| / ||f(z_k)|| of the last unrolled step, measured
     with one more f call under no_grad only when ``measure_unrolled`` is on (else None).
+    jacobian_loss: scalar Hutchinson estimate of ||J_f||_F^2 / numel(z) at the returned state, with a graph
+    (only with ``jacobian_probes`` > 0 and grad enabled; else None).
+    spectral_radius: (B,) power-method estimate of rho(J_f(z*)) on the CPU (``spectral_radius_iters`` > 0).
+    correction: fixed-point correction's states, earliest first, each a list of (B, C_i, H_i, W_i) with a
+    phantom gradient (a tensor for a single-tensor state); None unless ``correction_states`` > 1 and grad.
     """
 
     mode: str
@@ -50,6 +72,9 @@ class DEQInfo:
     nfe_forward: int = 0
     unrolled_rel_residual: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
+    jacobian_loss: torch.Tensor | None = None
+    spectral_radius: torch.Tensor | None = None
+    correction: list | None = None
 
 
 def _resolve_solver(solver) -> Callable:
@@ -76,7 +101,9 @@ class ImplicitLayer(nn.Module):
                  backward_solver="broyden", backward_max_iter: int = 30, backward_tol: float = 1e-6,
                  backward_stop_mode: str = "rel", backward_options: dict | None = None, phantom_steps: int = 5,
                  phantom_damping: float = 0.5, unroll_steps: int = 5, warn: bool = True,
-                 measure_unrolled: bool = False, compile_forward: bool = False):
+                 measure_unrolled: bool = False, compile_forward: bool = False, correction_states: int = 1,
+                 correction_steps: int = 1, correction_damping: float = 1.0, jacobian_probes: int = 0,
+                 jacobian_seed: int | None = None, spectral_radius_iters: int = 0):
         super().__init__()
         self.func = func
         self.solver = _resolve_solver(solver)
@@ -98,6 +125,16 @@ class ImplicitLayer(nn.Module):
             raise ValueError(f"phantom_damping must be in (0, 1], got {phantom_damping!r}")
         self.phantom_steps, self.phantom_damping = phantom_steps, phantom_damping
         self.unroll_steps = unroll_steps
+        if correction_states < 1 or correction_steps < 1:
+            raise ValueError("correction_states and correction_steps must be >= 1")
+        if not 0 < correction_damping <= 1:
+            raise ValueError(f"correction_damping must be in (0, 1], got {correction_damping!r}")
+        if jacobian_probes < 0 or spectral_radius_iters < 0:
+            raise ValueError("jacobian_probes and spectral_radius_iters must be >= 0 (0: off)")
+        self.correction_states, self.correction_steps = correction_states, correction_steps
+        self.correction_damping = correction_damping
+        self.jacobian_probes, self.jacobian_seed = jacobian_probes, jacobian_seed
+        self.spectral_radius_iters = spectral_radius_iters
         self.warn = warn
         self.measure_unrolled = measure_unrolled
         self.compile_forward = compile_forward
@@ -128,6 +165,8 @@ class ImplicitLayer(nn.Module):
             z, info = self._unrolled(f, z0)
         else:
             z, info = self._implicit(f, z0, args)
+        if single and info.correction is not None:
+            info.correction = [s[0] for s in info.correction]
         return (z[0] if single else z), info
 
     # ------------------------------------------------------------------------------------------
@@ -142,9 +181,28 @@ class ImplicitLayer(nn.Module):
                 num = sum((a - b).flatten(1).square().sum(1) for a, b in zip(fz, z)).sqrt()
                 den = sum(a.flatten(1).square().sum(1) for a in fz).sqrt() + 1e-9
                 info.unrolled_rel_residual = (num / den).float().cpu()
+        if self.jacobian_probes and torch.is_grad_enabled():  # at the last unrolled state, one more f
+            info.jacobian_loss = self._jacobian(f, z)
         return z, info
 
-    def _solve(self, f, z0, args, max_iter, tol):
+    def _jacobian(self, f, z, f_z=None):
+        """The Hutchinson penalty at state z; without ``f_z`` (f(z) computed from z) one more f call at z detached."""
+        if f_z is None:
+            z = [t.detach().requires_grad_() for t in z]
+            with record_function("mdeq::jacobian_f"):
+                f_z = f(z)
+        with record_function("mdeq::jacobian_reg"):
+            return jacobian_frobenius(f_z, z, probes=self.jacobian_probes,
+                                      generator=_generator(self.jacobian_seed, z[0].device))
+
+    def _spectral_radius(self, f, z_star):
+        """(B,) power-method estimate at z*: one f call with a graph and ``spectral_radius_iters`` VJPs."""
+        with torch.enable_grad(), record_function("mdeq::spectral_radius"):
+            z = [t.detach().requires_grad_() for t in z_star]
+            _, radius = power_method(f(z), z, iters=self.spectral_radius_iters, generator=_generator(0, z[0].device))
+        return radius.float().cpu()
+
+    def _solve(self, f, z0, args, max_iter, tol, watch=None):
         """The forward solve, with the torch.compile'd func when ``compile_forward`` is on.
 
         Why only here: the no-grad solve is where f runs most (T_f times a step) and where inductor's
@@ -152,7 +210,8 @@ class ImplicitLayer(nn.Module):
         VJP were not faster, so f(z*) and the backward stay eager. A compiler that fails on its first use
         (no C++ compiler, an unsupported torch) warns once and the layer goes on eagerly.
         """
-        run = lambda g: self.solver(_labelled(g, "mdeq::forward_f"), z0, max_iter=max_iter,  # noqa: E731
+        watched = (lambda g: g) if watch is None else watch.wrap  # noqa: E731
+        run = lambda g: self.solver(watched(_labelled(g, "mdeq::forward_f")), z0, max_iter=max_iter,  # noqa: E731
                                     tol=tol, stop_mode=self.stop_mode, **self.solver_options)
         if not self.compile_forward or self._compiled.get("failed"):
             return run(f)
@@ -174,27 +233,85 @@ class ImplicitLayer(nn.Module):
     def _implicit(self, f, z0, args):
         max_iter = self.max_iter if self.training else self.eval_max_iter
         tol = self.tol if self.training else self.eval_tol
+        grad = torch.is_grad_enabled()
+        watch = _Trajectory(correction_indices(max_iter, self.correction_states)[:-1]) \
+            if grad and self.correction_states > 1 else None
         with torch.no_grad(), record_function("mdeq::forward_solve"):
-            z_star, stats = self._solve(f, [t.detach() for t in z0], args, max_iter, tol)
+            z_star, stats = self._solve(f, [t.detach() for t in z0], args, max_iter, tol, watch)
         info = DEQInfo(mode=self._grad, forward=stats, nfe_forward=stats.nfe)
-        if not torch.is_grad_enabled():
+        if self.spectral_radius_iters:
+            info.spectral_radius = self._spectral_radius(f, z_star)
+        if not grad:
             return z_star, info
+        if watch is not None:
+            with record_function("mdeq::correction"):
+                info.correction = [_damped_steps(f, s, self.correction_steps, self.correction_damping)
+                                   for s in watch.states(z_star)]
+        jacobian = bool(self.jacobian_probes)
         if self._grad == "ift":
             z_star = [t.detach().requires_grad_() for t in z_star]
             with record_function("mdeq::f_star"):
                 z_new = f(z_star)
+            if jacobian:
+                info.jacobian_loss = self._jacobian(f, z_star, z_new)
             if not any(t.requires_grad for t in z_new):
                 return [t.detach() for t in z_new], info
             backward = _IFTBackward(self, z_star, z_new, info)
             return list(_AttachBackward.apply(backward, *z_new)), info
+        if jacobian:
+            info.jacobian_loss = self._jacobian(f, z_star)
         if self._grad == "jfb":
             return f([t.detach() for t in z_star]), info
-        z = [t.detach() for t in z_star]  # phantom
-        tau = self.phantom_damping
-        for _ in range(self.phantom_steps):
-            fz = f(z)
-            z = fz if tau == 1.0 else [(1 - tau) * a + tau * b for a, b in zip(z, fz)]
-        return z, info
+        return _damped_steps(f, z_star, self.phantom_steps, self.phantom_damping), info  # phantom
+
+
+def correction_indices(max_iter: int, states: int) -> list[int]:
+    """The solver steps whose states fixed-point correction supervises, earliest first; the last is ``max_iter``.
+
+    ``states`` (at most ``max_iter``) spread evenly, as torchdeq ``core.py`` ``_compute_f_iter`` spreads
+    ``n_states``: step k is the input of the solver's (k + 1)-th evaluation of f, i.e. the iterate after k
+    updates. The last entry stands for the returned z*, which carries the layer's own gradient.
+    """
+    n = max(1, min(states, max_iter))
+    delta = max_iter // n
+    if max_iter % n == 0:
+        return [(k + 1) * delta for k in range(n)]
+    return [max_iter - (n - k - 1) * delta for k in range(n)]
+
+
+class _Trajectory:
+    """Copies of the states at which the forward solve evaluates f, at chosen evaluation indices.
+
+    A state the solve did not reach (it stopped at ``tol`` before) is replaced by the returned z*.
+    """
+
+    def __init__(self, steps: list[int]):
+        self.steps, self.calls, self.kept = list(steps), 0, {}
+
+    def wrap(self, g):
+        def watched(z):
+            if self.calls in self.steps:
+                self.kept[self.calls] = [t.clone() for t in z]  # the solver may reuse the buffer behind z
+            self.calls += 1
+            return g(z)
+        return watched
+
+    def states(self, z_star) -> list[list[torch.Tensor]]:
+        return [self.kept.get(k, z_star) for k in self.steps]
+
+
+def _damped_steps(f, z, steps: int, tau: float):
+    """``steps`` of z <- (1 - tau) z + tau f(z) from z detached, with a graph (phantom gradient; JFB at 1, 1)."""
+    z = [t.detach() for t in z]
+    for _ in range(steps):
+        fz = f(z)
+        z = fz if tau == 1.0 else [(1 - tau) * a + tau * b for a, b in zip(z, fz)]
+    return z
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """A generator on ``device`` seeded ``seed``, or None (the global stream) for None."""
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
 
 def _labelled(fn, name):

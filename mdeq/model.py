@@ -362,7 +362,8 @@ def _implicit_layer(func: nn.Module, s: SolverConfig) -> ImplicitLayer:
         backward_max_iter=s.backward_max_iter, backward_tol=s.backward_tol,
         backward_stop_mode=s.backward_stop_mode,
         backward_options=_solver_options(s.backward_solver, s.memory), phantom_steps=s.phantom_steps,
-        phantom_damping=s.phantom_damping, unroll_steps=s.unroll_steps)
+        phantom_damping=s.phantom_damping, unroll_steps=s.unroll_steps, correction_states=s.correction_states,
+        correction_steps=s.correction_steps, correction_damping=s.correction_damping)
 
 
 class MDEQ(nn.Module):
@@ -373,6 +374,9 @@ class MDEQ(nn.Module):
     ``upsample_logits`` to reach the label size). Each call stores its ``DEQInfo`` (solver
     statistics, per-scale traces) in ``model.last_info``. ``model.deq`` is the ImplicitLayer:
     set ``model.deq.grad = "unrolled"`` for the weight-tied warm-up, back to ``"ift"`` after it.
+    With fixed-point correction on (``solver.correction_states`` > 1) a call with grad also leaves the
+    head's logits of the earlier solver states in ``model.last_correction_logits`` (earliest first; else
+    None), for the engine's weighted loss.
     """
 
     def __init__(self, cfg: ModelConfig, solver: SolverConfig, num_classes: int):
@@ -397,6 +401,7 @@ class MDEQ(nn.Module):
         else:
             self.head = SegmentationHead(cfg.num_channels, num_classes, m)
         self.last_info: DEQInfo | None = None
+        self.last_correction_logits: list[Tensor] | None = None
         self.reset_parameters()
 
     @property
@@ -479,7 +484,25 @@ class MDEQ(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         z, info = self.equilibrium(x)
         self.last_info = info
-        return self.head(z)
+        logits = self.head(z)
+        self.last_correction_logits = None if info.correction is None else \
+            [self._head_keeping_running_stats(s) for s in info.correction]
+        return logits
+
+    def _head_keeping_running_stats(self, z: Sequence[Tensor]) -> Tensor:
+        """The head on a correction state, normalising by its batch statistics without moving the BatchNorm
+        running statistics: those stay the ones of the returned state's call, as without correction."""
+        norms = [m for m in self.head.modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+        saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+        try:
+            for m in norms:
+                m.momentum = 0.0  # running <- (1 - 0) running + 0 batch
+            return self.head(z)
+        finally:
+            for m, (momentum, count) in zip(norms, saved):
+                m.momentum = momentum
+                m.num_batches_tracked.copy_(count)
 
 
 def build_model(cfg: ExperimentConfig) -> MDEQ:

@@ -55,8 +55,8 @@ EPOCH_COLUMNS = (
     "epoch", "step", "phase", "train_loss", "train_acc", "eval_top1", "eval_top5", "eval_miou",
     "eval_pixel_acc", "eval_loss", "lr", "nfe_forward", "nfe_backward", "rel_residual_forward",
     "abs_residual_forward", "converged_forward", "rel_residual_backward", "converged_backward",
-    "eval_nfe_forward", "eval_rel_residual_forward", "step_time_ms", "peak_mem_mb", "mem_kind",
-    "epoch_time_s", "steps", "partial",
+    "eval_nfe_forward", "eval_rel_residual_forward", "eval_spectral_radius", "step_time_ms", "peak_mem_mb",
+    "mem_kind", "epoch_time_s", "steps", "partial",
 )
 
 

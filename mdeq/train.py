@@ -20,6 +20,10 @@ checkpoints), with what the paper's training needs on top (Appendix A, Table 4,
   shows the best epoch beside it, labelled as such, for comparison only.
 - **ImageNet initialisation for Cityscapes** (``train.pretrained``): every tensor present in both state
   dicts with equal shapes (stem, injection, f_theta) is loaded and the loaded/skipped keys are logged.
+- **Stabilisers of the authors' later code**, off by default (docs/training_stability.md): Jacobian
+  regularisation (``train.jac_reg_*``, scheduled by ``jacobian_weight``), fixed-point correction
+  (``solver.correction_*``, ``training_objective``) and a spectral-radius monitor at evaluation
+  (``train.spectral_radius_*``, the ``eval_spectral_radius`` column).
 
 Run-time options (device, mixed precision, workers, logging, output folder, resume, limits for smoke
 runs) are not part of the experiment and live in ``RunOptions``, not in the config.
@@ -85,7 +89,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 from mdeq import allocator, distributed, paths, progress
 from mdeq.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, load_pretrained, restore_rng_state,
                              save_checkpoint, unwrap_model)
-from mdeq.config import ConfigError, ExperimentConfig, TrainConfig, config_to_dict, load_config
+from mdeq.config import ConfigError, ExperimentConfig, TrainConfig, config_from_dict, config_to_dict, load_config
 from mdeq.distributed import DistInfo, log
 from mdeq.metrics import IGNORE_INDEX, ConfusionMatrix, MetricLogger, PeakMemory, SmoothedValue, topk_correct
 from mdeq.model import build_model, upsample_logits
@@ -94,7 +98,8 @@ from mdeq.runlog import (CHECKPOINT_NAME, LOCK_NAME, RUN_FILES, append_epoch, ap
 
 __all__ = ["RunOptions", "TrainState", "main", "cli", "train_one_epoch", "evaluate", "train_step",
            "build_optimizer", "build_scheduler", "build_criterion", "set_phase", "solver_stats", "ResumableSampler",
-           "resolve_device", "RunFolderInUse", "DivergenceError"]
+           "resolve_device", "RunFolderInUse", "DivergenceError", "jacobian_weight", "jacobian_draw",
+           "training_objective"]
 
 TRACEBACK_ENV = "MDEQ_TRACEBACK"  # set to 1: python -m mdeq.train prints the stack with an error
 _STEP_METERS = ("loss", "acc", "nfe_forward", "nfe_backward", "rel_residual_forward", "abs_residual_forward",
@@ -374,12 +379,65 @@ def solver_stats(core: nn.Module) -> dict[str, float]:
             out["nfe_backward"] = float(bwd.nfe)
             out["rel_residual_backward"] = float(bwd.rel_lowest.float().mean())
             out["converged_backward"] = float(bwd.converged.float().mean())
+        if info.jacobian_loss is not None:  # the Jacobian penalty was computed in this call
+            out["jac_reg_loss"] = float(info.jacobian_loss.detach())
     elif hasattr(core, "nfe_forward"):  # the Neural ODE baselines
         out["nfe_forward"] = float(core.nfe_forward)
         nfe_b = getattr(core, "nfe_backward", None)
         if nfe_b is not None:
             out["nfe_backward"] = float(nfe_b)
     return out
+
+
+def jacobian_weight(t: TrainConfig, global_step: int, epoch: int) -> float:
+    """The Jacobian penalty's weight at optimiser step ``global_step`` of epoch ``epoch`` (0: not applied).
+
+    As locuslab/deq ``MDEQ-Vision/lib/core/cls_function.py``: ``jac_reg_pretrain_weight`` during the unrolled
+    warm-up; after it 0 from epoch ``jac_reg_stop_epoch`` on, else ``jac_reg_weight`` plus ``jac_reg_step`` for
+    every ``jac_reg_step_every`` steps since the warm-up ended.
+    """
+    deq_steps = global_step - t.pretrain_steps
+    if deq_steps < 0:
+        return t.jac_reg_pretrain_weight
+    if t.jac_reg_stop_epoch is not None and epoch >= t.jac_reg_stop_epoch:
+        return 0.0
+    ramps = deq_steps // t.jac_reg_step_every if t.jac_reg_step_every else 0
+    return t.jac_reg_weight + t.jac_reg_step * ramps
+
+
+def jacobian_draw(t: TrainConfig, global_step: int) -> tuple[bool, int]:
+    """Whether the Jacobian penalty is drawn for step ``global_step`` (probability ``jac_reg_freq``), and the
+    seed of its probes.
+
+    Why a generator of its own, seeded by (``train.seed``, step): the released code draws from the global
+    stream, so turning the penalty on would change every later dropout mask and data order; here those stay
+    as in a run without it, a resumed run draws the same, and every DDP process draws the same.
+    """
+    g = torch.Generator().manual_seed((t.seed * 1_000_003 + global_step) % (2 ** 63))
+    applied = float(torch.rand((), generator=g)) < t.jac_reg_freq
+    return applied, int(torch.randint(0, 2 ** 62, (), generator=g))
+
+
+def training_objective(core: nn.Module, criterion: nn.Module, loss: torch.Tensor, targets: torch.Tensor, *,
+                       jac_weight: float = 0.0, correction_gamma: float = 0.8) -> torch.Tensor:
+    """What a step backpropagates: ``loss`` (the task loss at the returned state) plus, when they are on,
+    fixed-point correction's losses at earlier solver states and the weighted Jacobian penalty.
+
+    With n supervised states the k-th of the n - 1 earlier ones (earliest first, ``core.last_correction_logits``)
+    weighs ``correction_gamma ** (n - 1 - k)`` and z* weighs 1: torchdeq ``loss/correction.py``'s 'exp'
+    weighting, as DEQ flow uses it. The Jacobian term is added only when this step's forward computed it
+    (``core.last_info.jacobian_loss``). With both off this returns ``loss`` itself.
+    """
+    objective = loss
+    extra = getattr(core, "last_correction_logits", None)
+    if extra:
+        n = len(extra) + 1
+        for k, logits in enumerate(extra):
+            objective = objective + correction_gamma ** (n - 1 - k) * criterion(logits, targets)
+    info = getattr(core, "last_info", None)
+    if jac_weight > 0 and info is not None and info.jacobian_loss is not None:
+        objective = objective + jac_weight * info.jacobian_loss
+    return objective
 
 
 def _batch_accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
@@ -394,23 +452,29 @@ def _batch_accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
 
 def train_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                images: torch.Tensor, targets: torch.Tensor, *, scaler: torch.amp.GradScaler | None = None,
-               autocast: contextlib.AbstractContextManager | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               autocast: contextlib.AbstractContextManager | None = None, jac_weight: float = 0.0,
+               correction_gamma: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward, backward and optimiser step; returns (detached loss, detached logits).
 
-    The scheduler is stepped by the caller. With DDP the gradient all-reduce happens inside backward.
-    The backward computes gradients only for the optimiser's parameters (``gradient_inputs``).
+    The loss returned is the task loss at the returned state; the backward runs on ``training_objective``
+    (the same tensor unless fixed-point correction or a Jacobian penalty requested by the caller through
+    ``model.deq.jacobian_probes`` is on). The scheduler is stepped by the caller. With DDP the gradient
+    all-reduce happens inside backward. The backward computes gradients only for the optimiser's
+    parameters (``gradient_inputs``).
     """
     with autocast if autocast is not None else contextlib.nullcontext():
         logits = model(images)
         loss = criterion(logits, targets)
+        objective = training_objective(unwrap_model(model), criterion, loss, targets, jac_weight=jac_weight,
+                                       correction_gamma=correction_gamma)
     optimizer.zero_grad(set_to_none=True)
     inputs = gradient_inputs(optimizer)
     if scaler is not None and scaler.is_enabled():
-        scaler.scale(loss).backward(inputs=inputs)
+        scaler.scale(objective).backward(inputs=inputs)
         scaler.step(optimizer)
         scaler.update()
     else:
-        loss.backward(inputs=inputs)
+        objective.backward(inputs=inputs)
         optimizer.step()
     return loss.detach(), logits.detach()
 
@@ -563,6 +627,19 @@ def _amp_dtype(device: torch.device, options: RunOptions) -> torch.dtype:
     return getattr(torch, options.amp_dtype)
 
 
+def _request_jacobian(core: nn.Module, t: TrainConfig, state: TrainState) -> float:
+    """Ask the implicit layer for the Jacobian penalty in the coming step if the schedule and the draw say so;
+    returns its weight (0: not this step). The layer's request is cleared after the step."""
+    if not t.jac_reg or getattr(core, "deq", None) is None:
+        return 0.0
+    weight = jacobian_weight(t, state.global_step, state.epoch)
+    applied, seed = jacobian_draw(t, state.global_step)
+    if not (applied and weight > 0):
+        return 0.0
+    core.deq.jacobian_probes, core.deq.jacobian_seed = t.jac_reg_probes, seed
+    return weight
+
+
 def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                     loader: DataLoader, state: TrainState, ctx: _Context) -> MetricLogger:
     """Run the rest of epoch ``state.epoch`` (from batch ``state.step_in_epoch``); returns the epoch's meters.
@@ -610,12 +687,16 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
         log_now = (state.global_step + 1) % options.log_every == 0 or state.global_step == 0
         if hasattr(core, "deq"):
             core.deq.measure_unrolled = log_now  # one extra f call, only on logged steps
+        jac_weight = _request_jacobian(core, cfg.train, state)
         lr = optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
         images = images.to(device, non_blocking=True, memory_format=ctx.memory_format)
         targets = targets.to(device, non_blocking=True)
         loss, logits = train_step(model, criterion, optimizer, images, targets, scaler=ctx.scaler,
-                                  autocast=ctx.autocast)
+                                  autocast=ctx.autocast, jac_weight=jac_weight,
+                                  correction_gamma=cfg.solver.correction_gamma)
+        if jac_weight:
+            core.deq.jacobian_probes = 0
         scheduler.step()
         loss_value = loss.item()  # synchronises the device, so the step time below is complete
         step_ms = 1000.0 * (time.perf_counter() - t0)
@@ -632,6 +713,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
         if log_now and ctx.guard is not None:
             ctx.guard.check_parameters(core, state)
         stats = solver_stats(core)
+        if cfg.train.jac_reg:
+            stats.update(jac_reg_applied=float(jac_weight > 0), jac_reg_weight=jac_weight)
         acc = _batch_accuracy(logits, targets)
         meters.update(n=images.shape[0], loss=loss_value, acc=acc)
         meters.update(step_time_ms=step_ms, **stats)
@@ -647,7 +730,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
                 log(f"epoch {state.epoch} [{state.step_in_epoch}/{ctx.iterations_per_epoch}] step {state.global_step} "
                     f"{phase} loss {loss_value:.4f} acc {acc:.1f} lr {lr:.3g} nfe {stats.get('nfe_forward', 0):.0f}"
                     f"/{stats.get('nfe_backward', 0):.0f} rel {stats.get('rel_residual_forward', float('nan')):.3g} "
-                    f"{step_ms:.0f} ms")
+                    f"{step_ms:.0f} ms" + (f" jac {stats['jac_reg_loss']:.3g}" if "jac_reg_loss" in stats else ""))
         done = options.max_steps is not None and state.global_step >= options.max_steps
         end_of_epoch = state.step_in_epoch >= ctx.iterations_per_epoch
         if (options.checkpoint_every and state.global_step % options.checkpoint_every == 0
@@ -664,11 +747,14 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, *, num_classes: int, device: torch.device,
              criterion: nn.Module | None = None, autocast=None, equilibrium: bool = True,
-             memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, Any]:
+             memory_format: torch.memory_format = torch.contiguous_format,
+             spectral_radius_iters: int = 0) -> dict[str, Any]:
     """Evaluate on this process's shard and reduce over processes.
 
     Classification: ``top1``, ``top5`` (%), ``loss``; segmentation: ``miou`` (fraction), ``pixel_acc`` (%),
-    ``iou`` per class, ``loss``. Also ``nfe_forward`` and ``rel_residual_forward`` (means over batches).
+    ``iou`` per class, ``loss``. Also ``nfe_forward`` and ``rel_residual_forward`` (means over batches), and
+    with ``spectral_radius_iters`` > 0 ``spectral_radius``: the batch mean of the power-method estimate of
+    rho(J_f(z*)) on each process's first batch (averaged over processes).
     With ``equilibrium`` (the default) the implicit layer solves for the equilibrium even if the
     warm-up mode is set (released old code); ``equilibrium=False`` evaluates a model trained only as
     a weight-tied unrolled stack (``solver.grad: unrolled``, Table 2's unrolled row) as that stack.
@@ -683,8 +769,13 @@ def evaluate(model: nn.Module, loader: DataLoader, *, num_classes: int, device: 
     confusion = None
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss*n, n, top1, top5, batches
     solver = torch.zeros(3, dtype=torch.float64, device=device)  # nfe, rel residual, batches with a solve
+    radius = torch.zeros(2, dtype=torch.float64, device=device)  # sum of batch means, batches
+    sr_iters = spectral_radius_iters if deq is not None else 0
+    pending = bool(sr_iters)  # the power method runs on the first batch only
     try:
         for images, targets in loader:
+            if deq is not None:
+                deq.spectral_radius_iters = sr_iters if pending else 0
             images = images.to(device, non_blocking=True, memory_format=memory_format)
             targets = targets.to(device, non_blocking=True)
             with autocast if autocast is not None else contextlib.nullcontext():
@@ -709,9 +800,15 @@ def evaluate(model: nn.Module, loader: DataLoader, *, num_classes: int, device: 
                 solver[0] += st["nfe_forward"]
                 solver[1] += st.get("rel_residual_forward", 0.0)
                 solver[2] += 1
+            info = getattr(core, "last_info", None)
+            if pending and info is not None and info.spectral_radius is not None:
+                radius[0] += float(info.spectral_radius.mean())
+                radius[1] += 1
+                pending = False
     finally:
         if deq is not None:
             deq.grad = old_grad
+            deq.spectral_radius_iters = 0
         core.train(was_training)
     distributed.all_reduce_sum(sums)
     distributed.all_reduce_sum(solver)
@@ -721,6 +818,10 @@ def evaluate(model: nn.Module, loader: DataLoader, *, num_classes: int, device: 
     if solver[2] > 0:
         result["nfe_forward"] = solver[0].item() / solver[2].item()
         result["rel_residual_forward"] = solver[1].item() / solver[2].item()
+    if sr_iters:
+        distributed.all_reduce_sum(radius)
+        if radius[1] > 0:
+            result["spectral_radius"] = radius[0].item() / radius[1].item()
     segmentation = confusion is not None
     if distributed.get_world_size() > 1:  # every process must take part in the same reductions
         flag = torch.tensor([1.0 if confusion is not None else 0.0], device=device)
@@ -823,6 +924,15 @@ def _check_baseline(name: str | None) -> None:
         raise ValueError(f"unknown baseline {name!r}; expected one of {', '.join(BASELINES)}")
 
 
+def _with_defaults(saved: Mapping) -> Mapping:
+    """A checkpoint's config with the fields added since it was written at their defaults (their defaults are
+    the behaviour it was trained with, e.g. the stability options, off); as written if it no longer loads."""
+    try:
+        return config_to_dict(config_from_dict(saved))
+    except (ConfigError, TypeError):
+        return saved
+
+
 def _config_diff(a: Mapping, b: Mapping, prefix: str = "") -> list[str]:
     keys = sorted(set(a) | set(b))
     out = []
@@ -874,6 +984,9 @@ def main(cfg: ExperimentConfig, options: RunOptions) -> dict[str, Any]:
     Callable from a notebook: ``main(load_config("cifar10_tiny_smoke"), RunOptions(out_dir=...))``.
     """
     _check_baseline(options.baseline)
+    if options.baseline is not None and (cfg.train.jac_reg or cfg.train.spectral_radius_every):
+        raise ConfigError(f"train.jac_reg_* and train.spectral_radius_every need an implicit layer; the baseline "
+                          f"{options.baseline!r} has none")
     dist_info = distributed.init_distributed("cuda" if options.device.startswith("cuda") or
                                              (options.device == "auto" and torch.cuda.is_available()) else "cpu")
     old_threads = torch.get_num_threads()
@@ -1038,7 +1151,7 @@ def _resume(ckpt_path: Path, cfg: ExperimentConfig, options: RunOptions, shape: 
     continue a different run silently (``_config_diff``, ``_shape_diff``).
     """
     ckpt = load_checkpoint(ckpt_path, map_location="cpu")
-    saved, now = ckpt["config"], config_to_dict(cfg)
+    saved, now = _with_defaults(ckpt["config"]), config_to_dict(cfg)
     if options.baseline is not None:  # a baseline reads only the data and train sections
         saved, now = ({k: v for k, v in c.items() if k not in ("model", "solver")} for c in (saved, now))
     diff = _config_diff(saved, now)
@@ -1133,9 +1246,12 @@ def _train_epochs(model, core, criterion, optimizer, scheduler, sampler, train_s
         if ctx.guard is not None:
             ctx.guard.check_parameters(core, state)  # diverged weights are not worth an evaluation
         t_eval = time.perf_counter()
+        every = cfg.train.spectral_radius_every
         last_eval = evaluate(model, eval_loader, num_classes=cfg.data.num_classes, device=device,
                              criterion=criterion, autocast=autocast, equilibrium=cfg.solver.grad != "unrolled",
-                             memory_format=ctx.memory_format)
+                             memory_format=ctx.memory_format,
+                             spectral_radius_iters=cfg.train.spectral_radius_iters if every and epoch % every == 0
+                             else 0)
         ctx.stop.eval_s = time.perf_counter() - t_eval
         state.last_eval = last_eval
         avg = meters.global_avgs()
@@ -1149,6 +1265,7 @@ def _train_epochs(model, core, criterion, optimizer, scheduler, sampler, train_s
                                        "converged_forward", "rel_residual_backward", "converged_backward")},
             "eval_nfe_forward": last_eval.get("nfe_forward"),
             "eval_rel_residual_forward": last_eval.get("rel_residual_forward"),
+            "eval_spectral_radius": last_eval.get("spectral_radius"),
             "step_time_ms": avg.get("step_time_ms"), "peak_mem_mb": peak, "mem_kind": memory.kind,
             "epoch_time_s": epoch_time, "steps": state.step_in_epoch, "partial": partial,
         }
@@ -1161,7 +1278,8 @@ def _train_epochs(model, core, criterion, optimizer, scheduler, sampler, train_s
         log(f"epoch {epoch} done ({phase}, step {state.global_step}): train loss {avg.get('loss', math.nan):.4f} "
             f"acc {avg.get('acc', math.nan):.2f}; eval {shown}; nfe fwd {avg.get('nfe_forward', math.nan):.1f} "
             f"bwd {avg.get('nfe_backward', math.nan):.1f}; {avg.get('step_time_ms', math.nan):.0f} ms/step; "
-            f"peak {peak:.0f} MB ({memory.kind})")
+            f"peak {peak:.0f} MB ({memory.kind})"
+            + (f"; spectral radius {last_eval['spectral_radius']:.3f}" if "spectral_radius" in last_eval else ""))
         if not partial:
             state.epoch += 1
             state.step_in_epoch = 0
