@@ -21,7 +21,7 @@ from mdeq.paths import ROOT
 from mdeq.runlog import provenance as run_provenance
 
 __all__ = ["ROOT", "sync", "timeit", "median", "provenance", "write_json", "MDEQLikeMap", "trained_parser",
-           "trained_model", "out_path"]
+           "trained_model", "out_path", "committed_weights"]
 
 
 def median(xs):
@@ -160,3 +160,34 @@ class MDEQLikeMap(nn.Module):
                     s = s + self.fuse[i][j](blocks[j])
             out.append(self.post[i](s))
         return out
+
+
+def committed_weights(run_dir, scratch: Path, *, from_tree: bool = False):
+    """(``mdeq.evaluate.Trained``, a record of the weights) for the checkpoint of ``run_dir`` as git HEAD holds it
+    (``from_tree``: the working tree's), copied into ``scratch`` first: a training campaign replaces the working
+    tree's checkpoint every few steps, and one measurement must read one set of weights (named by its sha256)."""
+    import shutil
+
+    from mdeq.evaluate import checkpoint_at, load_run, logged_evaluation
+    from mdeq.paths import rel
+
+    dest = Path(scratch) / Path(run_dir).name / "checkpoint.pt"
+    if from_tree:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(run_dir) / "checkpoint.pt", dest)
+        origin = f"{rel(run_dir)}/checkpoint.pt (working tree)"
+    else:
+        checkpoint_at(run_dir, "HEAD", dest)
+        from mdeq.runlog import git_commit
+
+        origin = f"{rel(run_dir)}/checkpoint.pt at git HEAD ({git_commit()[:10]})"
+    trained = load_run(run_dir, dest)
+    trained.origin = origin
+    logged, last = logged_evaluation(run_dir, trained.global_step)
+    record = {"run": trained.name, "checkpoint": origin, "sha256": trained.sha256, "size_bytes": trained.size_bytes,
+              "config": trained.cfg.name, "global_step": trained.global_step, "epochs_trained": trained.epochs_trained,
+              "weights": trained.weights_label(), "logged_top1_of_these_weights": None if logged is None else
+              float(logged["eval_top1"]), "last_logged": None if last is None else
+              {"epoch": int(float(last["epoch"])) + 1, "step": int(float(last["step"])),
+               "top1": float(last["eval_top1"])}}
+    return trained, record

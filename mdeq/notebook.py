@@ -38,14 +38,21 @@ from mdeq.runlog import describe_hardware, hardware_label, read_json, read_run
 __all__ = ["PROFILES", "NOTEBOOKS", "PARAMETERS", "FIGURE_OWNERS", "TABLE_OWNERS", "ParameterError", "Params",
            "check_parameters", "Context", "setup", "save_figure", "save_table", "show_banner", "write_json",
            "train", "segmentation_examples", "runtime_memory", "convergence", "RUNTIME_MEMORY", "FIG4B_MEMORY",
-           "CONVERGENCE_TRACES", "CITYSCAPES_EXAMPLES"]
+           "CONVERGENCE_TRACES", "CITYSCAPES_EXAMPLES", "JPEG_SENSITIVITY", "trained_inference", "ACCURACY_VS_BUDGET",
+           "CONVERGENCE_VS_RESOLUTION"]
 
 PROFILES = ("smoke", "logs", "full")
-NOTEBOOKS = ("01_cifar10", "02_imagenet", "03_runtime_memory", "04_cityscapes", "05_convergence")
+# 00 is the tutorial (the implicit layer on a toy f; it trains nothing and computes the same in every profile),
+# then one notebook per paper item, in the paper's order.
+TUTORIAL = "00_implicit_layers"
+NOTEBOOKS = (TUTORIAL, "01_cifar10", "02_imagenet", "03_runtime_memory", "04_cityscapes", "05_convergence")
 # What the measuring notebooks write into their results folder (smoke: results/smoke/).
 RUNTIME_MEMORY = "runtime_memory.json"  # 03, mdeq.measure.measure_runtime
 FIG4B_MEMORY = "fig4b_memory_cpu.json"  # 03, mdeq.measure.measure_memory (benchmarks/fig4b_memory.py; real only)
 CONVERGENCE_TRACES = "convergence_traces.json"  # 05, mdeq.measure.convergence_traces
+JPEG_SENSITIVITY = "jpeg_sensitivity.json"  # 01, benchmarks/jpeg_sensitivity.py (real only)
+ACCURACY_VS_BUDGET = "accuracy_vs_budget.json"  # 05, benchmarks/accuracy_vs_budget.py (mdeq.inference)
+CONVERGENCE_VS_RESOLUTION = "convergence_vs_resolution.json"  # 05, benchmarks/convergence_vs_resolution.py
 CITYSCAPES_EXAMPLES = "cityscapes_examples"  # 04, mdeq.measure.cityscapes_examples (a folder)
 
 # ----------------------------------------------------------------------------------------------
@@ -67,6 +74,9 @@ _FULL = {
     "dry_run": (bool, False),  # full only: print the launch commands, launch nothing
 }
 PARAMETERS: dict[str, dict[str, tuple[type, Any]]] = {
+    # quick is accepted as by every notebook (mdeq.reproduce --quick passes it to all); the tutorial is quick already
+    TUTORIAL: {"profile": _COMMON["profile"], "quick": _COMMON["quick"], "seed": _COMMON["seed"],
+               "output_root": _COMMON["output_root"]},
     "01_cifar10": {**_COMMON, **_FULL, "seeds": (int, 5)},
     "02_imagenet": {**_COMMON, **_FULL},
     "03_runtime_memory": {**_COMMON, "variant": (str, "paper"), "dry_run": (bool, False),
@@ -162,8 +172,11 @@ def check_parameters(namespace: Mapping[str, Any], notebook: str) -> Params:
 # Every figure and table is written by exactly one notebook (tests/test_notebook.py checks the
 # notebooks' sources and the files in figures/ against these maps).
 FIGURE_OWNERS = {
+    "implicit_layers_solvers": TUTORIAL,
+    "implicit_layers_per_scale": TUTORIAL,
     "fig4a_cifar10_accuracy": "01_cifar10",
     "table1_training_and_solver": "01_cifar10",
+    "table1_jpeg_sensitivity": "01_cifar10",
     "imagenet_top1_per_epoch": "02_imagenet",
     "fig4b_runtime_memory": "03_runtime_memory",
     "fig4b_training_memory": "03_runtime_memory",
@@ -171,6 +184,8 @@ FIGURE_OWNERS = {
     "fig5_convergence_forward": "05_convergence",
     "fig5_convergence_backward": "05_convergence",
     "fig7_per_scale_convergence": "05_convergence",
+    "accuracy_vs_solver_budget": "05_convergence",
+    "convergence_vs_resolution": "05_convergence",
 }
 TABLE_OWNERS = {
     "table_1_cifar10": "01_cifar10",
@@ -178,6 +193,8 @@ TABLE_OWNERS = {
     "table_fig4b_runtime_memory": "03_runtime_memory",
     "table_3_cityscapes": "04_cityscapes",
     "table_fig5_convergence": "05_convergence",
+    "table_accuracy_vs_budget": "05_convergence",
+    "table_convergence_vs_resolution": "05_convergence",
 }
 KINDS = ("real", "smoke")
 
@@ -348,6 +365,62 @@ def convergence(ctx: Context) -> None:
         print("logs profile: nothing is computed; reading results/")
 
 
+def trained_inference(ctx: Context) -> None:
+    """Our extensions with trained weights (accuracy against the forward budget, convergence against the input
+    size): smoke on the shrunken MDEQ-small at its initial weights; full on the first trained MDEQ-small checkpoint
+    (``runs/full/cifar10_mdeq_small_seed0``, else the campaign's ``results/runs/cifar10_mdeq_small``) and the
+    real CIFAR-10 under ``data_root``; logs reads results/ (written by ``benchmarks/accuracy_vs_budget.py`` and
+    ``benchmarks/convergence_vs_resolution.py``)."""
+    from mdeq import inference  # imported here: the logs profile needs none of it
+
+    p = ctx.params
+    if ctx.profile == "smoke":
+        with _threads(ctx):
+            accuracy, resolution = inference.smoke_measurements(quick=ctx.quick, seed=p.seed)
+        write_json(ctx.results_dir("smoke") / ACCURACY_VS_BUDGET, accuracy)
+        write_json(ctx.results_dir("smoke") / CONVERGENCE_VS_RESOLUTION, resolution)
+    elif ctx.profile == "full":
+        found = [d for d in (runs.FULL_RUNS / "cifar10_mdeq_small_seed0", paths.RESULTS / "runs" / "cifar10_mdeq_small")
+                 if (d / "checkpoint.pt").is_file()]
+        if p.dry_run or not found:
+            weights = found[0] / "checkpoint.pt" if found else "no trained checkpoint (none yet)"
+            print(f"would measure accuracy against the forward budget {inference.BUDGETS} and convergence at sizes "
+                  f"{inference.SIZES} with {weights}")
+            return
+        measure.check_gpu(p.device, "measures")
+        _trained_inference_full(ctx, found[0], inference)
+    else:
+        print("logs profile: nothing is computed; reading results/")
+
+
+def _trained_inference_full(ctx: Context, run_dir: Path, inference) -> None:
+    """The full profile's measurements on ``run_dir``'s checkpoint, in the benchmark scripts' output format."""
+    from mdeq.evaluate import eval_dataset, load_run
+    from mdeq.runlog import provenance
+
+    p = ctx.params
+    trained = load_run(run_dir)
+    dataset, root, _ = eval_dataset(trained, runs.default_data_root("cifar10", p.data_root))
+    prov = provenance(f"notebooks/05_convergence full profile (device {p.device})", p.device)
+    weights = {"run": trained.name, "checkpoint": paths.rel(trained.checkpoint), "sha256": trained.sha256,
+               "config": trained.cfg.name, "weights": trained.weights_label()}
+    data = {"label": dataset.source_label, "split": "CIFAR-10 test set", "images": len(dataset),
+            "root": paths.rel(root)}
+    accuracy = inference.accuracy_against_budget(trained, dataset, device=p.device)
+    write_json(ctx.results_dir("real") / ACCURACY_VS_BUDGET, {
+        "benchmark": "accuracy_vs_budget", "runs": {trained.name: {"weights": weights, "result": accuracy,
+                                                                   "data": data}}, "provenance": prov})
+    sources = {"cifar10": {f"test image {i}": dataset.images[i] for i in range(5)},
+               "photographs": inference.photographs()}
+    result = inference.convergence_against_resolution(trained, inference.resolution_inputs(sources), device=p.device)
+    write_json(ctx.results_dir("real") / CONVERGENCE_VS_RESOLUTION, {
+        "benchmark": "convergence_vs_resolution", "weights": weights, "result": result, "chunks": [prov],
+        "sources": {"cifar10": f"the first 5 CIFAR-10 test images of {dataset.source_label}, upsampled bilinearly",
+                    "photographs": f"scikit-image's {', '.join(inference.PHOTOGRAPHS)}, centre-cropped and resized"},
+        "settings": {"sizes": list(inference.SIZES), "num_images": 5, "budget": result["budget"],
+                     "sources": ["cifar10", "photographs"]}, "thresholds": list(inference.THRESHOLDS)})
+
+
 # ----------------------------------------------------------------------------------------------
 # Saving and showing.
 
@@ -409,6 +482,10 @@ def _display(*objects) -> bool:
 
 def banner(ctx: Context) -> str:
     """The line a page opens with: which profile produced it and what data and hardware are behind it."""
+    if ctx.notebook == TUTORIAL:
+        return (f"> **{ctx.profile.capitalize()} profile: this page is the same in every profile.** It trains "
+                "nothing and reproduces no number of the paper: every number on it is computed here, on the CPU, "
+                "from a toy f at random weights and a random input.")
     if ctx.profile == "smoke":
         return (f"> **Smoke profile: toy models on synthetic data, {SMOKE_NOTE}.** Every number and curve on "
                 "this page comes from shrunken models trained or measured for seconds on a CPU; the paper's "

@@ -31,7 +31,8 @@ __all__ = ["SMOKE_NOTE", "NOT_RUN", "paper_numbers", "COLORS", "set_style", "fig
            "PaperTable", "PAPER_TABLES", "paper_table", "show_table", "table_fig4b", "convergence_table",
            "plot_training_curves", "plot_training_panels", "plot_runtime_memory", "memory_ratios",
            "plot_training_memory", "plot_segmentation_examples",
-           "plot_convergence", "plot_per_scale"]
+           "plot_convergence", "plot_per_scale", "budget_table", "plot_accuracy_vs_budget", "resolution_table",
+           "plot_convergence_vs_resolution", "budget_summary"]
 
 SMOKE_NOTE = "smoke run, not a reproduction"
 NOT_RUN = "not run yet"
@@ -123,7 +124,10 @@ def runs_source(ctx, kind: str, runs: Sequence[RunLog]) -> str:
     if not runs:
         return ""
     data = sorted({str(r.meta("data_source_label", default="unknown data")) for r in runs})
-    hw = sorted({describe_hardware(r.provenance.get("hardware")) for r in runs})
+    # every machine and thread count the runs' chunks trained on (a campaign moves between machines)
+    hw = sorted({describe_hardware(h) for r in runs
+                 for h in (r.provenance.get("hardware"), *(c.get("hardware") for c in r.provenance.get("chunks", [])))
+                 if h})
     return ctx.source(kind, "; ".join(data), "; ".join(hw))
 
 
@@ -686,4 +690,283 @@ def plot_per_scale(traces: Mapping | None, kind: str):
     _shared_legend(fig, axes)
     fig.suptitle(figure_title("Per-scale convergence on CIFAR-10 (Broyden, forward)", kind))
     fig.tight_layout(rect=(0, 0.2, 1, 1))
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Beyond the paper, with trained weights (mdeq.inference): accuracy against the forward budget, and
+# convergence against the input size.
+
+_SOLVER_LABELS = {"broyden": "Broyden", "fixed_point": "iterating f"}
+EXTENSION_NOTE = "ours, beyond the paper"
+THRESHOLDS_DEFAULT = (1e-2, 1e-3)  # mdeq.inference.THRESHOLDS (report imports no measuring module)
+
+
+def _measured_source(ctx, kind: str, data: str, prov: Mapping | None) -> str:
+    return ctx.source(kind, data, describe_hardware((prov or {}).get("hardware")))
+
+
+def _leading(rows: list[dict], first=("table", "setting", "row", "key", "metric", "paper", "ours", "delta")):
+    """``rows`` as a DataFrame whose first columns are those a reader scans (the rest follow as found)."""
+    df = pd.DataFrame(rows)
+    return df[[c for c in first if c in df.columns] + [c for c in df.columns if c not in first]]
+
+
+def budget_table(ctx, kind: str, measured: Mapping | None) -> pd.DataFrame:
+    """One row per run, solver and forward budget k (``benchmarks/accuracy_vs_budget.py``): test top-1 (%) when
+    the forward solve stops after k steps, the residual of the returned iterate, the top-1 of the last iterate,
+    and the share of images predicted as the config's own evaluation predicts them; and the injection alone.
+    The paper reports no such curve (``paper`` is empty)."""
+    rows = []
+    status = SMOKE_NOTE if kind == "smoke" else "measured"
+    for run, entry in ((measured or {}).get("runs") or {}).items():
+        res, data = entry["result"], entry["data"]
+        setting = f"{run}, {entry['weights']['weights']}"
+        source = _measured_source(ctx, kind, f"{data['label']}, {data['images']} images", measured.get("provenance"))
+        common = {"table": "accuracy against the forward budget", "setting": setting, "metric": "test top-1 (%)",
+                  "paper": None, "delta": None, "training_budget": res["training_budget"], "ours_source": source,
+                  "status": status, "note": EXTENSION_NOTE}
+        for solver, sr in res["solvers"].items():
+            for r in sr["rows"]:
+                rows.append({**common, "row": f"{_SOLVER_LABELS.get(solver, solver)}, max_iter {r['max_iter']}",
+                             "key": f"{solver}_{r['max_iter']}", "solver": solver, "max_iter": r["max_iter"],
+                             "nfe": r["nfe"], "ours": round(r["top1"], 2),
+                             "top1_last_iterate": round(r["top1_last_iterate"], 2),
+                             "agree_with_reference": round(r["agree_with_reference"], 2)
+                             if "agree_with_reference" in r else None,
+                             "rel_residual_mean": r["rel_residual_mean"],
+                             "rel_residual_median": r["rel_residual_median"],
+                             "abs_residual_mean": r["abs_residual_mean"]})
+        rows.append({**common, "row": "injection alone (the head on (x, 0, ..., 0), no f)", "key": "injection",
+                     "solver": None, "max_iter": None, "nfe": 0, "ours": round(res["injection_alone"]["top1"], 2)})
+    if not rows:
+        rows.append({"table": "accuracy against the forward budget", "setting": "", "row": "MDEQ-small",
+                     "metric": "test top-1 (%)", "paper": None, "ours": NOT_RUN, "delta": None, "ours_source": NOT_RUN,
+                     "status": NOT_RUN, "note": EXTENSION_NOTE})
+    return _leading(rows)
+
+
+def plot_accuracy_vs_budget(measured: Mapping | None, kind: str):
+    """Test top-1 (left) and the mean relative residual ||f(z) - z|| / ||f(z)|| of the returned iterate (right)
+    against the forward budget max_iter k, Broyden and iterating f, the training budget T_f marked."""
+    runs = (measured or {}).get("runs") or {}
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.8))
+    if not runs:
+        for ax in axes:
+            no_data(ax, f"{NOT_RUN}: benchmarks/accuracy_vs_budget.py has not been run")
+    styles = ["-", "--", ":", "-."]
+    for i, (run, entry) in enumerate(sorted(runs.items())):
+        res = entry["result"]
+        for solver, sr in res["solvers"].items():
+            ks = [r["max_iter"] for r in sr["rows"]]
+            label = f"{_SOLVER_LABELS.get(solver, solver)}" + (f", {run}" if len(runs) > 1 else "")
+            colour = COLORS.get(solver, "#333333")
+            axes[0].plot(ks, [r["top1"] for r in sr["rows"]], styles[i % 4], marker="o", ms=3.5, color=colour,
+                         label=label)
+            pos = [(k, r["rel_residual_mean"]) for k, r in zip(ks, sr["rows"]) if k > 0]
+            axes[1].plot(*zip(*pos), styles[i % 4], marker="o", ms=3.5, color=colour, label=label)
+        inj = res["injection_alone"]["top1"]
+        axes[0].axhline(inj, color="#777777", lw=0.9, ls=":", label="injection alone (no f)" if i == 0 else None)
+        for ax in axes:
+            ax.axvline(res["training_budget"], color="#555555", lw=0.9, ls="--",
+                       label=f"T_f = {res['training_budget']} (training and eval budget)" if i == 0 else None)
+    if runs:
+        axes[0].set_ylabel("test top-1 (%)")
+        axes[1].set_ylabel("mean ||f(z) - z|| / ||f(z)|| of the returned z", fontsize=8)
+        axes[1].set_yscale("log")
+        for ax in axes:
+            ax.set_xlabel("forward budget: max_iter k (k + 1 f evaluations; k = 0: z = 0)")
+        first = next(iter(runs.values()))
+        text = f"{first['weights']['weights']}; {first['data']['images']} test images of {first['data']['label']}"
+        axes[0].set_title("\n".join(textwrap.wrap(text, 62)), fontsize=7.5)
+        axes[1].set_title("\n".join(textwrap.wrap(
+            f"the residual reached (the solver returns each image's lowest iterate in its stop mode, "
+            f"{first['result']['stop_mode']})", 62)), fontsize=7.5)
+    _shared_legend(fig, axes)
+    fig.suptitle(figure_title("MDEQ-small on CIFAR-10: accuracy against the forward solver's budget (ours, beyond "
+                              "the paper)", kind))
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    return fig
+
+
+def _median_evals(counts: Sequence[int | None]) -> float:
+    """Median f evaluations over images, a never-reached threshold counting as infinitely many."""
+    return float(np.median([math.inf if c is None else c for c in counts])) if counts else math.nan
+
+
+def resolution_table(ctx, kind: str, measured: Mapping | None) -> pd.DataFrame:
+    """One row per source, size and solver (``benchmarks/convergence_vs_resolution.py``): the median over images
+    of the f evaluations until the paper's ||z[i+1] - z[i]|| / ||z[i]|| falls below 1e-2 (``ours``) and 1e-3,
+    each image's count, and the median final values of both measures. The paper gives no such table: its
+    statements are about different models at different sizes ('within 30 steps' on CIFAR-10, 'over 100' on
+    Cityscapes), so ``paper`` is empty."""
+    rows = []
+    status = SMOKE_NOTE if kind == "smoke" else "measured"
+    result = (measured or {}).get("result") or {}
+    budget = result.get("budget")
+    prov = ((measured or {}).get("chunks") or [None])[-1]
+    for source, entry in result.get("sources", {}).items():
+        label = (measured.get("sources") or {}).get(source, source)
+        for size in sorted(entry["sizes"], key=int):
+            for solver, cell in sorted(entry["sizes"][size].items()):
+                images = cell["images"]
+                row = {"table": "f evaluations to equilibrium against input size", "setting": label,
+                       "row": f"{size}x{size}, {_SOLVER_LABELS.get(solver, solver)}",
+                       "key": f"{source}_{size}_{solver}", "source": source,
+                       "size": int(size), "solver": solver, "budget": budget,
+                       "metric": "f evaluations until the median image's ||z[i+1] - z[i]|| / ||z[i]|| < 0.01",
+                       "paper": None, "delta": None, "weights": measured["weights"]["weights"],
+                       "ours_source": _measured_source(ctx, kind, f"{label}; {len(images)} images", prov),
+                       "status": status, "note": "ours: an extension of Figs. 5-6, not in the paper"}
+                for t in measured.get("thresholds", THRESHOLDS_DEFAULT):
+                    counts = [im["f_evals_to"].get(f"{t:g}") for im in images]
+                    med = _median_evals(counts)
+                    value = int(med) if math.isfinite(med) else f"> {budget + 1} (not reached)"
+                    if t == measured.get("thresholds", THRESHOLDS_DEFAULT)[0]:
+                        row["ours"] = value
+                    row[f"f_evals_to_{t:g}"] = value
+                    row[f"f_evals_to_{t:g}_per_image"] = " ".join("-" if c is None else str(c) for c in counts)
+                row["last_step_change_median"] = float(np.median([_last_finite(im["step_trace"]) for im in images]))
+                row["last_rel_residual_median"] = float(np.median([_last_finite(im["rel_trace"]) for im in images]))
+                rows.append(row)
+    if not rows:
+        rows.append({"table": "f evaluations to equilibrium against input size", "setting": "", "row": "MDEQ-small",
+                     "metric": "f evaluations until ||z[i+1] - z[i]|| / ||z[i]|| < 0.01", "paper": None,
+                     "ours": NOT_RUN, "delta": None, "ours_source": NOT_RUN, "status": NOT_RUN})
+    return _leading(rows)
+
+
+
+def plot_convergence_vs_resolution(measured: Mapping | None, kind: str):
+    """Per source, the f evaluations until the paper's ||z[i+1] - z[i]|| / ||z[i]|| falls below 1e-2 (solid, circles)
+    and 1e-3 (dashed, squares) against the input side, Broyden and iterating f: median over images, bars from the
+    fewest to the most; a hollow marker on the budget line where the median image never got there."""
+    result = (measured or {}).get("result") or {}
+    sources = result.get("sources", {})
+    fig, axes = plt.subplots(1, max(len(sources), 1), figsize=(4.6 * max(len(sources), 1), 3.9), squeeze=False)
+    axes = axes[0]
+    if not sources:
+        no_data(axes[0], f"{NOT_RUN}: benchmarks/convergence_vs_resolution.py has not been run")
+    budget = result.get("budget")
+    thresholds = measured.get("thresholds", THRESHOLDS_DEFAULT) if measured else THRESHOLDS_DEFAULT
+    for ax, (source, entry) in zip(axes, sources.items()):
+        sizes = sorted(entry["sizes"], key=int)
+        for solver in ("broyden", "fixed_point"):
+            for t, style, marker in zip(thresholds, ("-", "--"), ("o", "s")):
+                xs, med, lo, hi, missed = [], [], [], [], []
+                for size in sizes:
+                    cell = entry["sizes"][size].get(solver)
+                    if cell is None:
+                        continue
+                    counts = [im["f_evals_to"].get(f"{t:g}") for im in cell["images"]]
+                    m = _median_evals(counts)
+                    reached = [c for c in counts if c is not None]
+                    if math.isfinite(m):
+                        xs.append(int(size))
+                        med.append(m)
+                        lo.append(m - min(reached))
+                        hi.append((max(reached) if len(reached) == len(counts) else budget + 1) - m)
+                    else:
+                        missed.append(int(size))
+                colour = COLORS.get(solver, "#333333")
+                label = f"{_SOLVER_LABELS.get(solver, solver)}, to {t:g}"
+                if xs:
+                    ax.errorbar(xs, med, yerr=[lo, hi], fmt=style, marker=marker, ms=4, color=colour, capsize=2.5,
+                                label=label)
+                if missed:
+                    ax.plot(missed, [budget + 1] * len(missed), marker, mfc="none", color=colour, ms=6,
+                            label=None if xs else label)
+        if budget is not None:
+            ax.axhline(budget + 1, color="#777777", lw=0.8, ls=":")
+            ax.text(int(sizes[0]), budget + 1, f" budget: {budget + 1} f evaluations", fontsize=7, va="bottom",
+                    color="#555555")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([int(s) for s in sizes], [f"{s}" for s in sizes])
+        ax.set_xlabel("input side (pixels; square images)")
+        ax.set_ylabel("f evaluations until ||z[i+1] - z[i]|| / ||z[i]|| < threshold", fontsize=7.5)
+        ax.set_title("\n".join(textwrap.wrap((measured.get("sources") or {}).get(source, source), 60)[:3]), fontsize=7)
+    _shared_legend(fig, axes)
+    weights = (measured or {}).get("weights", {}).get("weights", "")
+    fig.suptitle(figure_title("Our extension of Figs. 5-6 (not in the paper): convergence against input size, "
+                              f"CIFAR-10 MDEQ-small\n{weights}", kind), fontsize=9)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    return fig
+
+
+def budget_summary(measured: Mapping | None) -> str:
+    """A few sentences with the numbers of ``accuracy_vs_budget.json``: the accuracy at k = 1, 2, T_f and the
+    largest budget per solver, the residual at T_f, and the injection alone (nothing typed by hand)."""
+    runs = (measured or {}).get("runs") or {}
+    if not runs:
+        return f"accuracy against the forward budget: {NOT_RUN}"
+    lines = []
+    for run, entry in sorted(runs.items()):
+        res = entry["result"]
+        t_f = res["training_budget"]
+        lines.append(f"{run} ({entry['weights']['weights']}; {entry['data']['images']} test images of "
+                     f"{entry['data']['label']}):")
+        for solver, sr in res["solvers"].items():
+            by_k = {r["max_iter"]: r for r in sr["rows"]}
+            shown = [k for k in (1, 2, t_f, max(by_k)) if k in by_k]
+            line = f"  {_SOLVER_LABELS.get(solver, solver)}: " + ", ".join(
+                f"k={k}: {by_k[k]['top1']:.2f}%" for k in dict.fromkeys(shown))
+            if t_f in by_k:
+                line += f"; mean relative residual at T_f = {t_f}: {by_k[t_f]['rel_residual_mean']:.2e}"
+            if 1 in by_k and by_k[1].get("agree_with_reference") is not None:
+                line += (f"; at k=1, {by_k[1]['agree_with_reference']:.1f}% of the images get the class Broyden "
+                         f"gives at T_f")
+            lines.append(line)
+        lines.append(f"  injection alone (no f): {res['injection_alone']['top1']:.2f}%")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Table 1's data question: how each trained model reads JPEG artifacts (benchmarks/jpeg_sensitivity.py).
+
+def _version_label(name: str) -> str:
+    return {"exact": "exact pixels", "dataset_q75": "data set's JPEG-q75 twin"}.get(
+        name, name.replace("pil_q", "PIL JPEG q"))
+
+
+def jpeg_table(measured: Mapping | None) -> pd.DataFrame:
+    """One row per (run, version of the exact test images): PSNR, accuracy, change against the exact
+    pixels and McNemar's test of that change; empty where nothing was measured."""
+    rows = []
+    for run, r in ((measured or {}).get("runs") or {}).items():
+        for name, acc in r["accuracy"].items():
+            test = r["mcnemar_vs_exact"].get(name, {})
+            rows.append({"run": run, "step": r["global_step"], "epochs_done": f"{r['epoch']} of {r['epochs_planned']}",
+                         "version": _version_label(name), "psnr_db": (None if name == "exact" else
+                                                                     round(measured["psnr_db"][name], 2)),
+                         "accuracy": round(acc, 2), "change_vs_exact": round(acc - r["accuracy"]["exact"], 2),
+                         "right_on_exact_only": test.get("b_right_on_exact_only"),
+                         "right_on_version_only": test.get("c_right_on_version_only"),
+                         "mcnemar_chi2": None if not test else round(test["chi2"], 2),
+                         "mcnemar_p": None if not test else float(f"{test['p_exact']:.3g}")})
+    return pd.DataFrame(rows)
+
+
+def plot_jpeg_sensitivity(measured: Mapping | None, labels: Mapping[str, str]):
+    """Accuracy against PSNR (dB, against the exact pixels) per model; the exact pixels at the right end,
+    the data set's own JPEG-q75 twins as an open marker (they are what every model was trained on)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    runs_ = ((measured or {}).get("runs") or {})
+    if not runs_:
+        no_data(ax, "no measurement: python benchmarks/jpeg_sensitivity.py")
+        return fig
+    psnr = measured["psnr_db"]
+    pil = sorted((k for k in psnr if k.startswith("pil_q")), key=lambda k: psnr[k])
+    exact_x = max(psnr.values()) + 4.0
+    for run, r in runs_.items():
+        colour = COLORS.get(run.split("_", 1)[1])
+        xs = [psnr[k] for k in pil] + [exact_x]
+        ys = [r["accuracy"][k] for k in pil] + [r["accuracy"]["exact"]]
+        ax.plot(xs, ys, "-o", color=colour, ms=4, label=f"{labels.get(run, run)} ({r['epoch']} of {r['epochs_planned']} epochs, step {r['global_step']})")
+        ax.plot([psnr["dataset_q75"]], [r["accuracy"]["dataset_q75"]], "s", mfc="none", color=colour, ms=8)
+    ax.set_xticks([psnr[k] for k in pil] + [exact_x])
+    ax.set_xticklabels([f"{psnr[k]:.1f}\n{k.replace('pil_', '')}" for k in pil] + ["exact"], fontsize=8)
+    ax.set_xlabel("PSNR against the exact pixels (dB)")
+    ax.set_ylabel(f"test accuracy (%), {measured['images']:,} exact test images")
+    ax.set_title("Accuracy as the JPEG artifacts grow (squares: the data set's own JPEG-q75)")
+    ax.legend(fontsize=8)
     return fig
