@@ -118,12 +118,15 @@ def build_book(notebooks_dir: Path, out: Path, *, strict: bool = True) -> Path:
     stage = Path(out) / "book_src"
     shutil.rmtree(stage, ignore_errors=True)
     (stage / "book" / "notebooks").mkdir(parents=True)
-    for name in ("_config.yml", "_toc.yml", "intro.md", "paper_vs_released.md"):
+    for name in ("_config.yml", "_toc.yml", "intro.md", "paper_vs_released.md", "training_stability.md"):
         shutil.copyfile(BOOK / name, stage / "book" / name)
     shutil.copytree(BOOK / "_static", stage / "book" / "_static")  # outputs.css: long output lines wrap
     shutil.copyfile(paths.ROOT / "README.md", stage / "README.md")  # intro.md includes ../README.md
     (stage / "docs").mkdir()
-    shutil.copyfile(paths.ROOT / "docs" / "paper_vs_released.md", stage / "docs" / "paper_vs_released.md")
+    for name in ("paper_vs_released.md", "training_stability.md"):  # the book's pages include these
+        shutil.copyfile(paths.ROOT / "docs" / name, stage / "docs" / name)
+    (stage / "results").mkdir()  # docs/training_stability.md includes the part benchmarks/jacobian_reg_demo.py draws
+    shutil.copyfile(paths.RESULTS / "jacobian_reg_demo.md", stage / "results" / "jacobian_reg_demo.md")
     missing = [n for n in NOTEBOOKS if not (Path(notebooks_dir) / f"{n}.ipynb").is_file()]
     if missing:
         raise FileNotFoundError(f"{notebooks_dir} lacks the executed notebooks {missing}")
@@ -195,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("updated notebooks/*.ipynb, results/smoke/ and figures/smoke/ with the executed smoke run")
     if not args.no_book:
         if set(names) != set(NOTEBOOKS):
-            for n in NOTEBOOKS:  # the book needs all five: take the committed ones for the others
+            for n in NOTEBOOKS:  # the book needs every notebook: take the committed ones for the others
                 if not (out / f"{n}.ipynb").is_file():
                     shutil.copyfile(paths.NOTEBOOKS / f"{n}.ipynb", out / f"{n}.ipynb")
         html = build_book(out, out)
