@@ -459,11 +459,12 @@ def _wait_any(chunks: Sequence[_Chunk], timeout: float) -> None:
 # Command line.
 
 def _print_status(statuses: Sequence[dict]) -> None:
+    width = max((len(s["run"]) for s in statuses), default=0)
     for s in statuses:
         top1 = f"{s['last_eval_top1']:.2f}%" if s["last_eval_top1"] is not None else "-"
         state = "finished" if s["finished"] else ("not started" if not s["epochs_done"] and not s["has_checkpoint"]
                                                   else "unfinished")
-        print(f"{s['run']:24s} epoch {s['epochs_done']:>2d} of {s['epochs_planned']} ({state}); "
+        print(f"{s['run']:{width}s} epoch {s['epochs_done']:>2d} of {s['epochs_planned']} ({state}); "
               f"last test top-1 {top1}; step {s['last_step']}; {s['hours']:.2f} h of training epochs, "
               f"{s['chunk_hours']:.2f} h of chunks")
 

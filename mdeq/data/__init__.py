@@ -124,7 +124,9 @@ def build_dataset(dataset: str, root: str | Path, split: str, **options):
 
     Options per data set (unknown ones raise ``DataOptionError``, a ``TypeError``):
       cifar10:    augment=False, source='pickles' | 'jpeg_q75', verify_md5=True, download=False,
-                  exact_subset=None (path of the exact-prefix npz, with source='jpeg_q75')
+                  exact_subset=None (path of the exact-prefix npz, with source='jpeg_q75'),
+                  rows='all' | 'exact_known' (only the exactly known images; needs exact_subset),
+                  exact_pixels=True (False: their JPEG-q75 twins, not the exact pixels)
       imagenet:   augment=True (train only), image_size=224, allow_missing_classes=False
       cityscapes: augment=True (train only), crop_size=(512, 1024), base_size=2048, scale_factor=16
     For CIFAR-10, 'val' is the official test_batch, as in the released code.

@@ -46,6 +46,9 @@ SOURCE_OFFICIAL = "CIFAR-10 (official)"
 SOURCE_UNVERIFIED = "CIFAR-10 (official layout, md5 not checked)"
 SOURCE_JPEG = "CIFAR-10 (JPEG-q75 re-encoded)"
 SOURCE_JPEG_HYBRID = "CIFAR-10 (JPEG-q75 re-encoded, exact pixels for the first rows of each batch)"
+SOURCE_EXACT_ROWS = "CIFAR-10 (only the images whose exact pixels are known, exact pixels)"
+SOURCE_JPEG_TWINS = "CIFAR-10 (only the images whose exact pixels are known, as their JPEG-q75 twins)"
+ROWS = ("all", "exact_known")
 
 LAYOUT = f"""
 <root>/{FOLDER}/data_batch_1 ... data_batch_5   official python pickles, 10000 images each
@@ -94,9 +97,19 @@ class CIFAR10Arrays(Dataset):
 
 
 def build(root, split: str, *, augment: bool = False, source: str = "pickles", verify_md5: bool = True,
-          download: bool = False, exact_subset=None) -> CIFAR10Arrays:
-    """The 'train' (50K) or 'val' (the 10K test_batch) split; see ``mdeq.data.build_dataset``."""
+          download: bool = False, exact_subset=None, rows: str = "all", exact_pixels: bool = True) -> CIFAR10Arrays:
+    """The 'train' (50K) or 'val' (the 10K test_batch) split; see ``mdeq.data.build_dataset``.
+
+    ``rows="exact_known"`` (source 'jpeg_q75' with ``exact_subset``) keeps only the images whose exact
+    pixels are known (5,170 train, 1,017 test), with those exact pixels, or with their JPEG-q75 twins
+    when ``exact_pixels`` is false: the two sides of a paired study of what training on JPEG costs.
+    """
     train = split == "train"
+    if rows not in ROWS:
+        raise ValueError(f"rows must be one of {ROWS}, got {rows!r}")
+    if (rows != "all" or not exact_pixels) and (source != "jpeg_q75" or exact_subset is None):
+        raise ValueError("rows='exact_known' and exact_pixels=False need source='jpeg_q75' and exact_subset "
+                         "(the exact-prefix npz says which rows are known exactly)")
     if source == "pickles":
         if exact_subset is not None:
             raise ValueError("exact_subset only applies to source='jpeg_q75'")
@@ -106,7 +119,8 @@ def build(root, split: str, *, augment: bool = False, source: str = "pickles", v
     elif source == "jpeg_q75":
         if download:
             raise ValueError("download=True fetches the official pickles; use source='pickles'")
-        images, labels, label = load_jpeg_npz(_find_npz(root), train=train, exact_subset=exact_subset)
+        images, labels, label = load_jpeg_npz(_find_npz(root), train=train, exact_subset=exact_subset, rows=rows,
+                                              exact_pixels=exact_pixels)
     else:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     transform = CIFAR10Transform(augment=augment and train)
@@ -234,7 +248,8 @@ def _decode_jpegs(data: np.ndarray, offsets: np.ndarray, path: Path, batch: str)
     return out.transpose(0, 3, 1, 2)
 
 
-def load_jpeg_npz(path, *, train: bool, exact_subset=None) -> tuple[np.ndarray, np.ndarray, str]:
+def load_jpeg_npz(path, *, train: bool, exact_subset=None, rows: str = "all",
+                  exact_pixels: bool = True) -> tuple[np.ndarray, np.ndarray, str]:
     """Decode the JPEG-q75 re-encoding of CIFAR-10 (official batch order) with PIL.
 
     Why: the only complete offline copy (PROVENANCE.md); its pixels are lossy (PSNR about 30 dB), so
@@ -243,12 +258,22 @@ def load_jpeg_npz(path, *, train: bool, exact_subset=None) -> tuple[np.ndarray, 
     Returns uint8 images (N, 3, 32, 32), int64 labels (N,) and the source label.
     """
     names = TRAIN_BATCHES if train else TEST_BATCHES
-    batches, label = _load_jpeg_batches(Path(path), names, exact_subset)
+    batches, label = _load_jpeg_batches(Path(path), names, exact_subset, exact_pixels)
+    if rows == "exact_known":
+        known = _exact_rows(Path(exact_subset), names)
+        batches = {name: (im[:known[name]], lab[:known[name]]) for name, (im, lab) in batches.items()}
+        label = SOURCE_EXACT_ROWS if exact_pixels else SOURCE_JPEG_TWINS
     return (np.concatenate([b[0] for b in batches.values()]),
             np.concatenate([b[1] for b in batches.values()]), label)
 
 
-def _load_jpeg_batches(path: Path, names, exact_subset) -> tuple[dict, str]:
+def _exact_rows(path: Path, names) -> dict[str, int]:
+    """How many leading rows of each batch the exact-prefix npz holds."""
+    with np.load(path) as npz:
+        return {name: int(_npz_get(npz, f"{name}_data", path).shape[0]) for name in names}
+
+
+def _load_jpeg_batches(path: Path, names, exact_subset, exact_pixels: bool = True) -> tuple[dict, str]:
     images, labels = [], []
     with np.load(path) as npz:
         for name in names:
@@ -261,7 +286,7 @@ def _load_jpeg_batches(path: Path, names, exact_subset) -> tuple[dict, str]:
             images.append(_decode_jpegs(data, offsets, path, name))
             labels.append(lab)
     label = SOURCE_JPEG
-    if exact_subset is not None:
+    if exact_subset is not None and exact_pixels:
         _overlay_exact(Path(exact_subset), names, images, labels)
         label = SOURCE_JPEG_HYBRID
     return dict(zip(names, zip(images, labels))), label
