@@ -29,8 +29,9 @@ def tiny_campaign(tmp_path, monkeypatch):
 
 def test_budget_chunks_resume_and_finish_every_run(tiny_campaign):
     spec, results = tiny_campaign
-    # a budget that ends before the first step: the child writes a checkpoint at step 0 and exits cleanly
-    first = run_campaign(spec, 1.0, results=results, min_start_s=0, code="tree")
+    # a budget that has ended before the child starts (a minute ago; min_start_s < 0 lets the campaign start it
+    # anyway): the child writes a checkpoint at step 0 and exits cleanly, however fast or loaded the machine
+    first = run_campaign(spec, -60.0, results=results, min_start_s=-3600, code="tree")
     assert [s["finished"] for s in first] == [False, False]
     res = results / "cifar10_resnet18_170k"
     assert (res / "checkpoint.pt").is_file() and not (res / "final.json").exists()
@@ -54,11 +55,61 @@ def test_budget_chunks_resume_and_finish_every_run(tiny_campaign):
 
 def test_run_option_continues_one_run_out_of_order(tiny_campaign):
     spec, results = tiny_campaign
-    statuses = run_campaign(spec, 1.0, results=results, min_start_s=0, code="tree", only="cifar10_mdeq_small")
+    statuses = run_campaign(spec, -60.0, results=results, min_start_s=-3600, code="tree", only="cifar10_mdeq_small")
     assert [s["has_checkpoint"] for s in statuses] == [False, True]  # the first run was not touched
     assert not (campaign.WORK / "cifar10_resnet18_170k").exists()
     with pytest.raises(ValueError, match="'cifar10_sst' is not a run of campaign 'tiny'"):
         run_campaign(spec, 1.0, results=results, only="cifar10_sst")
+
+
+HOLD_LOCK = """
+import os, sys
+import mdeq.campaign as campaign
+from pathlib import Path
+campaign.WORK = Path(sys.argv[1])
+
+def restore_run(*args):  # inside the lock, before the run's chunk: wait here until told to end
+    print("inside", flush=True)
+    sys.stdin.readline()
+    os._exit(0)  # the way a killed campaign ends: its lock goes with the process
+
+campaign.restore_run = restore_run
+campaign.run_campaign(campaign.load_campaign(sys.argv[2]), 600.0, results=Path(sys.argv[3]), min_start_s=0, code="tree")
+"""
+
+
+def test_only_one_campaign_runs_at_a_time(tiny_campaign, tmp_path):
+    """A campaign process about to start a chunk holds runs/campaign/.lock; a second campaign, of any name, is
+    refused before it touches a run, and goes ahead once the first process has ended."""
+    import os
+    import subprocess
+    import sys
+
+    from mdeq import paths
+
+    spec, results = tiny_campaign
+    other = tmp_path / "other.yaml"  # another campaign (another name) over the same work folder
+    other.write_text(yaml.safe_dump({"name": "other", "runs": ["cifar10_mdeq_small"], "data_root": spec.data_root}))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(campaign.WORK), str(other), str(results)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(paths.ROOT)})
+    try:
+        for line in holder.stdout:  # the campaign's log lines, then the chunk's "inside"
+            if line.strip() == "inside":
+                break
+        else:
+            pytest.fail(f"the first campaign ended before its chunk: {holder.stderr.read()[-2000:]}")
+        with pytest.raises(RuntimeError, match=r"another campaign holds .*\.lock; wait for it or stop it"):
+            run_campaign(spec, 600.0, results=results, min_start_s=0, code="tree")
+        assert (campaign.WORK / ".lock").read_text().strip() == str(holder.pid)  # the holder's pid, as it says
+        assert not (campaign.WORK / "cifar10_resnet18_170k").exists()
+        assert not (results / "cifar10_resnet18_170k").exists()
+    finally:
+        holder.communicate("go\n", timeout=120)
+    assert holder.returncode == 0
+    # once the holder has ended, a campaign starts (here with no time left for a chunk: it starts nothing)
+    statuses = run_campaign(spec, 0.0, results=results, min_start_s=60, code="tree")
+    assert [s["has_checkpoint"] for s in statuses] == [False, False]
 
 
 def test_status_command_and_bad_input(tiny_campaign, capsys):

@@ -21,8 +21,11 @@ BATCH = 8  # global batch; 4 per process
 
 
 def _cfg():
-    # no dropout, so the loss does not depend on how masks are drawn per process
-    return load_config("cifar10_tiny_smoke", ["model.dropout=0.0", "train.pretrain_steps=1"])
+    # No dropout, so the loss does not depend on how masks are drawn per process; tolerances far below what any
+    # solve reaches, so every forward and backward solve runs its whole budget (6 steps) on a 4-sample shard as
+    # on the 8-sample batch, and the two differ only in float32 summation order.
+    return load_config("cifar10_tiny_smoke", ["model.dropout=0.0", "train.pretrain_steps=1", "solver.tol=1e-12",
+                                              "solver.backward_tol=1e-12"])
 
 
 def _model(cfg):
@@ -106,6 +109,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _spawn(fn, args, tries: int = 5) -> None:
+    """``WORLD`` processes of ``fn(rank, port, *args)``. The port is free when picked, but rank 0 binds it a
+    moment later and another process may take it in between: that start is retried on a new port."""
+    for attempt in range(tries):
+        try:
+            mp.start_processes(fn, args=(_free_port(), *args), nprocs=WORLD, start_method="spawn", join=True)
+            return
+        except mp.ProcessRaisedException as exc:
+            taken = "EADDRINUSE" in str(exc) or "address already in use" in str(exc).lower()
+            if not taken or attempt == tries - 1:
+                raise
+
+
 def test_single_process_without_torchrun_env(monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
@@ -123,8 +139,7 @@ def test_ddp_matches_one_process_in_both_phases(tmp_path):
 
     data_root = tmp_path / "cifar"
     make_synthetic("cifar10", data_root, n_train_per_batch=10, n_val=10)
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path), str(data_root)), nprocs=WORLD,
-                       start_method="spawn", join=True)
+    _spawn(_worker, (str(tmp_path), str(data_root)))
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
 
     cfg = _cfg()
@@ -134,8 +149,13 @@ def test_ddp_matches_one_process_in_both_phases(tmp_path):
     for phase in ("unrolled", "implicit"):
         got, want = ddp[phase], ref[phase]
         torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-5, atol=1e-6)
+        # Each tensor to 1e-4 of its largest gradient. Measured (2026-12-05): at most 7.7e-6 of it in either
+        # phase, 6e-8 in absolute terms. The former rtol=2e-3, atol=2e-5 let through anything in the tensors
+        # whose gradients are all below 2e-5, and per-sample solver results that depend on the other samples
+        # of the batch (shards of 4 against a batch of 8).
         for name, g in want["grads"].items():
-            torch.testing.assert_close(got["grads"][name], g, rtol=2e-3, atol=2e-5, msg=f"{phase}: {name}")
+            torch.testing.assert_close(got["grads"][name], g, rtol=1e-4, atol=1e-4 * float(g.abs().max()),
+                                       msg=f"{phase}: {name}")
         # DDP's reducer and our hook: exactly one gradient accumulation per parameter and step
         assert got["hook_calls"] == {n: 1 for n, _ in model.named_parameters()}, phase
         assert want["hook_calls"] == got["hook_calls"]

@@ -1,6 +1,7 @@
 """JupyterLab as a user meets it: a real server on 127.0.0.1 opens notebooks/*.py as notebooks (the
 repository's own default-viewer setting), and saving them back unchanged leaves git clean."""
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -11,10 +12,11 @@ import urllib.request
 
 import pytest
 
+from conftest import importorskip
 from mdeq import paths
 
-pytest.importorskip("jupyterlab", reason="JupyterLab is installed by the 'notebooks' extra")
-pytest.importorskip("jupytext", reason="jupytext is installed by the 'notebooks' extra")
+importorskip("jupyterlab", reason="JupyterLab is installed by the 'notebooks' extra")
+importorskip("jupytext", reason="jupytext is installed by the 'notebooks' extra")
 
 TOKEN = "mdeq-test-token"
 SETTINGS = ".jupyter/lab/user-settings"
@@ -24,6 +26,16 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _served_port(runtime, proc) -> int | None:
+    """The port the server listens on, from the server-info file it writes once listening (jpserver-<pid>.json):
+    if the port asked for was taken in the meantime, the server moved to another one (``port_retries``)."""
+    info = runtime / f"jpserver-{proc.pid}.json"
+    try:
+        return int(json.loads(info.read_text())["port"])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _git(cwd, *args) -> str:
@@ -51,22 +63,26 @@ def lab(tmp_path):
     _git(repo, "init", "-q")
     _git(repo, "add", "-A")
     _git(repo, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy")
-    port = _free_port()
+    runtime = tmp_path / "runtime"  # the server-info file lands here, not in the user's runtime folder
     log = open(tmp_path / "lab.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root",
-                             f"--port={port}", "--ip=127.0.0.1", f"--IdentityProvider.token={TOKEN}",
+                             f"--port={_free_port()}", "--ip=127.0.0.1", f"--IdentityProvider.token={TOKEN}",
                              f"--ServerApp.root_dir={repo}", f"--LabApp.user_settings_dir={SETTINGS}"],
-                            cwd=repo, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 90
+                            cwd=repo, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime)})
+    deadline = time.monotonic() + 300  # a cold start beside a training campaign on 2 cores takes tens of seconds
     while True:
+        port = _served_port(runtime, proc)
         try:
-            _api(port, "/api/status")
-            break
+            if port is not None:
+                _api(port, "/api/status")
+                break
         except (urllib.error.URLError, ConnectionError):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"JupyterLab did not start: {(tmp_path / 'lab.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"JupyterLab did not start: {(tmp_path / 'lab.log').read_text()[-2000:]}")
+        time.sleep(0.5)
     try:
         yield repo, port
     finally:
@@ -85,7 +101,7 @@ def test_py_files_open_as_notebooks_and_an_unchanged_save_keeps_git_clean(lab):
     news = _api(port, "/lab/api/settings/@jupyterlab/apputils-extension:notification")["settings"]
     assert news["fetchNews"] == "false" and news["checkForUpdates"] is False  # no news prompt, no network
     names = sorted(p.name for p in (repo / "notebooks").glob("*.py"))
-    assert len(names) == 5
+    assert len(names) == 6  # the tutorial (00) and the five paper notebooks
     for name in names:
         model = _api(port, f"/api/contents/notebooks/{name}?type=notebook&content=1")
         assert model["type"] == "notebook" and len(model["content"]["cells"]) > 3

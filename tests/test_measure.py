@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -17,12 +16,24 @@ from mdeq.solvers import SOLVERS
 CPU = torch.device("cpu")
 
 
-def test_timeit_times_only_the_repeats_and_runs_after_outside_the_timing():
-    calls, after = [], []
-    times = measure.timeit(lambda: calls.append(time.sleep(0.01)), "cpu", repeats=3, warmup=2,
-                           after=lambda: after.append(time.sleep(0.05)))
-    assert len(calls) == 5 and len(after) == 3 and len(times) == 3
-    assert all(0.01 <= t < 0.05 for t in times)  # the 50 ms of `after` are not in any timing
+def test_timeit_times_only_the_repeats_and_runs_after_outside_the_timing(monkeypatch):
+    """On a clock that only ``fn`` (1 s a call) and ``after`` (100 s) move: deterministic on a loaded machine."""
+    clock, calls, after, synced = [0.0], [], [], []
+
+    def fn():
+        calls.append(clock[0])
+        clock[0] += 1.0
+
+    def later():
+        after.append(clock[0])
+        clock[0] += 100.0
+
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(measure, "sync", lambda device: synced.append(clock[0]))
+    times = measure.timeit(fn, "cpu", repeats=3, warmup=2, after=later)
+    assert times == [1.0, 1.0, 1.0]  # neither the warm-up calls nor `after` are in any timing
+    assert calls == [0.0, 1.0, 2.0, 103.0, 204.0] and after == [3.0, 104.0, 205.0]
+    assert synced == [2.0, 3.0, 103.0, 104.0, 204.0, 205.0]  # the device synchronised before and after each call
 
 
 def test_the_full_profile_refuses_to_time_a_cpu_by_accident():
@@ -72,8 +83,41 @@ def test_measure_runtime_reports_times_memory_and_solver_work():
     m = out["models"]["mdeq_small"]
     assert m["label"] == "MDEQ-small" and m["what"] == "config:cifar10_small_paper" and m["params"] == 175418
     assert len(m["train_ms_all"]) == 1 and m["train_ms"] == m["train_ms_all"][0] > 0 and m["inference_ms"] > 0
-    assert m["memory_kind"] == "cpu_peak_rss_increase" and m["peak_train_memory_mb"] == m["peak_train_memory_mb"]
+    assert m["memory_kind"] == "cpu_peak_rss_increase" and math.isfinite(m["peak_train_memory_mb"])
     assert m["nfe_forward"] >= 1 and m["nfe_backward"] is None  # inference ran last: no backward after it
+
+
+def test_peak_train_memory_is_the_training_peak_above_the_memory_before_the_model(monkeypatch):
+    """A meter whose readings are known: 1000 MB before the model is built, a peak of 1234.5 MB during the
+    training steps and 9999 MB during inference; the reported figure is the training peak minus the base."""
+    phase = {"now": "before"}
+    readings = {"before": 1000.0, "train": 1234.5, "inference": 9999.0}
+
+    class Meter:
+        kind = "cpu_peak_rss"
+
+        def __init__(self, device):
+            pass
+
+        def current_mb(self):
+            return readings[phase["now"]]
+
+        def reset(self):
+            pass
+
+        def peak_mb(self):
+            return readings[phase["now"]]
+
+    real_timeit = measure.timeit
+
+    def timeit(fn, device, repeats, warmup=1, **kw):
+        phase["now"] = "train" if phase["now"] == "before" else "inference"
+        return real_timeit(fn, device, repeats, warmup, **kw)
+
+    monkeypatch.setattr(measure, "PeakMemory", Meter)
+    monkeypatch.setattr(measure, "timeit", timeit)
+    m = measure.measure_runtime(models=["mdeq_small"], batch_size=1, device="cpu", repeats=1, warmup=0)
+    assert m["models"]["mdeq_small"]["peak_train_memory_mb"] == 234.5 and phase["now"] == "inference"
 
 
 def test_train_step_memory_counts_saved_activations_and_adam_state_in_closed_form():

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 
+from conftest import importorskip
 from mdeq import notebook, paths, report
 
 # ----------------------------------------------------------------------------------------------
@@ -51,7 +52,7 @@ def test_check_parameters_rejects_an_unknown_injected_parameter():
 
 
 def test_notebook_parameter_cells_declare_exactly_the_listed_parameters():
-    pm = pytest.importorskip("papermill")
+    pm = importorskip("papermill")
     for nb in notebook.NOTEBOOKS:
         declared = pm.inspect_notebook(str(paths.NOTEBOOKS / f"{nb}.ipynb"))
         spec = notebook.PARAMETERS[nb]
@@ -181,7 +182,7 @@ def test_full_profile_dry_runs_say_what_they_would_do(capsys):
         {"profile": "full", "dry_run": True, "nproc": 4, "seeds": 2, "data_root": "/datasets"}, "01_cifar10"))
     notebook.train(ctx)
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 7 * 2 and all(line.startswith("dry-run  cifar10_") for line in lines)
+    assert len(lines) == 8 * 2 and all(line.startswith("dry-run  cifar10_") for line in lines)
     assert "--nproc_per_node 4 -m mdeq.train" in lines[0] and "--data-root /datasets/cifar10" in lines[0]
 
 

@@ -1,6 +1,6 @@
-"""The five notebooks: paired sources in sync, each runs under papermill (smoke quick, logs, full dry
-run) with this interpreter's kernel, and bad parameters fail loudly. The book is built and read in
-tests/test_book.py.
+"""The notebooks (the tutorial 00 and the five paper notebooks): paired sources in sync, each runs under
+papermill (smoke quick, logs, full dry run) with this interpreter's kernel, and bad parameters fail loudly.
+The book is built and read in tests/test_book.py.
 
 Outputs of these runs go to a temporary ``output_root`` (quick smoke checkpoints and synthetic data
 to the ignored ``runs/``), so the tests never touch the committed results/ and figures/.
@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from mdeq import notebook, paths, reproduce
+from conftest import importorskip
+from mdeq import notebook, paths, report, reproduce
 
-papermill = pytest.importorskip("papermill")
-jupytext = pytest.importorskip("jupytext")
+papermill = importorskip("papermill")
+jupytext = importorskip("jupytext")
 
 NOTEBOOKS = list(notebook.NOTEBOOKS)
+PAPER_NOTEBOOKS = [n for n in NOTEBOOKS if n != notebook.TUTORIAL]  # 00 has a test of its own below
 SKIP_TAGS = {"injected-parameters", "papermill-error-cell-tag"}
 
 
@@ -53,22 +55,46 @@ def test_py_and_ipynb_in_sync(name):
 # One notebook's smoke run in the default test run (the quickest, 04); the other four are marked slow
 # (`python -m pytest -m slow`, which CI runs too) to keep the default run under 3 minutes.
 @pytest.mark.parametrize("name", [n if n == "04_cityscapes" else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in NOTEBOOKS])
+                                  for n in PAPER_NOTEBOOKS])
 def test_smoke_quick(name, tmp_path):
+    """The notebook's tables and figures are written, and each table's "ours" is what this run's own logs
+    and measurements say (read without mdeq.report: tests/test_report.py's ``table_problems``)."""
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    from test_report import table_problems
+
     out, seconds = _run(name, tmp_path, quick=True)
     figures = tmp_path / "out" / "figures" / "smoke"
     owned = sorted(n for n, nb in notebook.FIGURE_OWNERS.items() if nb == name)
     assert sorted({p.stem for p in figures.glob("*.png")}) == owned
-    tables = sorted(p.stem for p in (tmp_path / "out" / "results" / "smoke").glob("table_*.csv"))
-    assert tables == sorted(n for n, nb in notebook.TABLE_OWNERS.items() if nb == name)
+    for png in figures.glob("*.png"):  # a drawn figure, not an empty canvas
+        with Image.open(png) as im:
+            assert min(im.size) > 100 and len(np.unique(np.asarray(im.convert("L")))) > 10, png.name
+    results = tmp_path / "out" / "results" / "smoke"
+    tables = sorted(results.glob("table_*.csv"))
+    assert [p.stem for p in tables] == sorted(n for n, nb in notebook.TABLE_OWNERS.items() if nb == name)
+    paper = yaml.safe_load((paths.RESULTS / "paper_numbers.yaml").read_text())
+    problems = [p for table in tables for p in table_problems(table, results, paper, smoke=True)]
+    assert not problems, "\n".join(problems)
+    numbers = [row for table in tables for row in _csv(table) if row["ours"] not in ("", report.NOT_RUN)]
+    assert numbers, "the smoke run put no number of its own into its tables"
     assert not list((tmp_path / "out" / "figures").glob("*.png")), "a smoke run wrote a real figure"
     print(f"{name} smoke quick: {seconds:.1f} s")
+
+
+def _csv(path):
+    import csv
+
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
 
 
 # The logs profile of 01 (Table 1 and Fig. 4a from the committed campaign runs) in the default run; the
 # other four redraw from committed results too but cost a kernel start each (~9 s), so they are slow.
 @pytest.mark.parametrize("name", [n if n == "01_cifar10" else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in NOTEBOOKS])
+                                  for n in PAPER_NOTEBOOKS])
 def test_logs_profile(name, tmp_path):
     t0 = time.perf_counter()
     out, seconds = _run(name, tmp_path, profile="logs")
@@ -79,6 +105,25 @@ def test_logs_profile(name, tmp_path):
         n for n, nb in notebook.FIGURE_OWNERS.items() if nb == name)
     assert seconds < 60, f"the logs profile of {name} took {seconds:.0f} s"
     print(f"{name} logs: {seconds:.1f} s ({time.perf_counter() - t0:.1f} s with the kernel)")
+
+
+# The tutorial (00) trains nothing and computes the same in every profile, and its own asserts check every
+# number its text claims (the gradient errors, the saved bytes, Broyden against iterating f), so a finished
+# run is the check. Smoke (the committed profile) in the default run, 9-14 s with the kernel start on 2 cores;
+# logs and full compute the same and write the figures into figures/ instead of figures/smoke/, so they are slow.
+@pytest.mark.parametrize("profile", ["smoke", pytest.param("logs", marks=pytest.mark.slow),
+                                     pytest.param("full", marks=pytest.mark.slow)])
+def test_tutorial_runs_and_passes_its_own_checks(profile, tmp_path):
+    name = notebook.TUTORIAL
+    out, seconds = _run(name, tmp_path, profile=profile)
+    figures = tmp_path / "out" / "figures"
+    written = sorted(p.relative_to(figures).with_suffix("").as_posix() for p in figures.rglob("*.png"))
+    folder = "smoke/" if profile == "smoke" else ""
+    assert written == sorted(folder + n for n, nb in notebook.FIGURE_OWNERS.items() if nb == name)
+    assert not list((tmp_path / "out").rglob("*.csv")), "the tutorial writes no table"
+    text = _stream_text(out)
+    assert "IFT: relative error" in text and "this page computed in" in text
+    print(f"{name} {profile}: {seconds:.1f} s")
 
 
 # The default run executes each notebook once per profile; the second dry run and two of the three bad-parameter

@@ -111,7 +111,40 @@ def test_provenance_names_the_code_and_the_machine():
     assert prov["hardware"] == runlog.hardware("cpu") | {"host": prov["hardware"]["host"]}
     commit = runlog.git_commit()
     assert prov["git_commit"] == commit and (commit == "unknown" or len(commit) == 40)
-    assert prov["git_dirty"] in (True, False, None)
+    import subprocess
+
+    status = subprocess.run(["git", "status", "--porcelain", "--", "mdeq"], cwd=paths.ROOT, capture_output=True,
+                            text=True)
+    assert prov["git_dirty"] == (bool(status.stdout.strip()) if status.returncode == 0 else None)
+
+
+def test_git_dirty_sees_edits_and_new_files_in_the_named_folders_only(tmp_path):
+    import subprocess
+
+    repo = tmp_path / "repo"
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=repo, check=True,
+                       capture_output=True)
+
+    (repo / "mdeq").mkdir(parents=True)
+    (repo / "mdeq" / "a.py").write_text("x = 1\n")
+    (repo / "notes.txt").write_text("n\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "c")
+    assert runlog.git_dirty(repo) is False and len(runlog.git_commit(repo)) == 40
+    (repo / "notes.txt").write_text("edited\n")  # outside mdeq/: not the code's state
+    assert runlog.git_dirty(repo) is False and runlog.git_dirty(repo, folders=(".",)) is True
+    (repo / "mdeq" / "a.py").write_text("x = 2\n")
+    assert runlog.git_dirty(repo) is True
+    git("checkout", "--", "mdeq/a.py")
+    assert runlog.git_dirty(repo) is False
+    (repo / "mdeq" / "new.py").write_text("")  # an untracked module changes the code too
+    assert runlog.git_dirty(repo) is True
+    (tmp_path / "plain").mkdir()  # no repository: unknown, not clean
+    assert runlog.git_dirty(tmp_path / "plain") is None and runlog.git_commit(tmp_path / "plain") == "unknown"
+    assert runlog.git_dirty(tmp_path / "missing") is None
 
 
 def test_chunks_open_and_close_in_provenance(tmp_path):

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import importorskip
 from mdeq import paths
 from mdeq.checkpoint import load_checkpoint
 from mdeq.config import ConfigError, TrainConfig, available_configs, config_to_dict, load_config
@@ -84,7 +85,7 @@ def test_hutchinson_matches_the_exact_frobenius_norm_within_its_sampling_error()
 def test_hutchinson_equals_torchdeq_jac_reg_with_the_same_probes():
     """torchdeq's jac_reg draws torch.randn(B, D) per probe from the global stream; ours draws the same
     (B, D) tensor, split per scale, so with the same seed the probes, values and gradients agree."""
-    jac_reg = pytest.importorskip("torchdeq.loss", reason="torchdeq (the 'bench' extra) is not installed").jac_reg
+    jac_reg = importorskip("torchdeq.loss", reason="torchdeq (the 'bench' extra, which CI installs)").jac_reg
     fm = MultiscaleMap(gain=0.5, dtype=torch.float32)
     xs = inputs(batch=3, dtype=torch.float32)
     z = _leaves(_fixed_point_of(fm, xs, steps=100))

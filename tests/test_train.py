@@ -3,6 +3,7 @@ killed with SIGKILL mid-epoch and resumed that ends bit-identical to an uninterr
 baseline runs, the optimisers and schedule of Table 4, and clear errors."""
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -176,6 +177,60 @@ def test_chunks_stopped_before_a_step_and_before_an_evaluation_resume_bit_identi
     assert json.loads((out / "final.json").read_text())["final"] == full_final["final"]
 
 
+def test_a_chunk_stops_before_a_step_or_an_evaluation_that_would_pass_stop_at(cifar_root, tmp_path, monkeypatch):
+    """The look-ahead of ``--stop-at`` (``_StopRule``), on a clock that only steps (10 s each) and evaluations
+    (50 s each) move, so that what it decides does not depend on the machine's load. A step starts only with
+    1.5 step times left; an evaluation only with 1.2 times its estimate left: the last evaluation's time in
+    this process, else half a step per evaluation batch (5 batches: 25 s). Nothing ends after ``stop_at``,
+    and no chunk stops earlier than those margins. 5 steps an epoch, 2 epochs, 4 chunks."""
+    import types
+
+    import mdeq.train as train_mod
+
+    T0, STEP, EVAL = 1.0e9, 10.0, 50.0
+    clock, ends = [T0], []
+    real_step, real_evaluate = train_mod.train_step, train_mod.evaluate
+
+    def step(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        clock[0] += STEP
+        ends.append(clock[0] - T0)
+        return out
+
+    def evaluate(*args, **kwargs):
+        out = real_evaluate(*args, **kwargs)
+        clock[0] += EVAL
+        ends.append(clock[0] - T0)
+        return out
+
+    monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(time=lambda: clock[0], perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(train_mod, "train_step", step)
+    monkeypatch.setattr(train_mod, "evaluate", evaluate)
+    cfg = load_config("cifar10_tiny_smoke", ["train.epochs=2", "train.pretrain_steps=100"])
+    out = tmp_path / "chunks"
+    chunks = [  # (stop_at - T0, what the chunk ran: ends of its steps and evaluations, seconds after T0)
+        (44, [10, 20, 30]),  # at 30: 30 + 1.5 x 10 > 44, although a 4th step (to 40) would have fitted
+        (70, [40, 50]),      # epoch 0 trained at 50; its evaluation, estimated 25 s: 50 + 1.2 x 25 > 70
+        (190, [100, 110, 120, 130, 140, 150]),  # epoch 0 evaluated (50 s); epoch 1 trained at 150; its
+                                                # evaluation, estimated 50 s (the last one): 150 + 60 > 190
+        (None, [200]),
+    ]
+    for stop_at, expected in chunks:
+        ends.clear()
+        options = {**SMOKE_OPTIONS, "limit_train": 40, "limit_eval": 40}
+        final = main(cfg, RunOptions(out_dir=out, data_root=cifar_root, resume=True,
+                                     stop_at=None if stop_at is None else T0 + stop_at, **options))
+        assert ends == expected, (stop_at, ends)
+        if stop_at is not None:  # nothing ran past stop_at, and the chunk used its time up to the margins
+            assert final["stopped"] == "stop_at" and not (out / "final.json").exists()
+            assert max(ends) <= stop_at and stop_at - max(ends) < 1.5 * STEP + 1.2 * EVAL
+    assert "stopped" not in final and final["final_epoch"] == 1
+    assert [(r["epoch"], r["step"]) for r in _rows(out / "metrics.csv")] == [("0", "5"), ("1", "10")]
+    prov = json.loads((out / "provenance.json").read_text())["chunks"]
+    assert [(c["from_step"], c["to_step"], c["ended"]) for c in prov] == \
+           [(0, 3, "stop_at"), (3, 5, "stop_at"), (5, 10, "stop_at"), (10, 10, "finished")]
+
+
 def _env() -> dict:
     env = {**os.environ, "PYTHONPATH": str(paths.ROOT)}
     env.pop("RANK", None)
@@ -192,6 +247,65 @@ def _start_and_wait_for_steps(cmd, out: Path, n: int) -> subprocess.Popen:
             pytest.fail(f"no steps logged: {proc.stdout.read().decode()[-2000:]}")
         time.sleep(0.005)
     return proc
+
+
+def _campaign_command(cifar_root, out: Path, threads: int) -> list[str]:
+    """``_command`` with the Table 1 campaign's engine settings (``mdeq.campaign.train_command``): ``threads``
+    threads, 0 workers, f compiled for the forward solve, no --deterministic; checkpoints every 3 steps. As
+    in the campaign (50,000 / 128 and 10,000 / 128), each epoch and each evaluation ends with a smaller batch
+    (84 / 8, 20 / 8: 11 steps an epoch, 22 in all), another shape for the compiled f."""
+    cmd = _command(cifar_root, out)
+    cmd.remove("--deterministic")
+    cmd[cmd.index("--threads") + 1] = str(threads)
+    cmd[cmd.index("--limit-train") + 1] = "84"
+    cmd[cmd.index("--limit-eval") + 1] = "20"
+    return [*cmd, "--compile"]
+
+
+@pytest.mark.slow  # 4 processes, 3 of which compile f: about 80 s per thread count beside a campaign
+@pytest.mark.parametrize("threads", [1, 2])  # the campaign's runs: 2 threads alone, 1 each side by side
+def test_resume_in_the_campaigns_settings_is_bit_identical(cifar_root, tmp_path, threads):
+    """The campaign's chunks run with 1 or 2 threads, a compiled f and without --deterministic. A run stopped
+    by SIGTERM (the stop --stop-at takes) in the warm-up, resumed, killed with SIGKILL in the implicit phase
+    (compiled f) and resumed again ends bit-identical to an uninterrupted run with the same settings: on a
+    CPU with a fixed thread count every kernel, eager or compiled (``dynamic=False``: one kernel per shape),
+    reduces in a fixed order, so a process that starts mid-run computes the same bits. (Another thread count
+    does not: README, "Table 1 on a CPU".)"""
+    env = {**_env(), "OMP_NUM_THREADS": str(threads), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    full, out = tmp_path / "full", tmp_path / "chunked"
+    done = subprocess.run(_campaign_command(cifar_root, full, threads), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert any((tmp_path / "inductor").rglob("*.so")) and "torch.compile of f failed" not in done.stderr + done.stdout
+
+    def start_then(sig, n_steps, resume):
+        cmd = _campaign_command(cifar_root, out, threads) + (["--resume"] if resume else [])
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        deadline = time.monotonic() + 600
+        while not (out / "steps.jsonl").exists() or len(_steps(out / "steps.jsonl")) < n_steps:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"fewer than {n_steps} steps: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        proc.wait(timeout=300)
+        return load_checkpoint(out / "checkpoint.pt")["global_step"]
+
+    assert 0 < start_then(signal.SIGTERM, 3, resume=False) < 8  # stopped at a checkpoint in the warm-up
+    assert 8 < start_then(signal.SIGKILL, 14, resume=True) < 22  # killed after checkpoints in the implicit phase
+    done = subprocess.run([*_campaign_command(cifar_root, out, threads), "--resume"], env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = load_checkpoint(full / "checkpoint.pt"), load_checkpoint(out / "checkpoint.pt")
+    assert a["global_step"] == b["global_step"] == 22
+    differ = {k: float((v.double() - b["model"][k].double()).abs().max()) for k, v in a["model"].items()
+              if not torch.equal(v, b["model"][k])}
+    assert not differ, differ
+    for pid, st in a["optimizer"]["state"].items():
+        for name, value in st.items():
+            assert torch.equal(value, b["optimizer"]["state"][pid][name]), (pid, name)
+    _assert_same_run(full, out)
+    assert [(s["step"], s["loss"]) for s in _steps(full / "steps.jsonl")] == \
+           [(s["step"], s["loss"]) for s in _steps(out / "steps.jsonl")]
 
 
 def _signal_stops_at_a_checkpoint(sig, uninterrupted, cifar_root, out: Path) -> None:
@@ -426,6 +540,72 @@ def test_evaluate_keeps_an_unrolled_model_unrolled():
     evaluate(model, data, num_classes=10, device=torch.device("cpu"))
     assert model.last_info.mode != "unrolled" and len(calls) == model.last_info.forward.nfe
     assert model.deq.grad == "unrolled"  # restored afterwards
+
+
+def _bilinear_align_corners(x, size):
+    """(C, h, w) numpy -> (C, H, W): bilinear with align_corners=True, written out (the released evaluation's)."""
+    import numpy as np
+
+    c, h, w = x.shape
+    out = np.zeros((c, *size))
+    for i in range(size[0]):
+        sy = i * (h - 1) / (size[0] - 1)
+        y0 = min(int(sy), h - 1)
+        y1, fy = min(y0 + 1, h - 1), sy - y0
+        for j in range(size[1]):
+            sx = j * (w - 1) / (size[1] - 1)
+            x0 = min(int(sx), w - 1)
+            x1, fx = min(x0 + 1, w - 1), sx - x0
+            out[:, i, j] = ((1 - fy) * ((1 - fx) * x[:, y0, x0] + fx * x[:, y0, x1])
+                            + fy * ((1 - fx) * x[:, y1, x0] + fx * x[:, y1, x1]))
+    return out
+
+
+def test_evaluate_segmentation_upsamples_takes_the_argmax_and_scores_like_a_written_out_reference():
+    """Table 3's path inside ``evaluate``: logits of a (6, 10) output map, labels of (23, 39); the reference
+    upsamples with bilinear align_corners=True written out in numpy, takes the argmax per pixel, counts a
+    confusion matrix pixel by pixel without the void label 255 and scores IoU per class (a class neither in
+    the labels nor predicted is left out of the mean), mIoU and pixel accuracy."""
+    import numpy as np
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from mdeq.train import evaluate
+
+    g = torch.Generator().manual_seed(3)
+    n, c, size = 4, 19, (23, 39)
+    logits = torch.randn(n, c, 6, 10, generator=g, dtype=torch.float64)
+    logits[:, 18] -= 100.0  # class 18 is never predicted (nor labelled, below): left out of the mean
+    ups = np.stack([_bilinear_align_corners(x, size) for x in logits.numpy()])
+    pred = ups.argmax(1)
+    labels = pred.copy()
+    noise = torch.rand(n, *size, generator=g).numpy()
+    labels[noise < 0.2] = torch.randint(0, 18, (n, *size), generator=g).numpy()[noise < 0.2]
+    labels[:, :3] = 255  # a void band
+    labels[0, 5:9, 7:20] = 255
+
+    class FixedLogits(torch.nn.Module):
+        """The segmentation model's contract: images in, (B, C, h, w) logits out; here the logits given."""
+
+        def __init__(self):
+            super().__init__()
+            self.batches = iter(logits.float().split(2))
+
+        def forward(self, images):
+            return next(self.batches)
+
+    data = DataLoader(TensorDataset(torch.zeros(n, 3, 8, 8), torch.from_numpy(labels)), batch_size=2)
+    r = evaluate(FixedLogits(), data, num_classes=c, device=torch.device("cpu"))
+    cm = np.zeros((c, c), dtype=np.int64)
+    for t_, p_ in zip(labels.ravel(), pred.ravel()):
+        if t_ != 255:
+            cm[t_, p_] += 1
+    with np.errstate(invalid="ignore"):
+        iou = np.diag(cm) / (cm.sum(0) + cm.sum(1) - np.diag(cm))
+    assert r["samples"] == n and math.isnan(r["iou"][18]) and np.isnan(iou[18])
+    np.testing.assert_allclose(r["iou"], iou, rtol=0, atol=1e-12)
+    assert r["miou"] == pytest.approx(np.nanmean(iou), abs=1e-12) and 0.5 < r["miou"] < 0.9
+    assert r["pixel_acc"] == pytest.approx(100 * np.trace(cm) / cm.sum(), abs=1e-10)
+    assert "top1" not in r
 
 
 # ----------------------------------------------------------------------------------------------
