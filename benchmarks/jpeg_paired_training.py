@@ -81,9 +81,8 @@ def main() -> int:
     runs = {}
     for seed in args.seeds:
         for side in SIDES:
-            model, ckpt, sha = load_run(train(side, seed, args))
-            runs[f"{side}_seed{seed}"] = {"checkpoint_sha256": sha, "epochs": int(ckpt["epoch"]),
-                                          "logged_eval_top1": (ckpt.get("last_eval") or {}).get("top1")}
+            model, trained = load_run(train(side, seed, args))
+            runs[f"{side}_seed{seed}"] = {"checkpoint_sha256": trained.sha256, "epochs": int(trained.epoch)}
             for test_side, ims in images.items():
                 a = 100.0 * float(correct(model, ims, labels, 128).mean())
                 runs[f"{side}_seed{seed}"][f"test_{test_side}"] = a

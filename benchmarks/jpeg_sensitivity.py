@@ -22,7 +22,6 @@ written to ``results/jpeg_sensitivity.json``. Drawn in ``01_cifar10`` (logs prof
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import math
 import sys
@@ -84,26 +83,15 @@ def mcnemar(ref: np.ndarray, other: np.ndarray) -> dict:
 
 
 def load_run(folder: Path):
-    """(model in eval mode, checkpoint, sha256) from a run folder's checkpoint and the config saved in it.
+    """(model in eval mode, the ``mdeq.evaluate.Trained`` record) of a run folder: its config, weights (one read,
+    hashed: a campaign may replace the file while this runs) and baseline, as ``python -m mdeq.evaluate`` loads them."""
+    from mdeq.evaluate import build_trained, load_run as load_trained
 
-    The file is read once: a campaign may replace it (atomically) while this runs, so the hash is of the
-    bytes that were loaded."""
-    from mdeq.config import config_from_dict
-    from mdeq.model import build_model
-
-    data = (folder / "checkpoint.pt").read_bytes()
-    ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    cfg = config_from_dict(ckpt["config"])
-    if ckpt.get("baseline"):
-        from mdeq.baselines import build_baseline
-
-        model = build_baseline(ckpt["baseline"], num_classes=cfg.data.num_classes,
-                               **(ckpt.get("run", {}).get("baseline_options") or {}))
-    else:
-        model = build_model(cfg)
+    trained = load_trained(folder)
+    model = build_trained(trained)
+    if hasattr(model, "deq"):
         model.deq.warn = False
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), ckpt, hashlib.sha256(data).hexdigest()
+    return model, trained
 
 
 @torch.no_grad()
@@ -146,22 +134,21 @@ def main() -> int:
         if not (folder / "checkpoint.pt").is_file():
             record["skipped"][run] = "no committed checkpoint"
             continue
-        model, ckpt, sha = load_run(folder)
-        if not ckpt.get("last_eval"):
-            record["skipped"][run] = f"step {ckpt['global_step']}: no epoch evaluated yet"
+        model, trained = load_run(folder)
+        if not trained.epoch:
+            record["skipped"][run] = f"step {trained.global_step}: no epoch evaluated yet"
             print(f"{run}: {record['skipped'][run]}, skipped", flush=True)
             continue
         right = {name: correct(model, im, labels, args.batch) for name, im in versions.items()}
         record["runs"][run] = {
-            "checkpoint_sha256": sha,
-            "global_step": int(ckpt["global_step"]), "epoch": int(ckpt["epoch"]),
-            "epochs_planned": int(ckpt["config"]["train"]["epochs"]),
-            "last_eval_top1": (ckpt.get("last_eval") or {}).get("top1"),
+            "checkpoint_sha256": trained.sha256,
+            "global_step": int(trained.global_step), "epoch": int(trained.epoch),
+            "epochs_planned": int(trained.cfg.train.epochs),
             "accuracy": {name: 100.0 * float(r.mean()) for name, r in right.items()},
             "mcnemar_vs_exact": {name: mcnemar(right["exact"], r) for name, r in right.items() if name != "exact"},
         }
         acc = record["runs"][run]["accuracy"]
-        print(f"{run} (step {ckpt['global_step']}): " + ", ".join(f"{k} {v:.1f}" for k, v in acc.items()), flush=True)
+        print(f"{run} (step {trained.global_step}): " + ", ".join(f"{k} {v:.1f}" for k, v in acc.items()), flush=True)
     write_json(ROOT / args.out, record)
     print(f"wrote {args.out}")
     return 0
