@@ -1,6 +1,6 @@
 """What the benchmark scripts share: the timing loop and provenance of mdeq, JSON output, an MDEQ-like map.
 
-The timing loop (``timeit``, ``sync``) is ``mdeq.measure``'s and the provenance record ``mdeq.runlog``'s,
+The timing loop (``timeit``, ``sync``) is ``mdeq.paper.measure``'s and the provenance record ``mdeq.engine.runlog``'s,
 so a benchmark's numbers are measured and labelled as the notebooks' are.
 """
 from __future__ import annotations
@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mdeq.measure import RUNTIME_MODELS, sync, timeit
-from mdeq.paths import ROOT
-from mdeq.runlog import provenance as run_provenance
+from mdeq.paper.measure import RUNTIME_MODELS, sync, timeit
+from mdeq.engine.paths import ROOT
+from mdeq.engine.runlog import provenance as run_provenance
 
 __all__ = ["ROOT", "sync", "timeit", "median", "provenance", "write_json", "MDEQLikeMap", "trained_parser",
            "trained_model", "out_path", "committed_weights"]
@@ -29,7 +29,7 @@ def median(xs):
 
 
 def provenance(args, device) -> dict:
-    """The provenance of a benchmark result: ``mdeq.runlog.provenance`` with the arguments and the device;
+    """The provenance of a benchmark result: ``mdeq.engine.runlog.provenance`` with the arguments and the device;
     the dirty flag covers ``mdeq/`` and ``benchmarks/``."""
     record = run_provenance(" ".join([Path(sys.executable).name] + sys.argv), device, args=vars(args),
                             dirty_folders=("mdeq", "benchmarks"))
@@ -64,12 +64,12 @@ def trained_parser(description: str, out: str, repeats_help: str) -> argparse.Ar
 
 
 def trained_model(args):
-    """(cfg, model): threads and ``mdeq.allocator`` as ``mdeq.train`` sets them on a CPU, the config at
+    """(cfg, model): threads and ``mdeq.engine.allocator`` as ``mdeq.train`` sets them on a CPU, the config at
     ``args.batch``, its model in train mode with ``args.weights`` loaded (seed 0 for anything not loaded)."""
-    from mdeq.allocator import keep_freed_memory
-    from mdeq.checkpoint import load_checkpoint
-    from mdeq.config import load_config
-    from mdeq.model import build_model
+    from mdeq.engine.allocator import keep_freed_memory
+    from mdeq.engine.checkpoint import load_checkpoint
+    from mdeq.core.config import load_config
+    from mdeq.core.model import build_model
 
     torch.set_num_threads(args.threads)
     keep_freed_memory()
@@ -169,7 +169,7 @@ def committed_weights(run_dir, scratch: Path, *, from_tree: bool = False):
     import shutil
 
     from mdeq.evaluate import checkpoint_at, load_run, logged_evaluation
-    from mdeq.paths import rel
+    from mdeq.engine.paths import rel
 
     dest = Path(scratch) / Path(run_dir).name / "checkpoint.pt"
     if from_tree:
@@ -178,7 +178,7 @@ def committed_weights(run_dir, scratch: Path, *, from_tree: bool = False):
         origin = f"{rel(run_dir)}/checkpoint.pt (working tree)"
     else:
         checkpoint_at(run_dir, "HEAD", dest)
-        from mdeq.runlog import git_commit
+        from mdeq.engine.runlog import git_commit
 
         origin = f"{rel(run_dir)}/checkpoint.pt at git HEAD ({git_commit()[:10]})"
     trained = load_run(run_dir, dest)

@@ -8,7 +8,7 @@ folder; ``--from-tree``: the working tree's) on the run's own evaluation data (t
 set by default), with the forward solve stopped after max_iter = k steps for every k of ``--budgets``,
 and records per budget the top-1 accuracy, the relative residual ||f(z) - z|| / ||f(z)|| of the returned
 iterate, and the agreement with the config's own evaluation (Broyden, T_f = 15). One solve of the largest
-budget per batch and solver gives every smaller budget (``mdeq.inference``; tested against separate solves).
+budget per batch and solver gives every smaller budget (``mdeq.paper.inference``; tested against separate solves).
 
     python benchmarks/accuracy_vs_budget.py --threads 2           # results/accuracy_vs_budget.json
     python benchmarks/accuracy_vs_budget.py --limit 256 --out runs/bench/accuracy_vs_budget_check.json
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, committed_weights, provenance, write_json  # noqa: E402
 
 from mdeq.evaluate import eval_dataset, shown_path  # noqa: E402
-from mdeq.inference import BUDGETS, SOLVER_NAMES, accuracy_against_budget  # noqa: E402
+from mdeq.paper.inference import BUDGETS, SOLVER_NAMES, accuracy_against_budget  # noqa: E402
 from mdeq.train import _parse_kv  # noqa: E402
 
 RUN_KEY = "cifar10_mdeq_small"  # Table 1's MDEQ-small; its seeds are <key>_seed<k>
@@ -51,7 +51,7 @@ def main() -> None:
                    help="relative to the repository root")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from mdeq.allocator import keep_freed_memory  # as mdeq.train on a CPU; the numbers do not change
+    from mdeq.engine.allocator import keep_freed_memory  # as mdeq.train on a CPU; the numbers do not change
 
     keep_freed_memory()
     runs = [r if r.is_absolute() else ROOT / r for r in args.runs] if args.runs else sorted(

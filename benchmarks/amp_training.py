@@ -92,7 +92,7 @@ def main(argv=None) -> None:
 
     import torch
 
-    from mdeq.checkpoint import load_checkpoint
+    from mdeq.engine.checkpoint import load_checkpoint
     ckpt = load_checkpoint(args.checkpoint)
     start, in_epoch = ckpt["global_step"], ckpt["step_in_epoch"]
     print(f"checkpoint {args.checkpoint}: step {start}, epoch {ckpt['epoch']}, batch {in_epoch}", flush=True)

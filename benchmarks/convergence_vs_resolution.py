@@ -8,7 +8,7 @@ source and solver (Broyden with the config's m, plain iteration of f), each of `
 solved alone for ``--budget`` steps (tol 1e-12: the whole budget), and the f evaluations until the paper's
 ||z[i+1] - z[i]|| / ||z[i]|| falls below 1e-2 and 1e-3 are recorded, with both traces. Sources: the first
 CIFAR-10 test images (exact pixels), upsampled bilinearly; natural photographs that scikit-image ships
-(``mdeq.inference.PHOTOGRAPHS``), centre-cropped and resized. The weights are the committed checkpoint of
+(``mdeq.paper.inference.PHOTOGRAPHS``), centre-cropped and resized. The weights are the committed checkpoint of
 ``--run`` (git HEAD's, copied first; ``--from-tree``: the working tree's).
 
 The output is rewritten after each (source, size, solver) and a rerun with the same settings and weights
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, committed_weights, provenance, write_json  # noqa: E402
 
 from mdeq.evaluate import eval_dataset  # noqa: E402
-from mdeq.inference import (PHOTOGRAPHS, SIZES, SOLVER_NAMES, THRESHOLDS, convergence_against_resolution,  # noqa: E402
+from mdeq.paper.inference import (PHOTOGRAPHS, SIZES, SOLVER_NAMES, THRESHOLDS, convergence_against_resolution,  # noqa: E402
                             photographs, resolution_inputs)
 
 SETTINGS = ("sizes", "num_images", "budget", "sources")  # a rerun keeps earlier entries only if these are the same
@@ -54,7 +54,7 @@ def main() -> None:
                    help="relative to the repository root")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from mdeq.allocator import keep_freed_memory  # as mdeq.train on a CPU; the numbers do not change
+    from mdeq.engine.allocator import keep_freed_memory  # as mdeq.train on a CPU; the numbers do not change
 
     keep_freed_memory()
     out_path = args.out if args.out.is_absolute() else ROOT / args.out

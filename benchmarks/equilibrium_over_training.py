@@ -29,11 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, provenance, write_json  # noqa: E402
 
-from mdeq.checkpoint import load_pretrained  # noqa: E402
-from mdeq.config import load_config  # noqa: E402
-from mdeq.data import build_dataset  # noqa: E402
-from mdeq.measure import trace_overrides  # noqa: E402
-from mdeq.model import build_model  # noqa: E402
+from mdeq.engine.checkpoint import load_pretrained  # noqa: E402
+from mdeq.core.config import load_config  # noqa: E402
+from mdeq.engine.data import build_dataset  # noqa: E402
+from mdeq.paper.measure import trace_overrides  # noqa: E402
+from mdeq.core.model import build_model  # noqa: E402
 
 RUN = "results/runs/cifar10_mdeq_small"
 THRESHOLDS = (1e-3, 1e-4)

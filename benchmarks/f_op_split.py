@@ -3,7 +3,7 @@
 The training step is about 16 f evaluations and 18 VJPs of f (``benchmarks/train_step_profile.py``), so an f
 evaluation bounds how fast the step can get. ``torch.profiler`` is no help for the split on this CPU: it
 inflated the VJPs about 2x and attributed 4.6 ms to a ReLU that takes 1.4 ms. This script wraps
-``F.conv2d``, ``F.group_norm`` and ``F.relu`` (the ops f is made of, ``mdeq/model.py``) in wall clocks and
+``F.conv2d``, ``F.group_norm`` and ``F.relu`` (the ops f is made of, ``mdeq/core/model.py``) in wall clocks and
 evaluates f (no grad, trained MDEQ-small weights, batch 128) in channels_last (``mdeq.train``'s CPU default)
 and in NCHW, alternating the two; it also times one VJP of f with respect to z in each format (no split:
 autograd's backward kernels cannot be wrapped from Python).

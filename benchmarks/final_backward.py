@@ -5,7 +5,7 @@ the head. z* is a leaf that requires grad there (the solve's VJPs need it), so a
 also computes dL/dz*, one conv input-gradient per scale, and drops it; ``mdeq.train.train_step`` names the
 optimiser's parameters as the backward's inputs instead (``mdeq.train.gradient_inputs``). This times that
 final backward both ways on the trained MDEQ-small at batch 128 (random images in [0, 1], channels_last,
-``mdeq.allocator`` on, as ``mdeq.train`` runs on a CPU), alternating the two, and checks that the
+``mdeq.engine.allocator`` on, as ``mdeq.train`` runs on a CPU), alternating the two, and checks that the
 parameter gradients are the same bits.
 
     python benchmarks/final_backward.py   # results/benchmarks/final_backward_cpu.json

@@ -76,7 +76,7 @@ def load_batch(ds, idx) -> tuple[torch.Tensor, torch.Tensor]:
 
 def measure(cfg_long, state_dict, x, y, *, train_budget: int, power_iters: int, seed: int) -> dict:
     """Solve difficulty and spectral radius of one set of weights on the evaluation batch."""
-    from mdeq.model import build_model
+    from mdeq.core.model import build_model
 
     torch.manual_seed(seed)
     model = build_model(cfg_long)
@@ -103,7 +103,7 @@ def measure(cfg_long, state_dict, x, y, *, train_budget: int, power_iters: int, 
 
 def train_arm(cfg, ckpt, ds, batches, *, per_epoch: int, seed: int, log_every: int) -> tuple[dict, list[dict]]:
     """``len(batches)`` engine steps from the checkpoint; returns (final state dict, one record per step)."""
-    from mdeq.model import build_model
+    from mdeq.core.model import build_model
     from mdeq.train import (build_criterion, build_optimizer, build_scheduler, jacobian_draw, jacobian_weight,
                             set_phase, solver_stats, train_step)
 
@@ -206,10 +206,10 @@ def main(argv=None) -> None:
         print(f"wrote {out.with_suffix('.md')}")
         return
 
-    from mdeq.allocator import keep_freed_memory
-    from mdeq.config import config_from_dict, config_to_dict
-    from mdeq.data import build_dataset
-    from mdeq.measure import trace_overrides
+    from mdeq.engine.allocator import keep_freed_memory
+    from mdeq.core.config import config_from_dict, config_to_dict
+    from mdeq.engine.data import build_dataset
+    from mdeq.paper.measure import trace_overrides
 
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as mdeq.train does on a CPU
@@ -271,7 +271,7 @@ def main(argv=None) -> None:
                  "eval": f"{args.eval_batch} CIFAR-10 test images (seeded choice {args.seed})"},
         "measure": "eval_mode/train_mode: batch mean of each sample's lowest-so-far ||f(z) - z|| / ||f(z)|| "
                    "(benchmarks/equilibrium_over_training.py solve_stats; train mode with one fixed dropout mask); "
-                   "spectral radius: mdeq.stability.power_method at the eval-mode z* of the long solve, per sample",
+                   "spectral radius: mdeq.core.stability.power_method at the eval-mode z* of the long solve, per sample",
         "before": before, "arms": results,
         "overhead": {"step_time_mean_ratio": on["step_time_ms_mean"] / off["step_time_ms_mean"],
                      "penalty_step_vs_plain_step_ratio":
@@ -420,7 +420,7 @@ def _ms(v):
 
 
 def _hardware(prov: dict) -> str:
-    from mdeq.runlog import describe_hardware
+    from mdeq.engine.runlog import describe_hardware
     return describe_hardware(prov.get("hardware"))
 
 

@@ -57,7 +57,7 @@ def train(side: str, seed: int, args) -> Path:
 
 
 def test_sets(args) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    from mdeq.data import build_dataset
+    from mdeq.engine.data import build_dataset
 
     sets = {side: build_dataset("cifar10", ROOT / args.data_root, "val", source="jpeg_q75",
                                 exact_subset=ROOT / args.exact, rows="exact_known", exact_pixels=exact)

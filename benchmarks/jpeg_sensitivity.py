@@ -41,7 +41,7 @@ JPEG = "data/cifar10-jpeg-q75"
 
 def exact_and_twins(exact_path: Path, jpeg_root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(exact, dataset_q75, labels): uint8 (N, 3, 32, 32) twice and int64 (N,) for the exact test images."""
-    from mdeq.data.cifar10 import _find_npz, load_jpeg_npz
+    from mdeq.engine.data.cifar10 import _find_npz, load_jpeg_npz
 
     with np.load(exact_path) as npz:
         exact = npz["test_batch_data"].reshape(-1, 3, 32, 32)
@@ -96,7 +96,7 @@ def load_run(folder: Path):
 
 @torch.no_grad()
 def correct(model, images: np.ndarray, labels: np.ndarray, batch: int) -> np.ndarray:
-    from mdeq.data.transforms import CIFAR10Transform
+    from mdeq.engine.data.transforms import CIFAR10Transform
 
     tf = CIFAR10Transform(augment=False)
     right = []

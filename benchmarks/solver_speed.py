@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, MDEQLikeMap, median, provenance, sync, timeit, write_json  # noqa: E402
 
-from mdeq.allocator import keep_freed_memory  # noqa: E402
-from mdeq.implicit import ImplicitLayer  # noqa: E402
-from mdeq.solvers import SOLVERS  # noqa: E402
+from mdeq.engine.allocator import keep_freed_memory  # noqa: E402
+from mdeq.core.implicit import ImplicitLayer  # noqa: E402
+from mdeq.core.solvers import SOLVERS  # noqa: E402
 
 
 class Counter:
@@ -250,7 +250,7 @@ def main(argv=None):
     p.add_argument("--histories", nargs="+", default=["auto"], choices=("auto", "low_rank", "residuals"),
                    help="our Broyden's history store(s) to time (low_rank is the store before the residual one)")
     p.add_argument("--no-torchdeq", action="store_true")
-    p.add_argument("--glibc-default", action="store_true", help="glibc's default malloc, without mdeq.allocator's setting")
+    p.add_argument("--glibc-default", action="store_true", help="glibc's default malloc, without mdeq.engine.allocator's setting")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)

@@ -4,7 +4,7 @@ Measures CIFAR-10 MDEQ-small (``cifar10_small_official``) at batch 32 by default
 phase (``solver.unroll_steps`` applications of f with ordinary backprop) and in the implicit phase
 (Broyden forward solve, one f(z*) with grad, Broyden IFT backward solve). Each phase runs in a fresh
 child process so that its peak memory is its own. Memory: on CUDA ``max_memory_allocated``; on a CPU the
-process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``; ``mdeq.metrics.PeakMemory``)
+process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``; ``mdeq.engine.metrics.PeakMemory``)
 and its increase over the resident set after set-up (model, optimiser, one batch), since the torch
 runtime alone is several hundred MB. Step times are medians over ``--steps`` after ``--warmup`` steps.
 
@@ -34,9 +34,9 @@ BASELINE_PHASES = ("none",)
 
 def run_phase(args) -> dict:
     """In the child: build the model, run warm-up + timed steps of one phase, return the measurements."""
-    from mdeq.config import load_config
-    from mdeq.metrics import PeakMemory
-    from mdeq.model import build_model
+    from mdeq.core.config import load_config
+    from mdeq.engine.metrics import PeakMemory
+    from mdeq.core.model import build_model
     from mdeq.train import build_criterion, build_optimizer, set_phase, solver_stats, train_step
 
     warnings.filterwarnings("ignore", "IFT backward solve did not converge")
@@ -45,7 +45,7 @@ def run_phase(args) -> dict:
     cfg = load_config(args.config, {"data.batch_size": args.batch})
     torch.manual_seed(0)
     if args.baseline:
-        from mdeq.baselines import build_baseline
+        from mdeq.engine.baselines import build_baseline
 
         model = build_baseline(args.baseline, num_classes=cfg.data.num_classes).to(device).train()
     else:

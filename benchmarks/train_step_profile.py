@@ -15,7 +15,7 @@ opens (``mdeq::forward_solve``, ``mdeq::forward_f``, ``mdeq::f_star``, ``mdeq::b
 With ``--ref COMMIT`` the same step of that commit (a git worktree under ``runs/bench/``) is timed in
 the same run, child processes alternating ref / current so that a load change hits both alike, and
 the loss and gradients of both on one fixed batch are compared. ``--compile``, ``--amp``, ``--allocator``
-(glibc's default malloc instead of ``mdeq.allocator``'s setting) and ``--check-every N`` add variants of
+(glibc's default malloc instead of ``mdeq.engine.allocator``'s setting) and ``--check-every N`` add variants of
 today's code. Every variant's first step (same weights, batch and dropout masks) is also compared with
 the float64 step, the reference for "the same gradients to float32 rounding". ``--weights`` starts from
 a checkpoint: at initial weights the solves are far from converged and the float32 gradient of any
@@ -47,27 +47,27 @@ def child(args) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from mdeq.config import load_config
-    from mdeq.model import build_model
+    from mdeq.core.config import load_config
+    from mdeq.core.model import build_model
     from mdeq.train import build_criterion, build_optimizer, set_phase
 
     warnings.filterwarnings("ignore", "IFT backward solve did not converge")
     torch.set_num_threads(args.threads)
-    if not args.glibc_default:  # as mdeq.train does on a CPU (a ref commit without mdeq.allocator runs without it)
+    if not args.glibc_default:  # as mdeq.train does on a CPU (a ref commit without mdeq.engine.allocator runs without it)
         try:
-            from mdeq.allocator import keep_freed_memory
+            from mdeq.engine.allocator import keep_freed_memory
             keep_freed_memory()
         except ImportError:
             pass
-    import mdeq.model
-    draw = mdeq.model._variational_mask  # dropout masks drawn in float32 in every variant (float64, bf16): same masks
-    mdeq.model._variational_mask = lambda b, c, p, like, gen: draw(b, c, p, like.float(), gen).to(like.dtype)
+    import mdeq.core.model
+    draw = mdeq.core.model._variational_mask  # dropout masks drawn in float32 in every variant (float64, bf16): same masks
+    mdeq.core.model._variational_mask = lambda b, c, p, like, gen: draw(b, c, p, like.float(), gen).to(like.dtype)
     overrides = {"data.batch_size": args.batch, "solver.tol": 1e-12}
     cfg = load_config(args.config, overrides)
     torch.manual_seed(0)
     model = build_model(cfg).train()
     if args.weights:
-        from mdeq.checkpoint import load_checkpoint
+        from mdeq.engine.checkpoint import load_checkpoint
         model.load_state_dict(load_checkpoint(args.weights)["model"])
     model.deq.warn = False
     if args.check_every:
@@ -166,7 +166,7 @@ def _unprofiled_split(model, criterion, optimizer, x, y, autocast, steps) -> dic
     inputs = _backward_inputs(optimizer)
     real_grad, vjp = torch.autograd.grad, []
 
-    def timed_grad(*a, **k):  # the backward solve's VJPs are torch.autograd.grad calls (mdeq.implicit)
+    def timed_grad(*a, **k):  # the backward solve's VJPs are torch.autograd.grad calls (mdeq.core.implicit)
         t0 = time.perf_counter()
         out = real_grad(*a, **k)
         vjp.append(time.perf_counter() - t0)
@@ -246,7 +246,7 @@ def main(argv=None) -> None:
                    help="a checkpoint to start from (e.g. results/runs/cifar10_mdeq_small/checkpoint.pt: trained "
                         "weights, where both solves converge); default: initial weights")
     p.add_argument("--allocator", action="store_true",
-                   help="also time the current code with glibc's default malloc (without mdeq.allocator)")
+                   help="also time the current code with glibc's default malloc (without mdeq.engine.allocator)")
     p.add_argument("--check-every", type=int, default=0,
                    help="also time the current code with both solvers checking their stopping rule every N steps")
     p.add_argument("--out", type=Path, default=None)

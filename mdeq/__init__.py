@@ -2,10 +2,10 @@
 
 The public API is the names in ``__all__``; everything else is private.
 """
-from mdeq.solvers import SOLVERS, SolverError, SolverStats, anderson, broyden, fixed_point
-from mdeq.implicit import DEQInfo, ImplicitLayer
-from mdeq.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict, load_config
-from mdeq.model import MDEQ, build_model, upsample_logits
+from mdeq.core.solvers import SOLVERS, SolverError, SolverStats, anderson, broyden, fixed_point
+from mdeq.core.implicit import DEQInfo, ImplicitLayer
+from mdeq.core.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict, load_config
+from mdeq.core.model import MDEQ, build_model, upsample_logits
 
 __all__ = [
     "SOLVERS",

@@ -53,12 +53,12 @@ from typing import Any, Sequence
 
 import yaml
 
-from mdeq import paths
-from mdeq.checkpoint import load_checkpoint
-from mdeq.config import load_config
-from mdeq.paths import rel
-from mdeq.runlog import now, read_run
-from mdeq.runs import config_name, spec as run_spec
+from mdeq.engine import paths
+from mdeq.engine.checkpoint import load_checkpoint
+from mdeq.core.config import load_config
+from mdeq.engine.paths import rel
+from mdeq.engine.runlog import now, read_run
+from mdeq.paper.runs import config_name, spec as run_spec
 
 __all__ = ["CampaignSpec", "load_campaign", "run_status", "train_command", "sync_run", "restore_run",
            "run_campaign", "main"]

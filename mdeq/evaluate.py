@@ -6,7 +6,7 @@ from the folder (``provenance.json``, ``checkpoint.pt``), evaluates the weights 
 ``mdeq.train.evaluate`` (the same data pipeline, memory format and eval-mode solver settings as the
 evaluation that ``metrics.csv`` logged), prints accuracy, forward NFE and relative residual, and says
 whether the logged accuracy of these weights is reproduced. It reads the run folder and never writes
-into it. The authors' released checkpoints go through the converter of ``mdeq.official``.
+into it. The authors' released checkpoints go through the converter of ``mdeq.core.official``.
 
     python -m mdeq.evaluate results/runs/cifar10_mdeq_small              # the run's own data and options
     python -m mdeq.evaluate results/runs/cifar10_mdeq_small --data-root data/cifar10   # official pickles
@@ -36,10 +36,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from mdeq import paths
-from mdeq.checkpoint import CheckpointError
-from mdeq.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict, load_config
-from mdeq.runlog import CHECKPOINT_NAME, plain, read_run
+from mdeq.engine import paths
+from mdeq.engine.checkpoint import CheckpointError
+from mdeq.core.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict, load_config
+from mdeq.engine.runlog import CHECKPOINT_NAME, plain, read_run
 # The engine's own pieces, so that an evaluation here is the one training logged (same data options,
 # same network, same error lines): private to mdeq.train, shared within the package on purpose.
 from mdeq.train import (_builder_options, _build_network, _config_diff, _error_line, _is_input_error, _parse_kv,
@@ -215,9 +215,9 @@ def checkpoint_at(run_dir: str | Path, revision: str, dest: str | Path) -> Path:
 
 
 def load_released(path: str | Path, config: str | Path) -> Trained:
-    """A checkpoint of the authors' released code, converted by ``mdeq.official`` for ``config`` (an ``*_official``
+    """A checkpoint of the authors' released code, converted by ``mdeq.core.official`` for ``config`` (an ``*_official``
     config: the released architecture); evaluated on the data set's default copy unless told otherwise."""
-    from mdeq.official import convert_state_dict
+    from mdeq.core.official import convert_state_dict
 
     path = Path(path)
     if not path.is_file():
@@ -264,7 +264,7 @@ def eval_dataset(trained: Trained, data_root: str | Path | None = None, data_opt
                  limit: int | None = None):
     """(the evaluation split as the run built it, its root, its options): the run's recorded data unless
     ``data_root`` is given (then only ``data_options`` apply)."""
-    from mdeq.data import build_dataset  # lazily, as mdeq.train does: it pulls in PIL
+    from mdeq.engine.data import build_dataset  # lazily, as mdeq.train does: it pulls in PIL
 
     cfg = trained.cfg
     if data_root is None:
@@ -507,7 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from mdeq import allocator
+    from mdeq.engine import allocator
 
     allocator.keep_freed_memory()  # as mdeq.train on a CPU: no page faults per new tensor; the numbers do not change
     sys.exit(main())

@@ -2,7 +2,7 @@
 
 Why a module: each notebook is run by papermill into ``runs/reproduce/<profile>/`` with this
 interpreter's kernel, and the book (``book/``, Jupyter Book 1.x, warnings are errors) is built from
-those executed notebooks. What a notebook computes in each profile is in ``mdeq.notebook``; this module
+those executed notebooks. What a notebook computes in each profile is in ``mdeq.paper.notebook``; this module
 only passes the parameters::
 
     python -m mdeq.reproduce --profile smoke            # every notebook on CPU, a few minutes each
@@ -31,8 +31,8 @@ from typing import Any, Sequence
 
 import nbformat
 
-from mdeq import paths
-from mdeq.notebook import NOTEBOOKS, PARAMETERS, PROFILES
+from mdeq.engine import paths
+from mdeq.paper.notebook import NOTEBOOKS, PARAMETERS, PROFILES
 
 __all__ = ["kernel_for_this_python", "strip_execution_metadata", "normalize_ipynb", "execute_notebook", "build_book",
            "main"]

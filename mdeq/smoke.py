@@ -12,9 +12,9 @@ import argparse
 import json
 from pathlib import Path
 
-from mdeq.config import load_config
-from mdeq.paths import RUNS
-from mdeq.runlog import read_run
+from mdeq.core.config import load_config
+from mdeq.engine.paths import RUNS
+from mdeq.engine.runlog import read_run
 from mdeq.train import RunOptions, main
 
 

@@ -30,11 +30,11 @@ runs) are not part of the experiment and live in ``RunOptions``, not in the conf
 
 Mixed precision (``--amp``, off by default): f, the stem and the heads run under ``torch.autocast``
 (float16 on CUDA with a ``GradScaler``, or bfloat16, which needs no scaler); the solver keeps its state
-and residuals in the dtype of z0 and casts f's output to it (``mdeq/solvers.py``). On a CPU ``--amp``
+and residuals in the dtype of z0 and casts f's output to it (``mdeq/core/solvers.py``). On a CPU ``--amp``
 means bfloat16 autocast. Code behind ``torch.cuda.is_available()`` never runs on a CPU-only machine.
 
 Multi-GPU and multi-node: launch with ``torchrun`` (``torchrun --nproc_per_node 4 -m mdeq.train ...``);
-``mdeq.distributed`` reads the rank and world size from its environment. The model is wrapped in
+``mdeq.engine.distributed`` reads the rank and world size from its environment. The model is wrapped in
 DistributedDataParallel, each process reads its shard through a ``DistributedSampler`` (reshuffled
 every epoch from ``train.seed + epoch``), ``data.batch_size`` is the global batch, and segmentation
 models use SyncBatchNorm on GPUs as the released code does (SyncBatchNorm has no CPU kernel). Only rank
@@ -86,14 +86,14 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
-from mdeq import allocator, distributed, paths, progress
-from mdeq.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, load_pretrained, restore_rng_state,
+from mdeq.engine import allocator, distributed, paths, progress
+from mdeq.engine.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, load_pretrained, restore_rng_state,
                              save_checkpoint, unwrap_model)
-from mdeq.config import ConfigError, ExperimentConfig, TrainConfig, config_from_dict, config_to_dict, load_config
-from mdeq.distributed import DistInfo, log
-from mdeq.metrics import IGNORE_INDEX, ConfusionMatrix, MetricLogger, PeakMemory, SmoothedValue, topk_correct
-from mdeq.model import build_model, upsample_logits
-from mdeq.runlog import (CHECKPOINT_NAME, LOCK_NAME, RUN_FILES, append_epoch, append_jsonl, chunk_end, chunk_start,
+from mdeq.core.config import ConfigError, ExperimentConfig, TrainConfig, config_from_dict, config_to_dict, load_config
+from mdeq.engine.distributed import DistInfo, log
+from mdeq.engine.metrics import IGNORE_INDEX, ConfusionMatrix, MetricLogger, PeakMemory, SmoothedValue, topk_correct
+from mdeq.core.model import build_model, upsample_logits
+from mdeq.engine.runlog import (CHECKPOINT_NAME, LOCK_NAME, RUN_FILES, append_epoch, append_jsonl, chunk_end, chunk_start,
                          final_record, git_commit, plain, provenance, sweep_temp_files, trim_logs, write_json_atomic)
 
 __all__ = ["RunOptions", "TrainState", "main", "cli", "train_one_epoch", "evaluate", "train_step",
@@ -118,7 +118,7 @@ class RunOptions:
     runs). limit_train / limit_eval: use the first N samples of each split. data_options: extra keyword
     options for the data set builder (e.g. ``{"base_size": 256}`` for a synthetic Cityscapes copy).
     baseline_options: keyword options of the baseline's builder (e.g. ``{"width": 4}``; smoke runs).
-    threads: ``torch.set_num_threads`` for the run. progress: a progress bar per epoch (None: on a terminal or in a notebook; ``mdeq.progress``).
+    threads: ``torch.set_num_threads`` for the run. progress: a progress bar per epoch (None: on a terminal or in a notebook; ``mdeq.engine.progress``).
     stop_at: a wall-clock time (``time.time()``) by which the run writes a checkpoint and exits, without
     starting a step or an evaluation that would not end in time (chunked training, ``mdeq.campaign``).
     divergence_factor / max_param_abs: the run stops as diverged when a step's loss exceeds this many
@@ -129,7 +129,7 @@ class RunOptions:
     ``compile_forward``; up to a minute of compiling per batch shape and mode). On the project's 2-core
     CPU neither changed the MDEQ-small step at batch 128 beyond the +-8 % noise
     (``benchmarks/train_step_profile.py``, README "Where a training step's time goes").
-    keep_freed_memory: on a CPU run, keep freed memory in the process for reuse (``mdeq.allocator``: no
+    keep_freed_memory: on a CPU run, keep freed memory in the process for reuse (``mdeq.engine.allocator``: no
     page faults on every new tensor; the numbers do not change, the process keeps its peak memory;
     None: on for CPU runs, for the rest of the process).
     """
@@ -551,12 +551,12 @@ def _builder_options(cfg: ExperimentConfig, split: str) -> dict[str, Any]:
 
 
 def _build_datasets(cfg: ExperimentConfig, options: RunOptions, dist_info: DistInfo) -> tuple[Dataset, Dataset, str]:
-    from mdeq.data import build_dataset  # the data package is imported lazily: it pulls in PIL etc.
+    from mdeq.engine.data import build_dataset  # the data package is imported lazily: it pulls in PIL etc.
 
     root = _data_root(cfg, options)
     if options.synthetic and (not root.exists() or not any(root.iterdir())):
         if dist_info.is_main:
-            from mdeq.data.synthetic import make_synthetic
+            from mdeq.engine.data.synthetic import make_synthetic
 
             log(f"writing a synthetic {cfg.data.dataset} copy to {root}")
             make_synthetic(cfg.data.dataset, root)
@@ -906,7 +906,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 def _build_network(cfg: ExperimentConfig, options: RunOptions) -> nn.Module:
     if options.baseline is not None:
-        from mdeq.baselines import build_baseline
+        from mdeq.engine.baselines import build_baseline
 
         if cfg.model.head != "classification":
             raise ConfigError(f"baseline {options.baseline!r} is a classifier; config {cfg.name!r} is "
@@ -918,7 +918,7 @@ def _build_network(cfg: ExperimentConfig, options: RunOptions) -> nn.Module:
 def _check_baseline(name: str | None) -> None:
     if name is None:
         return
-    from mdeq.baselines import BASELINES
+    from mdeq.engine.baselines import BASELINES
 
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; expected one of {', '.join(BASELINES)}")
@@ -1333,7 +1333,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms, no cudnn.benchmark")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep freed memory for reuse, no page faults per new tensor (default: on a CPU; mdeq/allocator.py)")
+                   help="keep freed memory for reuse, no page faults per new tensor (default: on a CPU; mdeq/engine/allocator.py)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar even on a terminal")
     p.add_argument("--find-unused-parameters", action="store_true", help="DDP find_unused_parameters")
     p.add_argument("--stop-at", type=float, default=None, metavar="UNIX_TIME",
@@ -1364,7 +1364,7 @@ def _parse_kv(items: Sequence[str], flag: str = "--data-option") -> dict[str, An
 
 def _is_input_error(err: BaseException) -> bool:
     """Bad input (exit code 2): the config, the options, the data, the run folder; anything else is a fault (1)."""
-    from mdeq.data import DatasetIntegrityError
+    from mdeq.engine.data import DatasetIntegrityError
 
     return isinstance(err, (ValueError, FileExistsError, FileNotFoundError, DatasetIntegrityError, CheckpointError,
                             RunFolderInUse))

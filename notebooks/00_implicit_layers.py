@@ -57,8 +57,8 @@ import torch
 from IPython.display import display
 
 import mdeq
-from mdeq import measure, notebook, report
-from mdeq.model import FTheta
+from mdeq.paper import measure, notebook, report
+from mdeq.core.model import FTheta
 
 params = notebook.check_parameters(globals(), "00_implicit_layers")
 ctx = notebook.setup(params)
@@ -69,7 +69,7 @@ started = time.perf_counter()
 # %% [markdown]
 # ## 1. A small multiscale $f_\theta$ and its fixed point
 #
-# `mdeq.model.FTheta` is the paper's $f_\theta$ (Section 3.2, Eq. (5) and Fig. 1): one residual block per
+# `mdeq.core.model.FTheta` is the paper's $f_\theta$ (Section 3.2, Eq. (5) and Fig. 1): one residual block per
 # scale, then the multiscale fusion that sums every scale into every other, then a 1x1 conv and GroupNorm
 # per scale. The state is a **list** of tensors, one per resolution, here three scales of 4, 8 and 16
 # channels at 16x16, 8x8 and 4x4. Only the highest resolution receives the input injection $x$ (in an MDEQ
@@ -165,7 +165,7 @@ ax.set_title(report.figure_title("Forward solve of a 3-scale toy f", kind))
 source = f"the solves on this page (seed {seed})"
 _ = notebook.save_figure(fig, "implicit_layers_solvers", ctx, kind, source=source,
                          caption="Residual ||f(z) - z|| / ||f(z)|| (batch mean) against f evaluations of the forward "
-                                 "solve of a toy 3-scale f (mdeq.model.FTheta, 4/8/16 channels at 16x16/8x8/4x4, "
+                                 "solve of a toy 3-scale f (mdeq.core.model.FTheta, 4/8/16 channels at 16x16/8x8/4x4, "
                                  "GroupNorm eps 0.75, random weights and injection, batch 2, float64) by "
                                  "limited-memory Broyden (m = 18) and by iterating f, both from z = 0 to the same "
                                  "tolerance")
@@ -191,12 +191,12 @@ _ = notebook.save_figure(fig, "implicit_layers_solvers", ctx, kind, source=sourc
 #   backpropagation): cheaper approximations of the IFT gradient from later work, not from the paper.
 #
 # Every layer below solves forward and backward with Broyden to $10^{-12}$ unless its row says otherwise.
-# The reference is plain PyTorch autograd, nothing of `mdeq.implicit`: $f$ applied `DEPTH` times from
+# The reference is plain PyTorch autograd, nothing of `mdeq.core.implicit`: $f$ applied `DEPTH` times from
 # $z^{[0]} = 0$, far enough that the iterate has converged to float64 rounding, then `torch.autograd.grad`
 # of a small loss $\ell = \sum_i \langle w_i, z_i \rangle$ (a fixed random probe $w_i$ at each scale) with
 # respect to every parameter of $f$ and the injection $x$. Each mode's gradient is compared with it, and the
 # bytes of the tensors autograd saves for the backward pass are counted while the layer runs
-# (`mdeq.measure.saved_activations`, a `torch.autograd.graph.saved_tensors_hooks` that counts each storage
+# (`mdeq.paper.measure.saved_activations`, a `torch.autograd.graph.saved_tensors_hooks` that counts each storage
 # once and leaves out the parameters, the prepared weights and the input).
 
 # %%
@@ -347,13 +347,13 @@ assert all(stats.scale_rel_trace[:, :, -1].max() < 1e-9 for stats in (broyden_st
 #
 # | piece | in the package | paper |
 # | --- | --- | --- |
-# | $f_\theta$: residual block per scale, multiscale fusion, post-fusion conv + GroupNorm | `mdeq.model.FTheta` (`ResidualBlock`, `MultiscaleFusion`); `FTheta.prepare`: weight norm and variational-dropout masks once per forward | Section 3.2, Eq. (5), Figs. 1-2; Section 3.3 (GroupNorm, variational dropout) |
+# | $f_\theta$: residual block per scale, multiscale fusion, post-fusion conv + GroupNorm | `mdeq.core.model.FTheta` (`ResidualBlock`, `MultiscaleFusion`); `FTheta.prepare`: weight norm and variational-dropout masks once per forward | Section 3.2, Eq. (5), Figs. 1-2; Section 3.3 (GroupNorm, variational dropout) |
 # | the whole model: stem, injection, solve, heads | `mdeq.MDEQ`, `mdeq.build_model(mdeq.load_config(...))`, `mdeq/configs/*.yaml` | Section 3.2, Figs. 1 and 3; Appendix A, Table 4 |
-# | root solvers over a list state, `SolverStats` | `mdeq.broyden` (limited memory: `memory` = m), `mdeq.fixed_point`, `mdeq.anderson`, `mdeq.SOLVERS` (`mdeq/solvers.py`) | Section 3.1, Eq. (2); Section 3.2, "(Limited-memory) multiscale equilibrium solver"; Appendix B.1, Eqs. (6)-(8) |
-# | the implicit layer and its IFT backward | `mdeq.ImplicitLayer(grad="ift")`, `info.forward`, `info.backward` (`mdeq/implicit.py`) | Section 3.1, Eqs. (3)-(4) |
+# | root solvers over a list state, `SolverStats` | `mdeq.broyden` (limited memory: `memory` = m), `mdeq.fixed_point`, `mdeq.anderson`, `mdeq.SOLVERS` (`mdeq/core/solvers.py`) | Section 3.1, Eq. (2); Section 3.2, "(Limited-memory) multiscale equilibrium solver"; Appendix B.1, Eqs. (6)-(8) |
+# | the implicit layer and its IFT backward | `mdeq.ImplicitLayer(grad="ift")`, `info.forward`, `info.backward` (`mdeq/core/implicit.py`) | Section 3.1, Eqs. (3)-(4) |
 # | unrolled weight-tied warm-up | `ImplicitLayer(grad="unrolled", unroll_steps=5)`; the training engine switches `model.deq.grad` to `"ift"` after it | Eq. (1); Appendix A (5-layer weight-tied warm-up) |
 # | phantom and JFB gradients | `ImplicitLayer(grad="phantom")`, `ImplicitLayer(grad="jfb")` | not in the paper |
-# | memory held by autograd; convergence traces | `mdeq.measure.saved_activations`; `mdeq.measure.convergence_traces` | Section 4.4, Fig. 4b (notebook `03_runtime_memory`); Section 4.5, Appendix B.2, Figs. 5-7 (notebook `05_convergence`) |
+# | memory held by autograd; convergence traces | `mdeq.paper.measure.saved_activations`; `mdeq.paper.measure.convergence_traces` | Section 4.4, Fig. 4b (notebook `03_runtime_memory`); Section 4.5, Appendix B.2, Figs. 5-7 (notebook `05_convergence`) |
 #
 # The notebooks that follow use these pieces at the paper's scale: `01_cifar10` trains MDEQ-small with
 # them (Table 1), `05_convergence` traces Broyden and iterating f on the paper's models (Figs. 5-7).

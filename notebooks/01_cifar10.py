@@ -52,7 +52,8 @@ seeds: int = 5  # full: runs per row
 # %%
 from IPython.display import display
 
-from mdeq import notebook, paths, report, runs
+from mdeq.paper import notebook, report, runs
+from mdeq.engine import paths
 
 params = notebook.check_parameters(globals(), "01_cifar10")
 ctx = notebook.setup(params)

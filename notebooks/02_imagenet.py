@@ -50,7 +50,8 @@ dry_run: bool = False  # full: print the training commands, launch nothing
 # %%
 from IPython.display import display
 
-from mdeq import notebook, paths, report, runs
+from mdeq.paper import notebook, report, runs
+from mdeq.engine import paths
 
 params = notebook.check_parameters(globals(), "02_imagenet")
 ctx = notebook.setup(params)

@@ -37,7 +37,7 @@
 # - `logs`: redraws from `results/runtime_memory.json` (and the committed smoke measurement).
 #
 # **Training memory as live tensor bytes** (`results/fig4b_memory_cpu.json`, written by
-# `python benchmarks/fig4b_memory.py`, `mdeq.measure.measure_memory`; drawn in the `logs` and `full`
+# `python benchmarks/fig4b_memory.py`, `mdeq.paper.measure.measure_memory`; drawn in the `logs` and `full`
 # profiles): the peak of live tensor bytes during one training step (forward, loss, backward, Adam step)
 # at batch 32, split into parameters + gradients + Adam state, activations saved for backward, and the
 # rest (solver history, temporaries), for the five models and for the MDEQs trained unrolled through the
@@ -61,7 +61,8 @@ device: str = "auto"  # auto | cpu | cuda; full with auto needs a GPU
 # %%
 from IPython.display import display
 
-from mdeq import notebook, paths, report
+from mdeq.paper import notebook, report
+from mdeq.engine import paths
 
 params = notebook.check_parameters(globals(), "03_runtime_memory")
 ctx = notebook.setup(params)

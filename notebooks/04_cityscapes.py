@@ -50,7 +50,8 @@ dry_run: bool = False  # full: print the training commands, launch nothing
 # %%
 from IPython.display import display
 
-from mdeq import notebook, paths, report
+from mdeq.paper import notebook, report
+from mdeq.engine import paths
 
 params = notebook.check_parameters(globals(), "04_cityscapes")
 ctx = notebook.setup(params)

@@ -63,7 +63,8 @@ device: str = "auto"  # auto | cpu | cuda; full with auto needs a GPU
 # %%
 from IPython.display import display
 
-from mdeq import notebook, paths, report
+from mdeq.paper import notebook, report
+from mdeq.engine import paths
 
 params = notebook.check_parameters(globals(), "05_convergence")
 ctx = notebook.setup(params)

@@ -18,10 +18,10 @@ import time
 
 import torch
 
-from mdeq.config import load_config
-from mdeq.model import build_model
-from mdeq.paths import RESULTS
-from mdeq.runlog import provenance
+from mdeq.core.config import load_config
+from mdeq.core.model import build_model
+from mdeq.engine.paths import RESULTS
+from mdeq.engine.runlog import provenance
 
 # (config, batch, input (H, W)): the three resolutions of Fig. 5, plus the released CIFAR LARGE
 # that docs/paper_vs_released.md#the-solver-at-initialisation reports for the released code.

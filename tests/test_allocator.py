@@ -1,4 +1,4 @@
-"""mdeq.allocator: freed memory is reused, so a new tensor does not fault in fresh pages (glibc only)."""
+"""mdeq.engine.allocator: freed memory is reused, so a new tensor does not fault in fresh pages (glibc only)."""
 import platform
 import subprocess
 import sys
@@ -7,7 +7,7 @@ import pytest
 
 PROBE = """
 import resource, torch
-from mdeq.allocator import keep_freed_memory
+from mdeq.engine.allocator import keep_freed_memory
 
 def faults(steps):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mdeq.baselines import BASELINES, build_baseline, default_width, resnet18
+from mdeq.engine.baselines import BASELINES, build_baseline, default_width, resnet18
 
 # Paper sizes (Table 1; ResNet-101 from torchvision's 44.5M less its 1000-class head).
 TARGETS = {"resnet18_170k": 170e3, "resnet18_10m": 10e6, "resnet101": 42.5e6,

@@ -1,14 +1,14 @@
 """The book as a reader sees it (issue 14): built once from the committed notebooks (warnings are errors),
 then every page's HTML is read with the standard library's ``html.parser``:
 
-1. every notebook of ``mdeq.notebook.NOTEBOOKS`` and every page of ``book/_toc.yml`` has its page;
+1. every notebook of ``mdeq.paper.notebook.NOTEBOOKS`` and every page of ``book/_toc.yml`` has its page;
 2. every ``<img src>`` and every link to a local .png/.svg/.csv resolves to a file inside the HTML folder;
 3. no page shows an error: no traceback output, no stderr output that says "Error";
-4. every notebook page opens with the profile banner (``mdeq.notebook.banner``), naming the profile of
+4. every notebook page opens with the profile banner (``mdeq.paper.notebook.banner``), naming the profile of
    the committed notebooks (the default-parameter smoke run, ``python -m mdeq.reproduce --update-committed``);
 5. every figure on a notebook page has its caption as page text right under it (the Markdown line
-   ``*Figure (<name>).* <caption_text>`` that ``mdeq.notebook.save_figure`` displays), and every figure the
-   notebook owns (``mdeq.notebook.FIGURE_OWNERS``) is on its page.
+   ``*Figure (<name>).* <caption_text>`` that ``mdeq.paper.notebook.save_figure`` displays), and every figure the
+   notebook owns (``mdeq.paper.notebook.FIGURE_OWNERS``) is on its page.
 
 Each check is a function returning its problems as "<page>: <item>: <what>" lines, so that a failing test
 names them all; the first tests check those functions on hand-written HTML and on a broken copy of the book.
@@ -28,7 +28,9 @@ import pytest
 import yaml
 
 from conftest import CI, importorskip
-from mdeq import notebook, paths, reproduce
+from mdeq.paper import notebook
+from mdeq.engine import paths
+from mdeq import reproduce
 
 # Under CI (conftest.CI) a missing jupyter-book is not skipped: the book fixture fails instead.
 needs_book = pytest.mark.skipif(importlib.util.find_spec("jupyter_book") is None and not CI,
@@ -116,7 +118,7 @@ def normalize(text: str) -> str:
 
 
 def markdown_plain(md: str) -> str:
-    """The text a reader sees of a one-paragraph Markdown string such as mdeq.notebook.banner's."""
+    """The text a reader sees of a one-paragraph Markdown string such as mdeq.paper.notebook.banner's."""
     return normalize(re.sub(r"^\s*>\s?", "", md, flags=re.M).replace("**", "").replace("`", ""))
 
 
@@ -238,7 +240,7 @@ def banner_problems(page: Page, profile: str, expected: str | None = None) -> li
     hits = [q for q in quotes if q.text().startswith(phrase)]
     if not hits:
         others = [_snippet(q.text(), 60) for q in quotes]
-        return [f"{page.name}: banner: no quote opening with {phrase!r} (mdeq.notebook.banner); "
+        return [f"{page.name}: banner: no quote opening with {phrase!r} (mdeq.paper.notebook.banner); "
                 f"the page's quotes: {others or 'none'}"]
     banner, problems = hits[0], []
     if expected is not None and banner.text() != normalize(expected):
@@ -345,7 +347,7 @@ def test_banner_and_captions_on_hand_written_pages():
     assert "no quote opening with 'Logs profile'" in banner_problems(good, "logs")[0]
     stale = _page(_CELL.format('<div class="output stream"><pre>profile smoke; draws: smoke</pre></div>'))
     assert banner_problems(stale, "smoke") == [
-        "notebooks/04_cityscapes.html: banner: no quote opening with 'Smoke profile' (mdeq.notebook.banner); "
+        "notebooks/04_cityscapes.html: banner: no quote opening with 'Smoke profile' (mdeq.paper.notebook.banner); "
         "the page's quotes: none"]
     late = _page(_CELL.format("<table></table>") + "<blockquote><p>Smoke profile: x</p></blockquote>")
     assert banner_problems(late, "smoke", "Smoke profile: y") == [

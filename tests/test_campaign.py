@@ -14,7 +14,7 @@ from mdeq.campaign import load_campaign, parse_budget, run_campaign, run_status,
 
 @pytest.fixture()
 def tiny_campaign(tmp_path, monkeypatch):
-    from mdeq.data.synthetic import make_synthetic
+    from mdeq.engine.data.synthetic import make_synthetic
 
     root = make_synthetic("cifar10", tmp_path / "data")
     spec_path = tmp_path / "tiny.yaml"
@@ -85,7 +85,7 @@ def test_only_one_campaign_runs_at_a_time(tiny_campaign, tmp_path):
     import subprocess
     import sys
 
-    from mdeq import paths
+    from mdeq.engine import paths
 
     spec, results = tiny_campaign
     other = tmp_path / "other.yaml"  # another campaign (another name) over the same work folder
@@ -154,7 +154,7 @@ def test_chunks_run_the_last_commit_from_a_worktree(tiny_campaign):
     import subprocess
     import sys
 
-    from mdeq import paths
+    from mdeq.engine import paths
 
     tree, sha = campaign.code_worktree()
     try:

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-import mdeq.checkpoint as ckpt_mod
-from mdeq.checkpoint import (capture_rng_state, load_checkpoint, load_matching_state, load_pretrained,
+import mdeq.engine.checkpoint as ckpt_mod
+from mdeq.engine.checkpoint import (capture_rng_state, load_checkpoint, load_matching_state, load_pretrained,
                              restore_rng_state, save_checkpoint, unwrap_model)
-from mdeq.config import load_config
-from mdeq.model import build_model
+from mdeq.core.config import load_config
+from mdeq.core.model import build_model
 
 
 def test_save_is_atomic_when_the_write_fails(tmp_path, monkeypatch):

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import yaml
 
-from mdeq.config import (GRAD_MODES, SOLVER_NAMES, ConfigError, ExperimentConfig, ModelConfig,
+from mdeq.core.config import (GRAD_MODES, SOLVER_NAMES, ConfigError, ExperimentConfig, ModelConfig,
                          available_configs, config_from_dict, config_to_dict, load_config)
 
 PAPER_MODELS = ["cifar10_small", "cifar10_large", "imagenet_small", "imagenet_large", "imagenet_xl",
@@ -45,8 +45,8 @@ def test_paper_variants_follow_appendix_table_4():
 
 
 def test_constants_match_the_solvers_and_the_implicit_layer():
-    from mdeq.implicit import GRAD_MODES as LAYER_GRAD_MODES
-    from mdeq.solvers import SOLVERS
+    from mdeq.core.implicit import GRAD_MODES as LAYER_GRAD_MODES
+    from mdeq.core.solvers import SOLVERS
 
     assert set(SOLVER_NAMES) == set(SOLVERS)
     assert set(GRAD_MODES) == set(LAYER_GRAD_MODES)

@@ -4,8 +4,8 @@ import warnings
 import pytest
 import torch
 
-from mdeq.implicit import ImplicitLayer
-from mdeq.solvers import SOLVERS
+from mdeq.core.implicit import ImplicitLayer
+from mdeq.core.solvers import SOLVERS
 from problems import MultiscaleMap, inputs, zeros_like_state
 
 pytestmark = [pytest.mark.cuda,
@@ -83,8 +83,8 @@ def test_ift_gradients_on_cuda_match_cpu():
 
 
 def test_amp_float16_training_step_keeps_solver_state_float32():
-    from mdeq.config import load_config
-    from mdeq.model import build_model
+    from mdeq.core.config import load_config
+    from mdeq.core.model import build_model
     from mdeq.train import train_step
 
     model = build_model(load_config("cifar10_tiny_smoke")).cuda()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mdeq.data import (
+from mdeq.engine.data import (
     CITYSCAPES_CLASS_WEIGHTS,
     CITYSCAPES_CLASSES,
     CITYSCAPES_PALETTE,
@@ -22,9 +22,9 @@ from mdeq.data import (
     describe_layout,
     label_ids_to_train_ids,
 )
-from mdeq.data.synthetic import main as synthetic_main
-from mdeq.data.synthetic import make_synthetic
-from mdeq.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CityscapesTrainTransform
+from mdeq.engine.data.synthetic import main as synthetic_main
+from mdeq.engine.data.synthetic import make_synthetic
+from mdeq.engine.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CityscapesTrainTransform
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # shared/ beside a checkout, if any
 BATCHES = (*cifar10.TRAIN_BATCHES, *cifar10.TEST_BATCHES)
@@ -114,7 +114,7 @@ def test_cifar10_missing_and_malformed_give_the_layout(tmp_path):
     message = str(info.value)
     assert isinstance(info.value, FileNotFoundError)
     assert "cifar-10-batches-py/data_batch_1" in message
-    assert f"python -m mdeq.data.synthetic --dataset cifar10 --root {tmp_path / 'nowhere'}" in message
+    assert f"python -m mdeq.engine.data.synthetic --dataset cifar10 --root {tmp_path / 'nowhere'}" in message
     assert "download=True" in message
 
     (tmp_path / "wrong").mkdir()
@@ -272,7 +272,7 @@ def _imagenet_folder(root: Path, wnids, n: int = 2, size=(8, 8)) -> None:
 
 
 def test_imagenet_labels_are_the_standard_index_whatever_folders_are_present(tmp_path):
-    from mdeq.data.imagenet import standard_wnids
+    from mdeq.engine.data.imagenet import standard_wnids
 
     wnids = standard_wnids()
     assert len(wnids) == 1000 and wnids[0] == "n01440764" and list(wnids) == sorted(wnids)

@@ -10,9 +10,9 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from mdeq import distributed
-from mdeq.config import load_config
-from mdeq.distributed import DistInfo, init_distributed
+from mdeq.engine import distributed
+from mdeq.core.config import load_config
+from mdeq.engine.distributed import DistInfo, init_distributed
 
 pytestmark = pytest.mark.filterwarnings("ignore:IFT backward solve did not converge:RuntimeWarning")
 
@@ -29,7 +29,7 @@ def _cfg():
 
 
 def _model(cfg):
-    from mdeq.model import build_model
+    from mdeq.core.model import build_model
 
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -73,7 +73,7 @@ def _worker(rank, port, tmp, data_root):
     warnings.filterwarnings("ignore", "IFT backward solve did not converge")
     from torch.utils.data import DataLoader, TensorDataset
 
-    from mdeq.metrics import ConfusionMatrix
+    from mdeq.engine.metrics import ConfusionMatrix
     from mdeq.train import RunOptions, _ShardSampler, evaluate, main
 
     info = init_distributed("cpu")
@@ -135,7 +135,7 @@ def test_single_process_without_torchrun_env(monkeypatch):
 
 
 def test_ddp_matches_one_process_in_both_phases(tmp_path):
-    from mdeq.data.synthetic import make_synthetic
+    from mdeq.engine.data.synthetic import make_synthetic
 
     data_root = tmp_path / "cifar"
     make_synthetic("cifar10", data_root, n_train_per_batch=10, n_val=10)

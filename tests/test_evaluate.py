@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from mdeq import evaluate as ev
-from mdeq.config import config_to_dict, load_config
-from mdeq.model import build_model
-from mdeq.paths import RESULTS, ROOT
+from mdeq.core.config import config_to_dict, load_config
+from mdeq.core.model import build_model
+from mdeq.engine.paths import RESULTS, ROOT
 
 TINY = "cifar10_tiny_smoke"
 
@@ -22,7 +22,7 @@ TINY = "cifar10_tiny_smoke"
 @pytest.fixture(scope="module")
 def cifar_root(tmp_path_factory):
     """A synthetic CIFAR-10 copy in the official layout (16 test images)."""
-    from mdeq.data.synthetic import make_synthetic
+    from mdeq.engine.data.synthetic import make_synthetic
 
     root = tmp_path_factory.mktemp("cifar")
     make_synthetic("cifar10", root, n_train_per_batch=2, n_val=16)
@@ -131,7 +131,7 @@ def test_evaluates_with_the_engine_and_never_writes_into_the_run_folder(capsys, 
     # the same number as the engine's evaluate on the same weights and data (the path the run logged)
     from torch.utils.data import DataLoader
 
-    from mdeq.data import build_dataset
+    from mdeq.engine.data import build_dataset
     from mdeq.train import build_criterion, evaluate
 
     model = build_model(trained.cfg)
@@ -157,7 +157,7 @@ def test_a_mid_epoch_checkpoint_says_its_weights_were_not_evaluated(capsys, tmp_
 def test_released_checkpoints_go_through_the_converter(capsys, tmp_path, cifar_root):
     from test_official import _released_like
 
-    from mdeq.official import convert_state_dict
+    from mdeq.core.official import convert_state_dict
 
     _, released = _released_like("cifar10_small_official", "cpu")
     path = tmp_path / "cls_mdeq_TINY.pth"

@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from mdeq.implicit import ImplicitLayer
+from mdeq.core.implicit import ImplicitLayer
 from problems import Counted, MultiscaleMap, inputs, zeros_like_state
 
 
@@ -337,9 +337,9 @@ def _mdeq_small_step(batch, dtype, history):
     too), dropout off, a fixed batch."""
     from pathlib import Path
 
-    from mdeq.checkpoint import load_checkpoint
-    from mdeq.config import load_config
-    from mdeq.model import build_model
+    from mdeq.engine.checkpoint import load_checkpoint
+    from mdeq.core.config import load_config
+    from mdeq.core.model import build_model
     from mdeq.train import build_criterion, set_phase
 
     ckpt = Path(__file__).resolve().parents[1] / "results" / "benchmarks" / "weights" / "cifar10_mdeq_small_step3250.pt"

@@ -1,4 +1,4 @@
-"""mdeq.inference: one long solve read off at every budget equals separate solves with max_iter = k (Broyden and
+"""mdeq.paper.inference: one long solve read off at every budget equals separate solves with max_iter = k (Broyden and
 plain iteration), the budget sweep agrees with the engine's evaluation at the config's budget, and the
 resolution measurement counts f evaluations as Figs. 5-6's table does."""
 from __future__ import annotations
@@ -10,11 +10,11 @@ import torch
 from torch.utils.data import TensorDataset
 
 from conftest import importorskip
-from mdeq import inference
-from mdeq.config import load_config
+from mdeq.paper import inference
+from mdeq.core.config import load_config
 from mdeq.evaluate import Trained
-from mdeq.model import build_model
-from mdeq.solvers import SOLVERS
+from mdeq.core.model import build_model
+from mdeq.core.solvers import SOLVERS
 
 TINY = "cifar10_tiny_smoke"
 
@@ -63,7 +63,7 @@ def test_the_read_off_keeps_the_first_lowest_residual_as_the_solver_does():
 def test_the_budget_sweep_agrees_with_the_engine_at_the_config_budget(tmp_path):
     """Broyden at the config's eval budget is what ``mdeq.train.evaluate`` computes for the same weights and data;
     k = 0 is z = 0, one class for every image; budgets run in full and the config's budget is always measured."""
-    from mdeq.data.synthetic import make_synthetic
+    from mdeq.engine.data.synthetic import make_synthetic
     from mdeq.evaluate import eval_dataset, evaluate_trained
 
     root = tmp_path / "cifar"

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from mdeq import paths
+from mdeq.engine import paths
 
 sys.path.insert(0, str(paths.ROOT / "benchmarks"))
 from jpeg_sensitivity import mcnemar, pil_jpeg, psnr  # noqa: E402

@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from conftest import importorskip
-from mdeq import paths
+from mdeq.engine import paths
 
 importorskip("jupyterlab", reason="JupyterLab is installed by the 'notebooks' extra")
 importorskip("jupytext", reason="jupytext is installed by the 'notebooks' extra")

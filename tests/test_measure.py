@@ -1,4 +1,4 @@
-"""mdeq.measure: the one timing loop, the device rule, solver settings through the config, Fig. 4b and Figs. 5-7."""
+"""mdeq.paper.measure: the one timing loop, the device rule, solver settings through the config, Fig. 4b and Figs. 5-7."""
 from __future__ import annotations
 
 import json
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from mdeq import measure
-from mdeq.config import ConfigError
-from mdeq.runlog import hardware_label
-from mdeq.solvers import SOLVERS
+from mdeq.paper import measure
+from mdeq.core.config import ConfigError
+from mdeq.engine.runlog import hardware_label
+from mdeq.core.solvers import SOLVERS
 
 CPU = torch.device("cpu")
 
@@ -176,8 +176,8 @@ def test_convergence_traces_resume_a_curve_stopped_between_batches():
 
 
 def test_stand_in_inputs_are_resized_cifar_test_images_and_say_so():
-    from mdeq.config import load_config
-    from mdeq.runs import smoke_data
+    from mdeq.core.config import load_config
+    from mdeq.paper.runs import smoke_data
 
     root, options = smoke_data("cifar10")
     cfg = load_config("cityscapes_small_paper")

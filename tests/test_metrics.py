@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import importorskip
-from mdeq.metrics import ConfusionMatrix, MetricLogger, PeakMemory, SmoothedValue, accuracy, topk_correct
+from mdeq.engine.metrics import ConfusionMatrix, MetricLogger, PeakMemory, SmoothedValue, accuracy, topk_correct
 
 
 def test_smoothed_value_window_and_global_average():
@@ -77,7 +77,7 @@ def test_miou_matches_cityscapesscripts(tmp_path):
     ev = importorskip("cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling")
     from cityscapesscripts.helpers.labels import labels as cs_labels, trainId2label
 
-    from mdeq.data import CITYSCAPES_CLASSES, label_ids_to_train_ids
+    from mdeq.engine.data import CITYSCAPES_CLASSES, label_ids_to_train_ids
 
     rng = np.random.default_rng(0)
     valid_ids = np.array([lab.id for lab in cs_labels if lab.id >= 0])  # void ids included
@@ -119,7 +119,7 @@ def test_peak_memory_cpu_sees_a_large_allocation():
     is mmap'ed afresh by glibc), whatever the load; the bounds allow the interpreter's own few MiB."""
     code = (
         "import torch\n"
-        "from mdeq.metrics import PeakMemory\n"
+        "from mdeq.engine.metrics import PeakMemory\n"
         "mem = PeakMemory('cpu'); mem.reset(); before = mem.peak_mb()\n"
         "x = torch.ones(64 * 2**20 // 4); x += 1\n"
         "after = mem.peak_mb(); del x\n"

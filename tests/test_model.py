@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mdeq.model as model_mod
-from mdeq.config import load_config
-from mdeq.model import FTheta, MDEQ, WeightNormConv2d, build_model, upsample_logits
+import mdeq.core.model as model_mod
+from mdeq.core.config import load_config
+from mdeq.core.model import FTheta, MDEQ, WeightNormConv2d, build_model, upsample_logits
 
 # the tiny test models run a 6-step backward solve that is not meant to converge
 pytestmark = pytest.mark.filterwarnings("ignore:IFT backward solve did not converge:RuntimeWarning")

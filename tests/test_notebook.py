@@ -1,4 +1,4 @@
-"""mdeq.notebook: parameters, where a run reads and writes, saving outputs, and the profile steps.
+"""mdeq.paper.notebook: parameters, where a run reads and writes, saving outputs, and the profile steps.
 
 The notebooks themselves run in tests/test_notebooks.py; everything here is fast (no training).
 """
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import importorskip
-from mdeq import notebook, paths, report
+from mdeq.paper import notebook, report
+from mdeq.engine import paths
 
 # ----------------------------------------------------------------------------------------------
 # Parameters.

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from conftest import importorskip
-from mdeq import notebook, paths, report, reproduce
+from mdeq.paper import notebook, report
+from mdeq.engine import paths
+from mdeq import reproduce
 
 papermill = importorskip("papermill")
 jupytext = importorskip("jupytext")
@@ -58,7 +60,7 @@ def test_py_and_ipynb_in_sync(name):
                                   for n in PAPER_NOTEBOOKS])
 def test_smoke_quick(name, tmp_path):
     """The notebook's tables and figures are written, and each table's "ours" is what this run's own logs
-    and measurements say (read without mdeq.report: tests/test_report.py's ``table_problems``)."""
+    and measurements say (read without mdeq.paper.report: tests/test_report.py's ``table_problems``)."""
     import numpy as np
     import yaml
     from PIL import Image

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mdeq.config import available_configs, load_config
-from mdeq.model import build_model
-from mdeq.official import RELEASED, convert_state_dict, load_official, main, parameter_counts
-from mdeq.paths import ROOT
+from mdeq.core.config import available_configs, load_config
+from mdeq.core.model import build_model
+from mdeq.core.official import RELEASED, convert_state_dict, load_official, main, parameter_counts
+from mdeq.engine.paths import ROOT
 
 _DTYPES = {"float32": torch.float32, "int64": torch.int64}
 _REAL_VALUES_BELOW = 20_000_000  # bigger models are checked for keys and shapes on the meta device

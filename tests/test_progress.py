@@ -1,7 +1,7 @@
 """Progress bars: one output line updated in place in a notebook, nothing in a log file, tqdm on a terminal."""
 import IPython.display
 
-from mdeq import progress
+from mdeq.engine import progress
 
 
 class _Handle:

@@ -1,4 +1,4 @@
-"""mdeq.report: the paper's numbers, the paper-vs-ours tables (one column spec) and the figures.
+"""mdeq.paper.report: the paper's numbers, the paper-vs-ours tables (one column spec) and the figures.
 
 The notebooks themselves are run in tests/test_notebooks.py; everything here is fast (no training).
 """
@@ -16,7 +16,8 @@ import pandas as pd
 import pytest
 
 from conftest import skip_unless_ci
-from mdeq import notebook, paths, report, runs
+from mdeq.paper import notebook, report, runs
+from mdeq.engine import paths
 
 # Lines of the paper's Tables 1-3 and Section 4.4, copied verbatim from shared/paper/paper.md, so
 # that this spot-check needs no file outside the repository.
@@ -232,7 +233,7 @@ def test_logs_profile_redraws_the_committed_tables(path, tmp_path, monkeypatch):
     assert written.read_text() == _git("show", f"{commit}:results/{path}.csv")
 
 
-# The same tables read without mdeq.report or mdeq.runlog: each "ours" is what the logs committed beside the
+# The same tables read without mdeq.paper.report or mdeq.engine.runlog: each "ours" is what the logs committed beside the
 # table say, read here with csv and json alone, so a reporting bug that the byte-for-byte test above would
 # carry into a regenerated table (after --update-committed or a new campaign commit) is still caught.
 
@@ -338,7 +339,7 @@ def _fig5_expected(results: Path, threshold: float = 1e-2) -> dict:
 
 
 def _inference_expected(table_csv: Path, results: Path) -> dict:
-    """key -> "ours" of notebook 05's tables beyond the paper, from their JSONs (read without mdeq.report): the
+    """key -> "ours" of notebook 05's tables beyond the paper, from their JSONs (read without mdeq.paper.report): the
     top-1 (%) at each forward budget (accuracy_vs_budget.json), and the median image's f evaluations until
     ||z[i+1] - z[i]|| / ||z[i]|| < 1e-2 (convergence_vs_resolution.json; never reached counts as infinitely many)."""
     name = table_csv.stem[len("table_"):]

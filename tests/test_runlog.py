@@ -1,4 +1,4 @@
-"""mdeq.runlog: the one definition of a run folder's files, "finished", provenance and the hardware string."""
+"""mdeq.engine.runlog: the one definition of a run folder's files, "finished", provenance and the hardware string."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from mdeq import paths, runlog
-from mdeq.runlog import EPOCH_COLUMNS, RunLog, append_epoch, finished, read_run, read_runs
+from mdeq.engine import paths, runlog
+from mdeq.engine.runlog import EPOCH_COLUMNS, RunLog, append_epoch, finished, read_run, read_runs
 
 
 def _final(**kw):

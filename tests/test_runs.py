@@ -1,4 +1,4 @@
-"""mdeq.runs: the registry of the paper's runs, how smoke shrinks them, what the full profile launches."""
+"""mdeq.paper.runs: the registry of the paper's runs, how smoke shrinks them, what the full profile launches."""
 from __future__ import annotations
 
 import json
@@ -6,9 +6,11 @@ import shlex
 
 import pytest
 
-from mdeq import paths, runs, train
-from mdeq.config import load_config
-from mdeq.report import paper_numbers
+from mdeq.engine import paths
+from mdeq.paper import runs
+from mdeq import train
+from mdeq.core.config import load_config
+from mdeq.paper.report import paper_numbers
 
 
 def test_registry_is_the_rows_we_reproduce():
@@ -59,7 +61,7 @@ def test_full_command_multi_gpu_uses_torchrun_and_carries_the_row():
 
 
 def test_full_commands_parse_and_their_configs_load():
-    from mdeq.baselines import BASELINES  # needs torchdiffeq (the baselines extra)
+    from mdeq.engine.baselines import BASELINES  # needs torchdiffeq (the baselines extra)
 
     for run in runs.RUNS:
         for variant in ("paper", "official"):

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from mdeq.solvers import SOLVERS, SolverError, broyden, fixed_point
+from mdeq.core.solvers import SOLVERS, SolverError, broyden, fixed_point
 from problems import Counted, MultiscaleMap, inputs, zeros_like_state
 
 NAMES = sorted(SOLVERS)

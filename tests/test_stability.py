@@ -21,13 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import importorskip
-from mdeq import paths
-from mdeq.checkpoint import load_checkpoint
-from mdeq.config import ConfigError, TrainConfig, available_configs, config_to_dict, load_config
-from mdeq.implicit import ImplicitLayer, correction_indices
-from mdeq.model import build_model
-from mdeq.solvers import fixed_point
-from mdeq.stability import gaussian_probe, jacobian_frobenius, power_method
+from mdeq.engine import paths
+from mdeq.engine.checkpoint import load_checkpoint
+from mdeq.core.config import ConfigError, TrainConfig, available_configs, config_to_dict, load_config
+from mdeq.core.implicit import ImplicitLayer, correction_indices
+from mdeq.core.model import build_model
+from mdeq.core.solvers import fixed_point
+from mdeq.core.stability import gaussian_probe, jacobian_frobenius, power_method
 from mdeq.train import (_config_diff, _with_defaults, jacobian_draw, jacobian_weight, set_phase, solver_stats,
                         train_step, training_objective)
 from problems import MultiscaleMap, inputs, zeros_like_state
@@ -547,7 +547,7 @@ def test_a_run_with_every_option_off_is_bit_identical_to_the_code_before_them(tm
     """6 steps (3 unrolled, 3 implicit, dropout on) and an evaluation of the tiny MDEQ, once with the
     baseline commit's mdeq and once with this tree's, every option off: the same weights, Adam state,
     losses, solver statistics and evaluation."""
-    from mdeq.data.synthetic import make_synthetic
+    from mdeq.engine.data.synthetic import make_synthetic
 
     base = _baseline_code(tmp_path / "baseline_code")
     data = tmp_path / "data"
@@ -578,7 +578,7 @@ def test_a_run_with_every_option_off_is_bit_identical_to_the_code_before_them(tm
 
 
 def test_a_run_with_every_option_on_logs_them(tmp_path):
-    from mdeq.data.synthetic import make_synthetic
+    from mdeq.engine.data.synthetic import make_synthetic
 
     data = tmp_path / "data"
     make_synthetic("cifar10", data)

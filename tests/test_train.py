@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mdeq import paths
-from mdeq.checkpoint import load_checkpoint
-from mdeq.config import ConfigError, load_config
+from mdeq.engine import paths
+from mdeq.engine.checkpoint import load_checkpoint
+from mdeq.core.config import ConfigError, load_config
 from mdeq.train import (ResumableSampler, RunOptions, SegmentationLoss, build_criterion, build_optimizer,
                         build_scheduler, cli, main, set_phase, train_step)
 
@@ -31,7 +31,7 @@ SMOKE_OPTIONS = dict(limit_train=80, limit_eval=16, workers=0, log_every=1, chec
 
 @pytest.fixture(scope="module")
 def cifar_root(tmp_path_factory):
-    from mdeq.data.synthetic import make_synthetic
+    from mdeq.engine.data.synthetic import make_synthetic
 
     root = tmp_path_factory.mktemp("synthetic_cifar10")
     make_synthetic("cifar10", root)
@@ -358,9 +358,9 @@ def test_max_steps_stops_mid_epoch_and_resume_continues(cifar_root, tmp_path):
 
 
 def test_segmentation_run_from_imagenet_weights_reports_miou(tmp_path, capsys):
-    from mdeq.checkpoint import save_checkpoint
-    from mdeq.data.synthetic import make_synthetic
-    from mdeq.model import build_model
+    from mdeq.engine.checkpoint import save_checkpoint
+    from mdeq.engine.data.synthetic import make_synthetic
+    from mdeq.core.model import build_model
 
     root = tmp_path / "cityscapes"
     make_synthetic("cityscapes", root, n_train=2, n_val=1)
@@ -415,7 +415,7 @@ def test_baseline_trains_through_the_same_engine(cifar_root, tmp_path):
 
 def test_clear_errors(tmp_path, capsys):
     cfg = load_config("cifar10_tiny_smoke")
-    from mdeq.data import DatasetNotFoundError
+    from mdeq.engine.data import DatasetNotFoundError
 
     with pytest.raises(DatasetNotFoundError, match="synthetic"):
         main(cfg, RunOptions(out_dir=tmp_path / "a", data_root=tmp_path / "missing", device="cpu"))
@@ -428,7 +428,7 @@ def test_clear_errors(tmp_path, capsys):
     assert "unknown baseline" in capsys.readouterr().err
     assert cli(["--config", "cifar10_tiny_smoke", "--out", str(tmp_path / "e"),
                 "--data-root", str(tmp_path / "missing"), "--device", "cpu"]) == 2
-    assert "python -m mdeq.data.synthetic" in capsys.readouterr().err
+    assert "python -m mdeq.engine.data.synthetic" in capsys.readouterr().err
 
 
 def test_optimizers_and_schedule_of_table_4():
@@ -453,7 +453,7 @@ def test_optimizers_and_schedule_of_table_4():
 
 
 def test_set_phase_switches_at_pretrain_steps():
-    from mdeq.model import build_model
+    from mdeq.core.model import build_model
 
     cfg = load_config("cifar10_tiny_smoke", ["train.pretrain_steps=3", "solver.grad=jfb"])
     model = build_model(cfg)
@@ -490,7 +490,7 @@ def test_resumable_sampler_skips_the_consumed_part_of_the_same_order():
 
 
 def test_amp_bfloat16_step_on_cpu():
-    from mdeq.model import build_model
+    from mdeq.core.model import build_model
 
     cfg = load_config("cifar10_tiny_smoke")
     torch.manual_seed(0)
@@ -504,8 +504,8 @@ def test_amp_bfloat16_step_on_cpu():
 
 
 def test_solver_state_stays_float32_under_autocast(monkeypatch):
-    import mdeq.solvers as solvers
-    from mdeq.model import build_model
+    import mdeq.core.solvers as solvers
+    from mdeq.core.model import build_model
 
     seen = []
     original = solvers._Layout.__init__
@@ -525,7 +525,7 @@ def test_evaluate_keeps_an_unrolled_model_unrolled():
     """Table 2's unrolled row is scored as the k-layer stack it was trained as, not as a DEQ."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from mdeq.model import build_model
+    from mdeq.core.model import build_model
     from mdeq.train import evaluate
 
     torch.manual_seed(0)
@@ -668,7 +668,7 @@ def test_a_start_without_resume_refuses_a_folder_with_run_files_and_sweeps_stale
 
 
 def test_resume_refuses_another_limit_or_schedule_length(cifar_root, tmp_path):
-    from mdeq.checkpoint import save_checkpoint
+    from mdeq.engine.checkpoint import save_checkpoint
 
     cfg = load_config("cifar10_tiny_smoke", ["train.epochs=1", "train.pretrain_steps=1"])
     opts = dict(out_dir=tmp_path, data_root=cifar_root, limit_eval=8, workers=0, threads=1, device="cpu",
@@ -729,7 +729,7 @@ def test_divergence_stops_before_the_good_checkpoint_is_overwritten(cifar_root, 
 def test_every_user_error_is_one_line_with_exit_code_2(cifar_root, tmp_path, capsys):
     import shutil
 
-    from mdeq import data as data_mod
+    from mdeq.engine import data as data_mod
 
     base = ["--config", "cifar10_tiny_smoke", "--set", "train.epochs=1", "--data-root", str(cifar_root),
             "--limit-train", "16", "--limit-eval", "8", "--workers", "0", "--threads", "1", "--device", "cpu",
@@ -810,8 +810,8 @@ def test_train_step_computes_no_gradient_for_the_ift_leaf_z_star(monkeypatch):
     """A plain backward also fills dL/dz* (the f(z*) call's leaf) and throws it away; ``train_step`` names
     the optimiser's parameters as the backward's inputs, so z* gets no gradient and the parameters get the
     same bits as with a plain backward."""
-    import mdeq.implicit as implicit
-    from mdeq.model import build_model
+    import mdeq.core.implicit as implicit
+    from mdeq.core.model import build_model
 
     leaves = []
     original = implicit._IFTBackward.__init__

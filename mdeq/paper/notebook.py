@@ -5,11 +5,11 @@ their tables and figures the same way, and each must stay a report, not a progra
 one function per step (``train``, ``runtime_memory``, ``convergence``, ``segmentation_examples``) and
 that function does what the profile asks:
 
-- ``smoke``: compute in this process on CPU with one thread (``mdeq.runs.train_smoke``, ``mdeq.measure``);
+- ``smoke``: compute in this process on CPU with one thread (``mdeq.paper.runs.train_smoke``, ``mdeq.paper.measure``);
   outputs go under the ignored ``runs/notebooks/smoke_outputs/`` (``quick_outputs/`` with ``quick``); the
   committed reference copy in ``results/smoke/`` and ``figures/smoke/`` is written only by
   ``python -m mdeq.reproduce --update-committed`` (through ``output_root``);
-- ``full``: launch or measure the paper's protocol on GPUs (``mdeq.runs.run_full``, ``mdeq.measure``);
+- ``full``: launch or measure the paper's protocol on GPUs (``mdeq.paper.runs.run_full``, ``mdeq.paper.measure``);
   outputs go to ``results/`` and ``figures/``;
 - ``logs``: compute nothing; redraw the real tables from ``results/runs/`` (with "not run yet" where no
   log is committed: the paper's numbers are never copied into "ours") and the committed smoke ones.
@@ -31,9 +31,10 @@ from typing import Any, Mapping
 import matplotlib.pyplot as plt
 import torch
 
-from mdeq import measure, paths, progress, runs
-from mdeq.report import SMOKE_NOTE, set_style
-from mdeq.runlog import describe_hardware, hardware_label, read_json, read_run
+from mdeq.paper import measure, runs
+from mdeq.engine import paths, progress
+from mdeq.paper.report import SMOKE_NOTE, set_style
+from mdeq.engine.runlog import describe_hardware, hardware_label, read_json, read_run
 
 __all__ = ["PROFILES", "NOTEBOOKS", "PARAMETERS", "FIGURE_OWNERS", "TABLE_OWNERS", "ParameterError", "Params",
            "check_parameters", "Context", "setup", "save_figure", "save_table", "show_banner", "write_json",
@@ -47,13 +48,13 @@ PROFILES = ("smoke", "logs", "full")
 TUTORIAL = "00_implicit_layers"
 NOTEBOOKS = (TUTORIAL, "01_cifar10", "02_imagenet", "03_runtime_memory", "04_cityscapes", "05_convergence")
 # What the measuring notebooks write into their results folder (smoke: results/smoke/).
-RUNTIME_MEMORY = "runtime_memory.json"  # 03, mdeq.measure.measure_runtime
-FIG4B_MEMORY = "fig4b_memory_cpu.json"  # 03, mdeq.measure.measure_memory (benchmarks/fig4b_memory.py; real only)
-CONVERGENCE_TRACES = "convergence_traces.json"  # 05, mdeq.measure.convergence_traces
+RUNTIME_MEMORY = "runtime_memory.json"  # 03, mdeq.paper.measure.measure_runtime
+FIG4B_MEMORY = "fig4b_memory_cpu.json"  # 03, mdeq.paper.measure.measure_memory (benchmarks/fig4b_memory.py; real only)
+CONVERGENCE_TRACES = "convergence_traces.json"  # 05, mdeq.paper.measure.convergence_traces
 JPEG_SENSITIVITY = "jpeg_sensitivity.json"  # 01, benchmarks/jpeg_sensitivity.py (real only)
-ACCURACY_VS_BUDGET = "accuracy_vs_budget.json"  # 05, benchmarks/accuracy_vs_budget.py (mdeq.inference)
+ACCURACY_VS_BUDGET = "accuracy_vs_budget.json"  # 05, benchmarks/accuracy_vs_budget.py (mdeq.paper.inference)
 CONVERGENCE_VS_RESOLUTION = "convergence_vs_resolution.json"  # 05, benchmarks/convergence_vs_resolution.py
-CITYSCAPES_EXAMPLES = "cityscapes_examples"  # 04, mdeq.measure.cityscapes_examples (a folder)
+CITYSCAPES_EXAMPLES = "cityscapes_examples"  # 04, mdeq.paper.measure.cityscapes_examples (a folder)
 
 # ----------------------------------------------------------------------------------------------
 # Parameters. papermill only warns about a parameter the notebook does not declare, and injects
@@ -371,7 +372,7 @@ def trained_inference(ctx: Context) -> None:
     (``runs/full/cifar10_mdeq_small_seed0``, else the campaign's ``results/runs/cifar10_mdeq_small``) and the
     real CIFAR-10 under ``data_root``; logs reads results/ (written by ``benchmarks/accuracy_vs_budget.py`` and
     ``benchmarks/convergence_vs_resolution.py``)."""
-    from mdeq import inference  # imported here: the logs profile needs none of it
+    from mdeq.paper import inference  # imported here: the logs profile needs none of it
 
     p = ctx.params
     if ctx.profile == "smoke":
@@ -396,7 +397,7 @@ def trained_inference(ctx: Context) -> None:
 def _trained_inference_full(ctx: Context, run_dir: Path, inference) -> None:
     """The full profile's measurements on ``run_dir``'s checkpoint, in the benchmark scripts' output format."""
     from mdeq.evaluate import eval_dataset, load_run
-    from mdeq.runlog import provenance
+    from mdeq.engine.runlog import provenance
 
     p = ctx.params
     trained = load_run(run_dir)

@@ -2,8 +2,8 @@
 
 Why one module: the three profiles of every notebook (``smoke``, ``logs``, ``full``) draw the same tables
 and figures from the same kind of logs, so the drawing lives here once and is tested
-(``tests/test_report.py``). It reads run logs through ``mdeq.runlog`` and measurements as the plain
-dicts ``mdeq.measure`` returns; it computes nothing and writes nothing (``mdeq.notebook`` saves).
+(``tests/test_report.py``). It reads run logs through ``mdeq.engine.runlog`` and measurements as the plain
+dicts ``mdeq.paper.measure`` returns; it computes nothing and writes nothing (``mdeq.paper.notebook`` saves).
 Paper numbers come from ``results/paper_numbers.yaml`` and stay labelled as the paper's; a row without
 our log says "not run yet", never the paper's number.
 """
@@ -24,8 +24,8 @@ import yaml
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from mdeq import paths
-from mdeq.runlog import RunLog, describe_hardware, read_json, read_runs
+from mdeq.engine import paths
+from mdeq.engine.runlog import RunLog, describe_hardware, read_json, read_runs
 
 __all__ = ["SMOKE_NOTE", "NOT_RUN", "paper_numbers", "COLORS", "set_style", "figure_title", "no_data", "Column",
            "PaperTable", "PAPER_TABLES", "paper_table", "show_table", "table_fig4b", "convergence_table",
@@ -195,7 +195,7 @@ PAPER_TABLES = {
 def paper_table(ctx, kind: str, table: str, numbers: Mapping | None = None) -> pd.DataFrame:
     """Table 1, 2 or 3 of the paper for the rows we train: paper, ours (mean and std over seeds), delta, sources.
 
-    ``ctx`` (``mdeq.notebook.Context``) says where the logs of ``kind`` are (``logs_dir``) and how a row
+    ``ctx`` (``mdeq.paper.notebook.Context``) says where the logs of ``kind`` are (``logs_dir``) and how a row
     names its source (``source``).
     """
     spec = PAPER_TABLES[table]
@@ -253,7 +253,7 @@ def table_fig4b(ctx, kind: str, measure: Mapping | None, numbers: Mapping | None
                 memory: Mapping | None = None) -> pd.DataFrame:
     """The numbers Section 4.4 states, next to ours from the runtime/memory measurement.
 
-    With ``memory`` (``mdeq.measure.measure_memory``'s live tensor bytes) the memory row is its ratio of
+    With ``memory`` (``mdeq.paper.measure.measure_memory``'s live tensor bytes) the memory row is its ratio of
     MDEQ's peak training memory to ResNet-101's, with its own source; else the runtime measurement's."""
     numbers = numbers if numbers is not None else paper_numbers()
     st = {s["key"]: s for s in numbers["fig4b"]["statements"]}
@@ -379,7 +379,7 @@ def _curves(runs: Sequence[RunLog], column: str, scale: float = 1.0):
 
 
 def _draw_runs(ax, ctx, kind: str, models, column: str, scale: float = 1.0) -> dict:
-    """One curve per model (a ``mdeq.runs.RunSpec``: ``key``, ``label``, ``colour_key``) of ``column`` per
+    """One curve per model (a ``mdeq.paper.runs.RunSpec``: ``key``, ``label``, ``colour_key``) of ``column`` per
     epoch, the mean ± std over seeds; returns {legend text: line}, the text naming the number of runs and an
     unfinished run's epoch."""
     lines = {}
@@ -402,7 +402,7 @@ def _draw_runs(ax, ctx, kind: str, models, column: str, scale: float = 1.0) -> d
 
 def plot_training_curves(ctx, kind: str, models: Sequence, *, column: str, ylabel: str, title: str,
                          scale: float = 1.0, ax=None):
-    """Curves of ``column`` per epoch for ``models`` (``mdeq.runs.RunSpec``); mean ± std over seeds."""
+    """Curves of ``column`` per epoch for ``models`` (``mdeq.paper.runs.RunSpec``); mean ± std over seeds."""
     if ax is None:
         fig, ax = plt.subplots(figsize=(5.2, 3.4))
     else:
@@ -485,7 +485,7 @@ MIB = 2 ** 20
 
 
 def memory_ratios(memory: Mapping | None, reference: str = "resnet101") -> dict[str, float]:
-    """Each model's peak live training bytes over ``reference``'s, from ``mdeq.measure.measure_memory``'s dict."""
+    """Each model's peak live training bytes over ``reference``'s, from ``mdeq.paper.measure.measure_memory``'s dict."""
     models = (memory or {}).get("models", {})
     if reference not in models:
         return {}
@@ -553,7 +553,7 @@ def plot_training_memory(memory: Mapping | None, kind: str, numbers: Mapping | N
 def plot_segmentation_examples(folder: str | Path | None, kind: str):
     """Fig. 8: input, prediction and ground truth (Cityscapes palette, void in black) per example."""
     # Imported here: the palette comes from cityscapesscripts, an optional dependency (the data extra).
-    from mdeq.data import train_ids_to_color
+    from mdeq.engine.data import train_ids_to_color
 
     meta = read_json(Path(folder) / "examples.json") if folder else None
     title = "Cityscapes val: input, MDEQ prediction, ground truth"
@@ -694,12 +694,12 @@ def plot_per_scale(traces: Mapping | None, kind: str):
 
 
 # ----------------------------------------------------------------------------------------------
-# Beyond the paper, with trained weights (mdeq.inference): accuracy against the forward budget, and
+# Beyond the paper, with trained weights (mdeq.paper.inference): accuracy against the forward budget, and
 # convergence against the input size.
 
 _SOLVER_LABELS = {"broyden": "Broyden", "fixed_point": "iterating f"}
 EXTENSION_NOTE = "ours, beyond the paper"
-THRESHOLDS_DEFAULT = (1e-2, 1e-3)  # mdeq.inference.THRESHOLDS (report imports no measuring module)
+THRESHOLDS_DEFAULT = (1e-2, 1e-3)  # mdeq.paper.inference.THRESHOLDS (report imports no measuring module)
 
 
 def _measured_source(ctx, kind: str, data: str, prov: Mapping | None) -> str:

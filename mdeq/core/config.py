@@ -17,11 +17,11 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 HEADS = ("classification", "segmentation")
 INITS = ("official", "paper")
-SOLVER_NAMES = ("broyden", "anderson", "fixed_point")  # the keys of mdeq.solvers.SOLVERS
+SOLVER_NAMES = ("broyden", "anderson", "fixed_point")  # the keys of mdeq.core.solvers.SOLVERS
 GRAD_MODES = ("ift", "phantom", "jfb", "unrolled")
 STOP_MODES = ("abs", "rel")
 DATASETS = ("cifar10", "imagenet", "cityscapes")

@@ -5,7 +5,7 @@ Each class has its own colour and pattern, so a model learns them quickly and a 
 accuracy above chance. Each copy has a ``mdeq_manifest.json`` whose ``source_label`` says it is
 synthetic; the loaders print it, and the CIFAR-10 loader checks the md5s listed there.
 
-    python -m mdeq.data.synthetic --dataset cifar10|imagenet|cityscapes --root DIR [--seed 0]
+    python -m mdeq.engine.data.synthetic --dataset cifar10|imagenet|cityscapes --root DIR [--seed 0]
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mdeq.data import DATASETS, MANIFEST_NAME, _write_manifest, cifar10
+from mdeq.engine.data import DATASETS, MANIFEST_NAME, _write_manifest, cifar10
 
 SOURCE_CIFAR10 = "synthetic CIFAR-10 layout (smoke-test data, not CIFAR-10)"
 SOURCE_IMAGENET = "synthetic ImageNet layout (smoke-test data, not ImageNet)"
@@ -99,7 +99,7 @@ def make_cityscapes(root, *, size=(128, 256), n_train: int = 4, n_val: int = 2, 
     """
     from PIL import Image
 
-    from mdeq.data import cityscapes
+    from mdeq.engine.data import cityscapes
 
     table = cityscapes.LABEL_TABLE
 

@@ -17,7 +17,7 @@ Which path runs depends only on ``torch.is_grad_enabled()`` and on whether the f
 a gradient, never on ``module.training`` (torchdeq issue #4), so input gradients work in eval mode.
 ``module.training`` only picks the iteration budget (train vs eval ``max_iter`` / ``tol``).
 
-Stabilisers of the authors' later code, all off by default (``mdeq.stability``, docs/training_stability.md):
+Stabilisers of the authors' later code, all off by default (``mdeq.core.stability``, docs/training_stability.md):
 - ``correction_states`` = n > 1, fixed-point correction (Bai et al., "Deep Equilibrium Optical Flow
   Estimation", CVPR 2022; torchdeq ``n_states``): in a call with grad, the inputs of n - 1 evaluations of f
   spread evenly over the forward solve are kept, and each is returned in ``info.correction`` after
@@ -43,8 +43,8 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from mdeq.solvers import SOLVERS, STOP_MODES, SolverStats
-from mdeq.stability import jacobian_frobenius, power_method
+from mdeq.core.solvers import SOLVERS, STOP_MODES, SolverStats
+from mdeq.core.stability import jacobian_frobenius, power_method
 
 __all__ = ["ImplicitLayer", "DEQInfo", "GRAD_MODES", "correction_indices"]
 

@@ -11,7 +11,7 @@ be solved at any size: ``convergence_against_resolution`` counts the f evaluatio
 
 Budgets. ``max_iter`` = k is what the config calls T_f: a solve evaluates f at z_0 = 0 and after each of
 its k updates (k + 1 evaluations) and returns, per sample, the iterate with the lowest residual in the
-config's ``stop_mode`` measure (``mdeq.solvers``). Every solve here runs its whole budget (tol 1e-12, no
+config's ``stop_mode`` measure (``mdeq.core.solvers``). Every solve here runs its whole budget (tol 1e-12, no
 stop for stagnation). A solver's first k steps do not depend on its budget, so one solve of the largest
 budget holds every smaller one: ``_Tap`` applies the head to each evaluated iterate, and the result of
 budget k is the head on the lowest-residual iterate among the first k + 1 (the solver's own rule, read
@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from mdeq import progress
-from mdeq.config import ExperimentConfig
-from mdeq.data import CIFAR10_MEAN, CIFAR10_STD
+from mdeq.engine import progress
+from mdeq.core.config import ExperimentConfig
+from mdeq.engine.data import CIFAR10_MEAN, CIFAR10_STD
 from mdeq.evaluate import Trained, build_trained, memory_format
 from mdeq.train import resolve_device
 
@@ -233,7 +233,7 @@ def resolution_inputs(sources: Mapping[str, Mapping[str, torch.Tensor]], sizes: 
 def evals_to(trace: Sequence[float], threshold: float) -> int | None:
     """F evaluations until ``trace`` (one entry per step, entry i = ||z[i+1] - z[i]|| / ||z[i]||) first falls
     below ``threshold``: i + 1 (z[i+1] is made from i + 1 evaluations); None if it never does. The same
-    count as Figs. 5-6's table (``mdeq.report.convergence_table``)."""
+    count as Figs. 5-6's table (``mdeq.paper.report.convergence_table``)."""
     for i, v in enumerate(trace):
         if v is not None and v < threshold:  # NaN (z[0] = 0) compares False
             return i + 1
@@ -294,13 +294,13 @@ def convergence_against_resolution(trained: Trained, inputs: Mapping[str, Mappin
 
 def smoke_measurements(*, quick: bool = False, seed: int = 0) -> tuple[dict, dict]:
     """(accuracy against budget, convergence against resolution) of ``cifar10_small_paper`` shrunk as the smoke
-    profile shrinks it (``mdeq.runs.smoke_overrides``), at its initial weights, on the synthetic CIFAR-10 copy:
+    profile shrinks it (``mdeq.paper.runs.smoke_overrides``), at its initial weights, on the synthetic CIFAR-10 copy:
     the pipeline end to end in seconds, in the output format of the benchmark scripts. Not a result."""
-    from mdeq.config import load_config
+    from mdeq.core.config import load_config
     from mdeq.evaluate import eval_dataset
-    from mdeq.model import build_model
-    from mdeq.runlog import provenance
-    from mdeq.runs import smoke_data, smoke_overrides, smoke_spec
+    from mdeq.core.model import build_model
+    from mdeq.engine.runlog import provenance
+    from mdeq.paper.runs import smoke_data, smoke_overrides, smoke_spec
 
     name = "cifar10_small_paper"
     cfg = load_config(name, smoke_overrides(smoke_spec(name), "paper", quick=quick))
@@ -313,7 +313,7 @@ def smoke_measurements(*, quick: bool = False, seed: int = 0) -> tuple[dict, dic
     dataset, _, _ = eval_dataset(trained, limit=16 if quick else 64)
     weights = {"run": trained.name, "checkpoint": trained.origin, "sha256": None, "config": name,
                "weights": f"initial weights (seed {seed}) of the smoke-shrunken {name}"}
-    prov = provenance("mdeq.inference.smoke_measurements(quick=%s, seed=%d)" % (quick, seed), "cpu")
+    prov = provenance("mdeq.paper.inference.smoke_measurements(quick=%s, seed=%d)" % (quick, seed), "cpu")
     silent = lambda text: None  # noqa: E731 (the notebook shows the tables)
     budgets = accuracy_against_budget(trained, dataset, budgets=(0, 1, 2, 4) if quick else (0, 1, 2, 4, 8, 15),
                                       batch_size=8, log=silent)

@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from mdeq.distributed import all_reduce_sum
+from mdeq.engine.distributed import all_reduce_sum
 
 __all__ = ["SmoothedValue", "MetricLogger", "topk_correct", "accuracy", "ConfusionMatrix", "PeakMemory",
            "IGNORE_INDEX"]

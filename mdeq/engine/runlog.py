@@ -13,7 +13,7 @@ A run folder holds (``RUN_FILES``):
   ``chunks`` entry per process that trained part of the run (``chunk_start`` / ``chunk_end``);
 - ``final.json``: written once, when training ends (``final_record``); a chunk stopped by ``--stop-at``
   or a signal writes none;
-- ``checkpoint.pt`` (``mdeq.checkpoint``), and the ``.lock`` of the process that writes the folder.
+- ``checkpoint.pt`` (``mdeq.engine.checkpoint``), and the ``.lock`` of the process that writes the folder.
 
 A run is ``finished`` when its ``final.json`` holds an evaluation and says it trained every planned
 epoch. Writes go to a temporary file first and are renamed, so a killed writer leaves the last
@@ -38,8 +38,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from mdeq import paths
-from mdeq.checkpoint import TEMP_PATTERN
+from mdeq.engine import paths
+from mdeq.engine.checkpoint import TEMP_PATTERN
 
 __all__ = ["CHECKPOINT_NAME", "LOCK_NAME", "RUN_FILES", "LOG_FILES", "EPOCH_COLUMNS", "append_jsonl", "append_epoch",
            "write_text_atomic", "write_json_atomic", "trim_logs", "sweep_temp_files", "final_record", "now",

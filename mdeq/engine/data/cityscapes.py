@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mdeq.data import DatasetIntegrityError, DatasetNotFoundError, _read_manifest
-from mdeq.data.transforms import IGNORE_INDEX, CityscapesEvalTransform, CityscapesTrainTransform
+from mdeq.engine.data import DatasetIntegrityError, DatasetNotFoundError, _read_manifest
+from mdeq.engine.data.transforms import IGNORE_INDEX, CityscapesEvalTransform, CityscapesTrainTransform
 
 try:
     from cityscapesscripts.helpers.labels import labels as LABEL_TABLE

@@ -10,8 +10,8 @@ import inspect
 
 from torch import nn
 
-from mdeq.baselines.node import ConvODENet, anode_172k, node_172k
-from mdeq.baselines.resnet import ResNet, resnet18, resnet18_10m, resnet18_170k, resnet101
+from mdeq.engine.baselines.node import ConvODENet, anode_172k, node_172k
+from mdeq.engine.baselines.resnet import ResNet, resnet18, resnet18_10m, resnet18_170k, resnet101
 
 BASELINES = {
     "resnet18_170k": resnet18_170k,

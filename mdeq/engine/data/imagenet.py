@@ -14,8 +14,8 @@ from pathlib import Path
 
 from torchvision.datasets import ImageFolder
 
-from mdeq.data import DatasetIntegrityError, DatasetNotFoundError, _read_manifest
-from mdeq.data.transforms import imagenet_transform
+from mdeq.engine.data import DatasetIntegrityError, DatasetNotFoundError, _read_manifest
+from mdeq.engine.data.transforms import imagenet_transform
 
 EXTENSIONS = (".jpeg", ".jpg", ".png")
 SOURCE_OFFICIAL = "ImageNet (ILSVRC-2012)"

@@ -16,14 +16,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mdeq.data import (
+from mdeq.engine.data import (
     MANIFEST_NAME,
     DatasetIntegrityError,
     DatasetNotFoundError,
     _read_manifest,
     _write_manifest,
 )
-from mdeq.data.transforms import CIFAR10Transform
+from mdeq.engine.data.transforms import CIFAR10Transform
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_BATCHES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5")
@@ -98,7 +98,7 @@ class CIFAR10Arrays(Dataset):
 
 def build(root, split: str, *, augment: bool = False, source: str = "pickles", verify_md5: bool = True,
           download: bool = False, exact_subset=None, rows: str = "all", exact_pixels: bool = True) -> CIFAR10Arrays:
-    """The 'train' (50K) or 'val' (the 10K test_batch) split; see ``mdeq.data.build_dataset``.
+    """The 'train' (50K) or 'val' (the 10K test_batch) split; see ``mdeq.engine.data.build_dataset``.
 
     ``rows="exact_known"`` (source 'jpeg_q75' with ``exact_subset``) keeps only the images whose exact
     pixels are known (5,170 train, 1,017 test), with those exact pixels, or with their JPEG-q75 twins

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mdeq.config import ExperimentConfig, ModelConfig, SolverConfig
-from mdeq.implicit import DEQInfo, ImplicitLayer
-from mdeq.solvers import SOLVERS
+from mdeq.core.config import ExperimentConfig, ModelConfig, SolverConfig
+from mdeq.core.implicit import DEQInfo, ImplicitLayer
+from mdeq.core.solvers import SOLVERS
 
 __all__ = ["MDEQ", "FTheta", "build_model", "upsample_logits"]
 

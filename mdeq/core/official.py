@@ -7,8 +7,8 @@ layouts are read: ``fullstage.*`` holds f_theta with weight norm as ``weight_g``
 old layout also holds the frozen copies ``fullstage_copy.*`` / ``deq.func_copy.*`` and the alias
 ``deq.func.*``, which are dropped.
 
-    python -m mdeq.official --counts
-    python -m mdeq.official --convert released.pth converted.pt --config imagenet_small_official
+    python -m mdeq.core.official --counts
+    python -m mdeq.core.official --convert released.pth converted.pt --config imagenet_small_official
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from mdeq.config import ExperimentConfig, available_configs, load_config
-from mdeq.model import build_model
+from mdeq.core.config import ExperimentConfig, available_configs, load_config
+from mdeq.core.model import build_model
 
 __all__ = ["convert_state_dict", "load_official", "parameter_counts", "RELEASED", "PAPER_PARAMS"]
 
@@ -169,7 +169,7 @@ def _format_counts(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mdeq.official", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m mdeq.core.official", description=__doc__.splitlines()[0])
     parser.add_argument("--counts", action="store_true", help="print parameter counts: ours, released, paper")
     parser.add_argument("--convert", nargs=2, metavar=("SRC", "DST"), help="convert a released checkpoint")
     parser.add_argument("--config", help="config name or YAML path of the checkpoint's model (with --convert)")

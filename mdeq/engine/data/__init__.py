@@ -4,7 +4,7 @@
 Datasets whose items are ``(image float (3, H, W), target)``, where target is an int class index or an
 int64 (H, W) trainId map with 255 = ignore. Every dataset carries ``num_classes`` and
 ``source_label`` (a string that logs and tables print, e.g. "CIFAR-10 (JPEG-q75 re-encoded)").
-``python -m mdeq.data.synthetic --dataset NAME --root DIR`` writes a small synthetic copy in the same
+``python -m mdeq.engine.data.synthetic --dataset NAME --root DIR`` writes a small synthetic copy in the same
 layout for smoke runs and tests.
 
 Augmentation draws only from torch's RNG, so ``torch.manual_seed`` (main process) and the
@@ -36,14 +36,14 @@ class DatasetNotFoundError(FileNotFoundError):
         self.dataset, self.root, self.problem = dataset, Path(root), problem
         # what a command line prints: one line (the layout and how to get the data are in the full message)
         self.summary = (f"{dataset}: {problem} (looked in {Path(root).resolve()}); a synthetic copy for smoke "
-                        f"runs: python -m mdeq.data.synthetic --dataset {dataset} --root {root}")
+                        f"runs: python -m mdeq.engine.data.synthetic --dataset {dataset} --root {root}")
         message = (
             f"{dataset}: {problem}\n"
             f"  looked in: {Path(root).resolve()}\n"
             f"  expected layout:\n{_indent(layout, 4)}\n"
             f"  to get the real data: {how_to_get}\n"
             f"  for a small synthetic copy (smoke runs, tests):\n"
-            f"    python -m mdeq.data.synthetic --dataset {dataset} --root {root}"
+            f"    python -m mdeq.engine.data.synthetic --dataset {dataset} --root {root}"
         )
         super().__init__(message)
 
@@ -84,9 +84,9 @@ def _write_manifest(folder: str | Path, source_label: str, **fields) -> Path:
     return path
 
 
-from mdeq.data import cifar10, imagenet  # noqa: E402  (they import the names above)
-from mdeq.data.cifar10 import CIFAR10_CLASSES, CIFAR10Arrays, convert_jpeg_npz_to_pickles  # noqa: E402
-from mdeq.data.transforms import (  # noqa: E402
+from mdeq.engine.data import cifar10, imagenet  # noqa: E402  (they import the names above)
+from mdeq.engine.data.cifar10 import CIFAR10_CLASSES, CIFAR10Arrays, convert_jpeg_npz_to_pickles  # noqa: E402
+from mdeq.engine.data.transforms import (  # noqa: E402
     CIFAR10_MEAN,
     CIFAR10_STD,
     IGNORE_INDEX,
@@ -103,15 +103,15 @@ _CITYSCAPES_NAMES = ("CITYSCAPES_CLASSES", "CITYSCAPES_PALETTE", "CITYSCAPES_CLA
 
 def __getattr__(name: str):
     if name in _CITYSCAPES_NAMES or name == "cityscapes":
-        module = importlib.import_module("mdeq.data.cityscapes")
+        module = importlib.import_module("mdeq.engine.data.cityscapes")
         return module if name == "cityscapes" else getattr(module, name)
-    raise AttributeError(f"module 'mdeq.data' has no attribute {name!r}")
+    raise AttributeError(f"module 'mdeq.engine.data' has no attribute {name!r}")
 
 
 def _module(dataset: str):
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
-    return importlib.import_module(f"mdeq.data.{dataset}")
+    return importlib.import_module(f"mdeq.engine.data.{dataset}")
 
 
 def describe_layout(dataset: str) -> str:

@@ -5,7 +5,7 @@ same runs with the same names, so the registry lives here once (``RUNS``). Each 
 Table 1, 2 or 3:
 
 - ``smoke``: ``train_smoke`` trains a shrunken copy in this process on a synthetic copy of its data set
-  (``mdeq.data.synthetic``), CPU, one thread, a few steps; checkpoints stay in ``runs/notebooks/``;
+  (``mdeq.engine.data.synthetic``), CPU, one thread, a few steps; checkpoints stay in ``runs/notebooks/``;
 - ``full``: ``run_full`` launches the paper's protocol (Appendix Table 4 via the ``paper`` configs, or
   the released ``official`` ones; the XL models exist only as ``official``) on real data, one
   ``mdeq.train`` process per run, through ``torch.distributed.run`` (torchrun) when more than one GPU
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from mdeq import paths
-from mdeq.config import load_config
-from mdeq.runlog import collect_run, finished, read_json
+from mdeq.engine import paths
+from mdeq.core.config import load_config
+from mdeq.engine.runlog import collect_run, finished, read_json
 from mdeq.train import RunOptions, main
 
 __all__ = ["RunSpec", "RUNS", "runs_for", "spec", "config_name", "run_name", "smoke_spec", "smoke_overrides",
@@ -196,7 +196,7 @@ def smoke_baseline_options(run: RunSpec) -> dict:
     if run.baseline is None:
         return {}
     # Imported here: the baselines pull in torchdiffeq, which the registry's other users never need.
-    from mdeq.baselines import default_width
+    from mdeq.engine.baselines import default_width
 
     return {"width": max(2, round(default_width(run.baseline) / run.smoke_div))}
 
@@ -208,7 +208,7 @@ def smoke_data(dataset: str) -> tuple[Path, dict]:
     if not (root / "mdeq_manifest.json").is_file() and not any(root.rglob("mdeq_manifest.json")):
         # Imported here: the data package pulls in PIL and torchvision, which the registry's other users
         # (the campaign, the launcher) never need.
-        from mdeq.data.synthetic import make_synthetic
+        from mdeq.engine.data.synthetic import make_synthetic
 
         shutil.rmtree(root, ignore_errors=True)
         make_synthetic(dataset, root, **sizes)
@@ -229,7 +229,7 @@ def train_smoke(run: RunSpec, logs_to: Path, *, quick: bool = False, variant: st
     out_dir = smoke_run_dir(run.key, quick=quick)
     shutil.rmtree(out_dir, ignore_errors=True)  # a smoke run always starts afresh
     baseline_options = smoke_baseline_options(run)
-    command = (f"mdeq.runs.train_smoke({run.key!r}) = python -m mdeq.train --config "
+    command = (f"mdeq.paper.runs.train_smoke({run.key!r}) = python -m mdeq.train --config "
                f"{config_name(run, variant)} --set {shlex.join(overrides)}"
                + (f" --baseline {run.baseline}" if run.baseline else "")
                + "".join(f" --baseline-option {k}={v}" for k, v in baseline_options.items()))

@@ -2,7 +2,7 @@
 
 Why one module: the notebooks, the device scripts (``scripts/device/``) and the benchmarks
 (``benchmarks/``) measure with the same code, so a number means the same wherever it is drawn. Each
-function returns plain data (or writes images) and draws nothing; ``mdeq.report`` draws. The device is
+function returns plain data (or writes images) and draws nothing; ``mdeq.paper.report`` draws. The device is
 chosen once, by the engine's rule (``mdeq.train.resolve_device``); solver settings reach the implicit
 layer through the config it is built from (``trace_overrides``), so the layer checks them as it checks
 a training run's. ``timeit`` is the one timing loop (the benchmarks use it too).
@@ -26,14 +26,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from mdeq import paths, progress
-from mdeq.checkpoint import load_checkpoint, load_pretrained
-from mdeq.config import config_from_dict, load_config
-from mdeq.data import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, build_dataset
-from mdeq.metrics import IGNORE_INDEX, PeakMemory
-from mdeq.model import build_model, upsample_logits
-from mdeq.runlog import hardware_label
-from mdeq.runs import FULL_RUNS, default_data_root, smoke_data, smoke_overrides, smoke_spec
+from mdeq.engine import paths, progress
+from mdeq.engine.checkpoint import load_checkpoint, load_pretrained
+from mdeq.core.config import config_from_dict, load_config
+from mdeq.engine.data import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, build_dataset
+from mdeq.engine.metrics import IGNORE_INDEX, PeakMemory
+from mdeq.core.model import build_model, upsample_logits
+from mdeq.engine.runlog import hardware_label
+from mdeq.paper.runs import FULL_RUNS, default_data_root, smoke_data, smoke_overrides, smoke_spec
 from mdeq.train import resolve_device, set_phase
 
 __all__ = ["sync", "timeit", "check_gpu", "RuntimeModel", "RUNTIME_MODELS", "measure_runtime", "saved_activations",
@@ -100,7 +100,7 @@ def _build_runtime_model(what: str, variant: str) -> torch.nn.Module:
     kind, name = what.split(":", 1)
     if kind == "baseline":
         # Imported here: the Neural ODE baselines need torchdiffeq, an optional dependency (the baselines extra).
-        from mdeq.baselines import build_baseline
+        from mdeq.engine.baselines import build_baseline
 
         return build_baseline(name)
     return build_model(load_config(name.format(variant=variant)))

@@ -23,7 +23,7 @@ would mean no gradient at all (the released code's failure at initialisation).
 Residuals, per sample b: abs = ||f(z) - z||, rel = ||f(z) - z|| / ||f(z)|| (norms over all scales),
 and per scale i: ||f_i(z) - z_i|| / ||f_i(z)||. If ``f`` returns a lower-precision dtype (autocast),
 its output is cast to the state dtype: the solver state and residuals stay in the dtype of ``z0``.
-Solves run under ``torch.no_grad()``: gradients come from ``mdeq.implicit.ImplicitLayer``.
+Solves run under ``torch.no_grad()``: gradients come from ``mdeq.core.implicit.ImplicitLayer``.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torchvision import transforms as T
 
-from mdeq.metrics import IGNORE_INDEX
+from mdeq.engine.metrics import IGNORE_INDEX
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
