@@ -1,7 +1,7 @@
 """What the benchmark scripts share: the timing loop and provenance of mdeq, JSON output, an MDEQ-like map.
 
-The timing loop (``timeit``, ``sync``) is ``mdeq.paper.measure``'s and the provenance record ``mdeq.engine.runlog``'s,
-so a benchmark's numbers are measured and labelled as the notebooks' are.
+The timing loop (``timeit``, ``sync``) is ``mdeq.paper.measure.timing``'s and the provenance record
+``mdeq.engine.runlog``'s, so a benchmark's numbers are measured and labelled as the notebooks' are.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mdeq.paper.measure import RUNTIME_MODELS, sync, timeit
+from mdeq.paper.measure.runtime import RUNTIME_MODELS
+from mdeq.paper.measure.timing import sync, timeit
 from mdeq.engine.paths import ROOT
 from mdeq.engine.runlog import provenance as run_provenance
 
@@ -163,12 +164,12 @@ class MDEQLikeMap(nn.Module):
 
 
 def committed_weights(run_dir, scratch: Path, *, from_tree: bool = False):
-    """(``mdeq.evaluate.Trained``, a record of the weights) for the checkpoint of ``run_dir`` as git HEAD holds it
+    """(``mdeq.paper.trained.Trained``, a record of the weights) for the checkpoint of ``run_dir`` as git HEAD holds it
     (``from_tree``: the working tree's), copied into ``scratch`` first: a training campaign replaces the working
     tree's checkpoint every few steps, and one measurement must read one set of weights (named by its sha256)."""
     import shutil
 
-    from mdeq.evaluate import checkpoint_at, load_run, logged_evaluation
+    from mdeq.paper.trained import checkpoint_at, load_run, logged_evaluation
     from mdeq.engine.paths import rel
 
     dest = Path(scratch) / Path(run_dir).name / "checkpoint.pt"

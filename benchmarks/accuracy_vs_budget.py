@@ -28,9 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, committed_weights, provenance, write_json  # noqa: E402
 
-from mdeq.evaluate import eval_dataset, shown_path  # noqa: E402
+from mdeq.paper.trained import eval_dataset, shown_path  # noqa: E402
 from mdeq.paper.inference import BUDGETS, SOLVER_NAMES, accuracy_against_budget  # noqa: E402
-from mdeq.train import _parse_kv  # noqa: E402
+from mdeq.engine.cli import parse_kv  # noqa: E402
 
 RUN_KEY = "cifar10_mdeq_small"  # Table 1's MDEQ-small; its seeds are <key>_seed<k>
 
@@ -61,7 +61,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="accuracy_vs_budget_") as scratch:
         for run_dir in runs:
             trained, weights = committed_weights(run_dir, Path(scratch), from_tree=args.from_tree)
-            dataset, root, options = eval_dataset(trained, args.data_root, _parse_kv(args.data_options), args.limit)
+            dataset, root, options = eval_dataset(trained, args.data_root, parse_kv(args.data_options), args.limit)
             print(f"{weights['run']}: {weights['weights']}, sha256 {weights['sha256'][:16]}; {len(dataset)} images of "
                   f"{dataset.source_label}", flush=True)
             result = accuracy_against_budget(trained, dataset, budgets=args.budgets, solvers=args.solvers)

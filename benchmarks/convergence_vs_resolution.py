@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, committed_weights, provenance, write_json  # noqa: E402
 
-from mdeq.evaluate import eval_dataset  # noqa: E402
+from mdeq.paper.trained import eval_dataset  # noqa: E402
 from mdeq.paper.inference import (PHOTOGRAPHS, SIZES, SOLVER_NAMES, THRESHOLDS, convergence_against_resolution,  # noqa: E402
                             photographs, resolution_inputs)
 

@@ -32,7 +32,7 @@ from _common import ROOT, provenance, write_json  # noqa: E402
 from mdeq.engine.checkpoint import load_pretrained  # noqa: E402
 from mdeq.core.config import load_config  # noqa: E402
 from mdeq.engine.data import build_dataset  # noqa: E402
-from mdeq.paper.measure import trace_overrides  # noqa: E402
+from mdeq.paper.measure.solver_traces import trace_overrides  # noqa: E402
 from mdeq.core.model import build_model  # noqa: E402
 
 RUN = "results/runs/cifar10_mdeq_small"

@@ -1,4 +1,4 @@
-"""Fig. 4b's training memory as live tensor bytes, measured on this CPU (``mdeq.paper.measure.measure_memory``).
+"""Fig. 4b's training memory as live tensor bytes, measured on this CPU (``mdeq.paper.measure.memory``).
 
 The peak of live tensor bytes during one training step (forward, loss, backward, Adam step, after a
 warm-up step) of MDEQ, MDEQ-small (implicit phase, and trained unrolled through the same number of f
@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, fig4b_parser, provenance, write_json  # noqa: E402
 
-from mdeq.paper.measure import MEMORY_BUDGETS, measure_memory  # noqa: E402
+from mdeq.paper.measure.memory import MEMORY_BUDGETS, measure_memory  # noqa: E402
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """Fig. 4b's time: a training step and an inference step of each model, measured on this CPU
-(``mdeq.paper.measure.measure_runtime``), in one run so the ratios to ResNet-101 compare like with like.
+(``mdeq.paper.measure.runtime.measure_runtime``), in one run so the ratios to ResNet-101 compare like with like.
 
 MDEQ (10M) and MDEQ-small in their implicit phase (Broyden forward with T_f, IFT backward with T_b, both
 run to their budgets from the initial weights), ResNet-18 (10M), ResNet-101 and ANODE (172K), batch 32 of
@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, fig4b_parser, provenance, write_json  # noqa: E402
 
-from mdeq.paper.measure import measure_runtime  # noqa: E402
+from mdeq.paper.measure.runtime import measure_runtime  # noqa: E402
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Figs. 5-7's convergence traces at the paper's resolutions, measured on this CPU (``mdeq.paper.measure.convergence_traces``).
+"""Figs. 5-7's convergence traces at the paper's resolutions, measured on this CPU (``mdeq.paper.measure.solver_traces``).
 
 Forward and backward (IFT) solves of the small MDEQ of each task, Broyden (with the config's history m)
 against plain iteration of f, each run to its whole budget (CIFAR-10 50, ImageNet 120, Cityscapes 150 f
@@ -31,7 +31,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, provenance, write_json  # noqa: E402
 
-from mdeq.paper.measure import CONVERGENCE_SETS, PER_SCALE_SETS, convergence_traces  # noqa: E402
+from mdeq.paper.measure.solver_traces import CONVERGENCE_SETS, PER_SCALE_SETS, convergence_traces  # noqa: E402
 
 SETTINGS = ("variant", "num_batches", "seed")  # a rerun keeps earlier curves only if these are the same
 

@@ -2,8 +2,8 @@
 
 After the backward solve, autograd carries the root u through the f(z*) call, the injection, the stem and
 the head. z* is a leaf that requires grad there (the solve's VJPs need it), so a plain ``loss.backward()``
-also computes dL/dz*, one conv input-gradient per scale, and drops it; ``mdeq.train.train_step`` names the
-optimiser's parameters as the backward's inputs instead (``mdeq.train.gradient_inputs``). This times that
+also computes dL/dz*, one conv input-gradient per scale, and drops it; ``mdeq.engine.loop.train_step`` names the
+optimiser's parameters as the backward's inputs instead (``mdeq.engine.step.gradient_inputs``). This times that
 final backward both ways on the trained MDEQ-small at batch 128 (random images in [0, 1], channels_last,
 ``mdeq.engine.allocator`` on, as ``mdeq.train`` runs on a CPU), alternating the two, and checks that the
 parameter gradients are the same bits.
@@ -24,7 +24,8 @@ from _common import median, out_path, provenance, timeit, trained_model, trained
 def main(argv=None) -> None:
     args = trained_parser(__doc__.split("\n\n")[0], "final_backward_cpu.json",
                           "timed calls per variant and round").parse_args(argv)
-    from mdeq.train import build_optimizer, set_phase
+    from mdeq.engine.build import build_optimizer
+    from mdeq.engine.step import set_phase
 
     cfg, model = trained_model(args)
     set_phase(model, cfg, cfg.train.pretrain_steps)

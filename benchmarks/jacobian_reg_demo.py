@@ -9,7 +9,7 @@ copy) with its optimiser and schedule state, and trains two copies for ``--steps
 batches and the same dropout masks: one as the campaign trains, one with Jacobian regularisation at the
 weight and frequency of the released CIFAR-10 config ``locuslab/deq MDEQ-Vision/experiments/cifar/
 cls_mdeq_LARGE_reg.yaml`` (JAC_LOSS_WEIGHT 0.4, JAC_LOSS_FREQ 0.02, JAC_STOP_EPOCH 90, 2 probes; the
-draws are ``mdeq.train.jacobian_draw``'s, as a run of the engine would make them at those steps). Before and
+draws are ``mdeq.engine.step.jacobian_draw``'s, as a run of the engine would make them at those steps). Before and
 after, on one fixed batch of test images, it measures the forward residual at the training budget
 (T_f + 1 f evaluations), the f evaluations until the batch-mean residual falls below 1e-3 and 1e-4 (Broyden,
 the config's memory, ``--budget`` evaluations), both in eval mode and in train mode with a fixed dropout mask
@@ -104,8 +104,9 @@ def measure(cfg_long, state_dict, x, y, *, train_budget: int, power_iters: int, 
 def train_arm(cfg, ckpt, ds, batches, *, per_epoch: int, seed: int, log_every: int) -> tuple[dict, list[dict]]:
     """``len(batches)`` engine steps from the checkpoint; returns (final state dict, one record per step)."""
     from mdeq.core.model import build_model
-    from mdeq.train import (build_criterion, build_optimizer, build_scheduler, jacobian_draw, jacobian_weight,
-                            set_phase, solver_stats, train_step)
+    from mdeq.engine.build import build_criterion, build_optimizer, build_scheduler
+    from mdeq.engine.loop import train_step
+    from mdeq.engine.step import jacobian_draw, jacobian_weight, set_phase, solver_stats
 
     torch.manual_seed(seed)
     model = build_model(cfg)
@@ -209,7 +210,7 @@ def main(argv=None) -> None:
     from mdeq.engine.allocator import keep_freed_memory
     from mdeq.core.config import config_from_dict, config_to_dict
     from mdeq.engine.data import build_dataset
-    from mdeq.paper.measure import trace_overrides
+    from mdeq.paper.measure.solver_traces import trace_overrides
 
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as mdeq.train does on a CPU
@@ -265,7 +266,7 @@ def main(argv=None) -> None:
         "config": cfg.name, "train_budget_f_evals": train_budget, "long_budget_f_evals": args.budget,
         "jacobian_reg": {"weight": args.jac_weight, "freq": args.jac_freq, "stop_epoch": args.jac_stop_epoch,
                          "pretrain_weight": 0.0, "probes": args.jac_probes, "source": RELEASED_REG,
-                         "draws": "mdeq.train.jacobian_draw(train.seed, global step)"},
+                         "draws": "mdeq.engine.step.jacobian_draw(train.seed, global step)"},
         "data": {"train": f"{args.steps} batches of {cfg.data.batch_size} CIFAR-10 training images (JPEG-q75 "
                           f"re-encoded, {args.data_root}), seeded order {args.seed}, the same in both arms",
                  "eval": f"{args.eval_batch} CIFAR-10 test images (seeded choice {args.seed})"},

@@ -83,9 +83,9 @@ def mcnemar(ref: np.ndarray, other: np.ndarray) -> dict:
 
 
 def load_run(folder: Path):
-    """(model in eval mode, the ``mdeq.evaluate.Trained`` record) of a run folder: its config, weights (one read,
+    """(model in eval mode, the ``mdeq.paper.trained.Trained`` record) of a run folder: its config, weights (one read,
     hashed: a campaign may replace the file while this runs) and baseline, as ``python -m mdeq.evaluate`` loads them."""
-    from mdeq.evaluate import build_trained, load_run as load_trained
+    from mdeq.paper.trained import build_trained, load_run as load_trained
 
     trained = load_trained(folder)
     model = build_trained(trained)

@@ -1,4 +1,4 @@
-"""Time per training step and peak memory of the real engine (``mdeq.train.train_step``), per phase.
+"""Time per training step and peak memory of the real engine (``mdeq.engine.loop.train_step``), per phase.
 
 Measures CIFAR-10 MDEQ-small (``cifar10_small_official``) at batch 32 by default in the unrolled warm-up
 phase (``solver.unroll_steps`` applications of f with ordinary backprop) and in the implicit phase
@@ -37,7 +37,9 @@ def run_phase(args) -> dict:
     from mdeq.core.config import load_config
     from mdeq.engine.metrics import PeakMemory
     from mdeq.core.model import build_model
-    from mdeq.train import build_criterion, build_optimizer, set_phase, solver_stats, train_step
+    from mdeq.engine.build import build_criterion, build_optimizer
+    from mdeq.engine.loop import train_step
+    from mdeq.engine.step import set_phase, solver_stats
 
     warnings.filterwarnings("ignore", "IFT backward solve did not converge")
     torch.set_num_threads(args.threads)

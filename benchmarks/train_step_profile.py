@@ -1,6 +1,6 @@
 """Where the time of one implicit training step goes, and the step against a reference commit, in one run.
 
-The step is the engine's (``mdeq.train.train_step``) on ``cifar10_small_paper`` at the paper's batch of 128,
+The step is the engine's (``mdeq.engine.loop.train_step``) on ``cifar10_small_paper`` at the paper's batch of 128,
 in the implicit phase, with both solves run to their caps (T_f 15, T_b 18: the forward tolerance is set
 out of reach, as it is in practice in training). The split comes from the profiler ranges the layer
 opens (``mdeq::forward_solve``, ``mdeq::forward_f``, ``mdeq::f_star``, ``mdeq::backward_solve``,
@@ -47,27 +47,28 @@ def child(args) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from mdeq.core.config import load_config
-    from mdeq.core.model import build_model
-    from mdeq.train import build_criterion, build_optimizer, set_phase
+    load_config = _first("mdeq.core.config", "mdeq.config").load_config
+    model_mod = _first("mdeq.core.model", "mdeq.model")
+    build_model = model_mod.build_model
+    build = _first("mdeq.engine.build", "mdeq.train")
+    build_criterion, build_optimizer = build.build_criterion, build.build_optimizer
+    set_phase = _first("mdeq.engine.step", "mdeq.train").set_phase
 
     warnings.filterwarnings("ignore", "IFT backward solve did not converge")
     torch.set_num_threads(args.threads)
     if not args.glibc_default:  # as mdeq.train does on a CPU (a ref commit without mdeq.engine.allocator runs without it)
         try:
-            from mdeq.engine.allocator import keep_freed_memory
-            keep_freed_memory()
+            _first("mdeq.engine.allocator", "mdeq.allocator").keep_freed_memory()
         except ImportError:
             pass
-    import mdeq.core.model
-    draw = mdeq.core.model._variational_mask  # dropout masks drawn in float32 in every variant (float64, bf16): same masks
-    mdeq.core.model._variational_mask = lambda b, c, p, like, gen: draw(b, c, p, like.float(), gen).to(like.dtype)
+    draw = model_mod._variational_mask  # dropout masks drawn in float32 in every variant (float64, bf16): same masks
+    model_mod._variational_mask = lambda b, c, p, like, gen: draw(b, c, p, like.float(), gen).to(like.dtype)
     overrides = {"data.batch_size": args.batch, "solver.tol": 1e-12}
     cfg = load_config(args.config, overrides)
     torch.manual_seed(0)
     model = build_model(cfg).train()
     if args.weights:
-        from mdeq.engine.checkpoint import load_checkpoint
+        load_checkpoint = _first("mdeq.engine.checkpoint", "mdeq.checkpoint").load_checkpoint
         model.load_state_dict(load_checkpoint(args.weights)["model"])
     model.deq.warn = False
     if args.check_every:
@@ -146,12 +147,23 @@ def child(args) -> dict:
     return out
 
 
+def _first(*names: str):
+    """The first of the modules ``names`` that imports: a reference commit's package may predate the layout
+    in mdeq/core, mdeq/engine and mdeq/paper (commit 41ac009), where these modules sat in mdeq/ itself."""
+    import importlib
+
+    for name in names:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise ImportError(f"none of {', '.join(names)} imports")
+
+
 def _backward_inputs(optimizer):
     """What the backward reaches, as the engine of the commit on the path names it: ``gradient_inputs`` where
-    ``mdeq.train`` has it, else None (every leaf: older engines computed dL/dz* too)."""
-    import mdeq.train
-
-    gradient_inputs = getattr(mdeq.train, "gradient_inputs", None)
+    the engine has it, else None (every leaf: older engines computed dL/dz* too)."""
+    gradient_inputs = getattr(_first("mdeq.engine.step", "mdeq.train"), "gradient_inputs", None)
     return gradient_inputs(optimizer) if gradient_inputs is not None else None
 
 

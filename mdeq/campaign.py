@@ -38,7 +38,6 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import fcntl
-import json
 import os
 import re
 import shlex
@@ -57,7 +56,7 @@ from mdeq.engine import paths
 from mdeq.engine.checkpoint import load_checkpoint
 from mdeq.core.config import load_config
 from mdeq.engine.paths import rel
-from mdeq.engine.runlog import now, read_run
+from mdeq.engine.runlog import chunk_hours, last_logged_step, now, read_run
 from mdeq.paper.runs import config_name, spec as run_spec
 
 __all__ = ["CampaignSpec", "load_campaign", "run_status", "train_command", "sync_run", "restore_run",
@@ -142,41 +141,11 @@ def run_status(spec: CampaignSpec, key: str, results: Path = RESULTS) -> dict[st
         "epochs_planned": _epochs_planned(spec, key),
         "finished": run is not None and run.finished,
         "last_eval_top1": float(last["eval_top1"]) if last.get("eval_top1") else None,
-        "last_step": max(int(last["step"]) if last.get("step") else 0, _last_logged_step(folder)),
+        "last_step": max(int(last["step"]) if last.get("step") else 0, last_logged_step(folder)),
         "hours": sum(float(r["epoch_time_s"]) for r in rows if r.get("epoch_time_s")) / 3600.0,
-        "chunk_hours": _chunk_hours(folder),
+        "chunk_hours": chunk_hours(folder),
         "has_checkpoint": (folder / "checkpoint.pt").is_file(),
     }
-
-
-def _chunk_hours(folder: Path) -> float:
-    """Wall-clock hours of the run's recorded, ended chunks (``provenance.json``), evaluations and pauses included.
-
-    Why beside ``hours``: until 2026-12-03 an epoch that spanned two chunks logged only its last chunk's
-    part in ``epoch_time_s``, so the sum of epoch times undercounts older runs (whose first chunks may
-    also predate chunk records).
-    """
-    path = folder / "provenance.json"
-    if not path.is_file():
-        return 0.0
-    seconds = 0.0
-    for chunk in json.loads(path.read_text()).get("chunks", []):
-        if chunk.get("start") and chunk.get("end"):
-            end, start = (_dt.datetime.fromisoformat(chunk[k]) for k in ("end", "start"))
-            seconds += (end - start).total_seconds()
-    return seconds / 3600.0
-
-
-def _last_logged_step(folder: Path) -> int:
-    """The step of the last ``steps.jsonl`` record: an unfinished first epoch has no metrics.csv row yet."""
-    path = folder / "steps.jsonl"
-    if not path.is_file():
-        return 0
-    lines = path.read_text().strip().splitlines()
-    try:
-        return int(json.loads(lines[-1])["step"]) if lines else 0
-    except (ValueError, KeyError):
-        return 0
 
 
 def train_command(spec: CampaignSpec, key: str, *, stop_at: float | None, data_root: str | None = None,
@@ -432,9 +401,14 @@ class _Chunk:
         self.out.close()
 
 
+def _per_run(spec: CampaignSpec) -> CampaignSpec:
+    """The campaign as one of its chunks runs: on ``threads // side_by_side`` threads."""
+    return dataclasses.replace(spec, threads=max(1, spec.threads // spec.side_by_side))
+
+
 def _start_chunk(spec, key, end, work, dest, data_root, logfile, code_dir) -> _Chunk:
-    threads = max(1, spec.threads // spec.side_by_side)
-    child = dataclasses.replace(spec, threads=threads)
+    child = _per_run(spec)
+    threads = child.threads
     cmd = train_command(child, key, stop_at=end, data_root=data_root)
     work.mkdir(parents=True, exist_ok=True)
     _log(f"{key}: $ {shlex.join(cmd)}", logfile)
@@ -489,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.dry_run:
             todo = [k for k in runs if not run_status(spec, k)["finished"]]
-            print(shlex.join(train_command(spec, todo[0], stop_at=None, data_root=args.data_root)) if todo
+            print(shlex.join(train_command(_per_run(spec), todo[0], stop_at=None, data_root=args.data_root)) if todo
                   else f"{args.run or 'every run of the campaign'} has finished")
             return 0
         if args.budget is None:

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import nbformat
 
 from mdeq.engine import paths
-from mdeq.paper.notebook import NOTEBOOKS, PARAMETERS, PROFILES
+from mdeq.paper.parameters import NOTEBOOKS, PARAMETERS, PROFILES
 
 __all__ = ["kernel_for_this_python", "strip_execution_metadata", "normalize_ipynb", "execute_notebook", "build_book",
            "main"]
@@ -118,13 +118,13 @@ def build_book(notebooks_dir: Path, out: Path, *, strict: bool = True) -> Path:
     stage = Path(out) / "book_src"
     shutil.rmtree(stage, ignore_errors=True)
     (stage / "book" / "notebooks").mkdir(parents=True)
-    for name in ("_config.yml", "_toc.yml", "intro.md", "paper_vs_released.md", "training_stability.md"):
-        shutil.copyfile(BOOK / name, stage / "book" / name)
+    for src in [BOOK / "_config.yml", BOOK / "_toc.yml", *sorted(BOOK.glob("*.md"))]:
+        shutil.copyfile(src, stage / "book" / src.name)
     shutil.copytree(BOOK / "_static", stage / "book" / "_static")  # outputs.css: long output lines wrap
     shutil.copyfile(paths.ROOT / "README.md", stage / "README.md")  # intro.md includes ../README.md
     (stage / "docs").mkdir()
-    for name in ("paper_vs_released.md", "training_stability.md"):  # the book's pages include these
-        shutil.copyfile(paths.ROOT / "docs" / name, stage / "docs" / name)
+    for src in sorted((paths.ROOT / "docs").glob("*.md")):  # the book's pages include these
+        shutil.copyfile(src, stage / "docs" / src.name)
     (stage / "results").mkdir()  # docs/training_stability.md includes the part benchmarks/jacobian_reg_demo.py draws
     shutil.copyfile(paths.RESULTS / "jacobian_reg_demo.md", stage / "results" / "jacobian_reg_demo.md")
     missing = [n for n in NOTEBOOKS if not (Path(notebooks_dir) / f"{n}.ipynb").is_file()]

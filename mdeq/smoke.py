@@ -1,9 +1,9 @@
-"""A one-minute CPU smoke run of the whole pipeline: ``python -m mdeq.smoke``.
+"""``python -m mdeq.smoke``: a one-minute CPU smoke run of the whole pipeline.
 
 Why: a fresh clone should show, quickly and without any data set, that the pieces fit: it writes a
 synthetic CIFAR-10 copy in the official on-disk layout, trains the tiny ``cifar10_tiny_smoke`` MDEQ
 through the unrolled weight-tied warm-up and into the implicit phase (Broyden forward, IFT backward)
-with the real engine (``mdeq.train.main``), and prints the solver statistics it logged. The numbers
+with the real engine (``mdeq.engine.loop.main``), and prints the solver statistics it logged. The numbers
 are a smoke test on synthetic data, not a result of the paper.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 from mdeq.core.config import load_config
 from mdeq.engine.paths import RUNS
 from mdeq.engine.runlog import read_run
-from mdeq.train import RunOptions, main
+from mdeq.engine.loop import main
+from mdeq.engine.options import RunOptions
 
 
 def run(out_dir: Path, *, epochs: int = 2, limit_train: int = 512, threads: int | None = None) -> dict:

@@ -57,10 +57,12 @@ import torch
 from IPython.display import display
 
 import mdeq
-from mdeq.paper import measure, notebook, report
+from mdeq.paper import notebook, parameters
+from mdeq.paper.measure import memory
+from mdeq.paper.report import style
 from mdeq.core.model import FTheta
 
-params = notebook.check_parameters(globals(), "00_implicit_layers")
+params = parameters.check_parameters(globals(), "00_implicit_layers")
 ctx = notebook.setup(params)
 notebook.show_banner(ctx)
 kind = "smoke" if ctx.profile == "smoke" else "real"  # which figures/ folder; what is computed is the same
@@ -152,8 +154,8 @@ assert to_1e6["broyden"] < to_1e6["fixed_point"]  # Broyden beats plain iteratio
 
 # %%
 fig, ax = plt.subplots(figsize=(5.6, 3.5))
-for stats, label, colour in ((broyden_stats, "mdeq.broyden", report.COLORS["broyden"]),
-                             (iterated_stats, "mdeq.fixed_point (iterating f)", report.COLORS["fixed_point"])):
+for stats, label, colour in ((broyden_stats, "mdeq.broyden", style.COLORS["broyden"]),
+                             (iterated_stats, "mdeq.fixed_point (iterating f)", style.COLORS["fixed_point"])):
     trace = stats.rel_trace.mean(0)  # (nfe,): batch mean of ||f(z) - z|| / ||f(z)|| at each f evaluation
     ax.plot(range(1, len(trace) + 1), trace, color=colour, label=f"{label}: {stats.nfe} f evaluations")
 ax.axhline(TOL, color="#777777", ls=":", lw=1, label=f"tol {TOL:g}")
@@ -161,7 +163,7 @@ ax.set_yscale("log")
 ax.set_xlabel("number of f evaluations")
 ax.set_ylabel("||f(z) - z|| / ||f(z)||")
 ax.legend()
-ax.set_title(report.figure_title("Forward solve of a 3-scale toy f", kind))
+ax.set_title(style.figure_title("Forward solve of a 3-scale toy f", kind))
 source = f"the solves on this page (seed {seed})"
 _ = notebook.save_figure(fig, "implicit_layers_solvers", ctx, kind, source=source,
                          caption="Residual ||f(z) - z|| / ||f(z)|| (batch mean) against f evaluations of the forward "
@@ -196,8 +198,8 @@ _ = notebook.save_figure(fig, "implicit_layers_solvers", ctx, kind, source=sourc
 # of a small loss $\ell = \sum_i \langle w_i, z_i \rangle$ (a fixed random probe $w_i$ at each scale) with
 # respect to every parameter of $f$ and the injection $x$. Each mode's gradient is compared with it, and the
 # bytes of the tensors autograd saves for the backward pass are counted while the layer runs
-# (`mdeq.paper.measure.saved_activations`, a `torch.autograd.graph.saved_tensors_hooks` that counts each storage
-# once and leaves out the parameters, the prepared weights and the input).
+# (`mdeq.paper.measure.memory.saved_activations`, a `torch.autograd.graph.saved_tensors_hooks` that counts each
+# storage once and leaves out the parameters, the prepared weights and the input).
 
 # %%
 theta = list(f_theta.parameters())
@@ -216,7 +218,7 @@ def gradient(run):
     xg = x.detach().clone().requires_grad_()
     prep = f_theta.prepare(B, xg)
     weights = [w for pair in prep.block_weights for w in pair] + list(prep.post_weights)
-    with measure.saved_activations(exclude=theta + weights + [xg]) as saved:
+    with memory.saved_activations(exclude=theta + weights + [xg]) as saved:
         out = run(xg, prep)
     z = out[0] if isinstance(out, tuple) else out
     grads = torch.autograd.grad(loss_of(z), theta + [xg])
@@ -315,7 +317,7 @@ reached = {}
 for ax, stats, title in zip(axes, (broyden_stats, iterated_stats), ("mdeq.broyden", "mdeq.fixed_point")):
     per_scale = stats.scale_rel_trace.max(1).values  # (scales, nfe): the worst sample of the batch
     for i, trace in enumerate(per_scale):
-        ax.plot(range(1, len(trace) + 1), trace, color=report.SCALE_COLORS[i],
+        ax.plot(range(1, len(trace) + 1), trace, color=style.SCALE_COLORS[i],
                 label=f"scale {i + 1}: {channels[i]} channels, {H >> i}x{W >> i}")
         below = (trace < 1e-6).nonzero()
         reached[(title, f"scale {i + 1}")] = int(below[0]) + 1 if len(below) else None
@@ -324,7 +326,7 @@ for ax, stats, title in zip(axes, (broyden_stats, iterated_stats), ("mdeq.broyde
     ax.set_xlabel("number of f evaluations")
 axes[0].set_ylabel("per scale: ||f_i(z) - z_i|| / ||f_i(z)||", fontsize=8)
 axes[0].legend()
-fig.suptitle(report.figure_title("Per-scale residuals of the forward solve (toy 3-scale f)", kind))
+fig.suptitle(style.figure_title("Per-scale residuals of the forward solve (toy 3-scale f)", kind))
 fig.tight_layout()
 notebook.save_figure(fig, "implicit_layers_per_scale", ctx, kind, source=source,
                      caption="Per-scale residual ||f_i(z) - z_i|| / ||f_i(z)|| (worst sample of the batch) of the "
@@ -349,11 +351,11 @@ assert all(stats.scale_rel_trace[:, :, -1].max() < 1e-9 for stats in (broyden_st
 # | --- | --- | --- |
 # | $f_\theta$: residual block per scale, multiscale fusion, post-fusion conv + GroupNorm | `mdeq.core.model.FTheta` (`ResidualBlock`, `MultiscaleFusion`); `FTheta.prepare`: weight norm and variational-dropout masks once per forward | Section 3.2, Eq. (5), Figs. 1-2; Section 3.3 (GroupNorm, variational dropout) |
 # | the whole model: stem, injection, solve, heads | `mdeq.MDEQ`, `mdeq.build_model(mdeq.load_config(...))`, `mdeq/configs/*.yaml` | Section 3.2, Figs. 1 and 3; Appendix A, Table 4 |
-# | root solvers over a list state, `SolverStats` | `mdeq.broyden` (limited memory: `memory` = m), `mdeq.fixed_point`, `mdeq.anderson`, `mdeq.SOLVERS` (`mdeq/core/solvers.py`) | Section 3.1, Eq. (2); Section 3.2, "(Limited-memory) multiscale equilibrium solver"; Appendix B.1, Eqs. (6)-(8) |
+# | root solvers over a list state, `SolverStats` | `mdeq.broyden` (limited memory: `memory` = m), `mdeq.fixed_point`, `mdeq.anderson`, `mdeq.SOLVERS` (`mdeq/core/solvers.py`, `broyden.py`, `anderson.py`; `SolverStats` in `solver_common.py`) | Section 3.1, Eq. (2); Section 3.2, "(Limited-memory) multiscale equilibrium solver"; Appendix B.1, Eqs. (6)-(8) |
 # | the implicit layer and its IFT backward | `mdeq.ImplicitLayer(grad="ift")`, `info.forward`, `info.backward` (`mdeq/core/implicit.py`) | Section 3.1, Eqs. (3)-(4) |
 # | unrolled weight-tied warm-up | `ImplicitLayer(grad="unrolled", unroll_steps=5)`; the training engine switches `model.deq.grad` to `"ift"` after it | Eq. (1); Appendix A (5-layer weight-tied warm-up) |
 # | phantom and JFB gradients | `ImplicitLayer(grad="phantom")`, `ImplicitLayer(grad="jfb")` | not in the paper |
-# | memory held by autograd; convergence traces | `mdeq.paper.measure.saved_activations`; `mdeq.paper.measure.convergence_traces` | Section 4.4, Fig. 4b (notebook `03_runtime_memory`); Section 4.5, Appendix B.2, Figs. 5-7 (notebook `05_convergence`) |
+# | memory held by autograd; convergence traces | `mdeq.paper.measure.memory.saved_activations`; `mdeq.paper.measure.solver_traces.convergence_traces` | Section 4.4, Fig. 4b (notebook `03_runtime_memory`); Section 4.5, Appendix B.2, Figs. 5-7 (notebook `05_convergence`) |
 #
 # The notebooks that follow use these pieces at the paper's scale: `01_cifar10` trains MDEQ-small with
 # them (Table 1), `05_convergence` traces Broyden and iterating f on the paper's models (Figs. 5-7).

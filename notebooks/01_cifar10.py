@@ -52,10 +52,11 @@ seeds: int = 5  # full: runs per row
 # %%
 from IPython.display import display
 
-from mdeq.paper import notebook, report, runs
+from mdeq.paper import notebook, parameters, runs
+from mdeq.paper.report import plots, tables
 from mdeq.engine import paths
 
-params = notebook.check_parameters(globals(), "01_cifar10")
+params = parameters.check_parameters(globals(), "01_cifar10")
 ctx = notebook.setup(params)
 notebook.show_banner(ctx)
 
@@ -70,9 +71,9 @@ notebook.train(ctx)
 
 # %%
 for kind in ctx.kinds():
-    table = report.paper_table(ctx, kind, "table1")
+    table = tables.paper_table(ctx, kind, "table1")
     csv = notebook.save_table(table, "table_1_cifar10", ctx, kind)
-    display(report.show_table(table, kind, csv))
+    display(tables.show_table(table, kind, csv))
 
 # %% [markdown]
 # ## Fig. 4a: test accuracy per epoch
@@ -80,7 +81,7 @@ for kind in ctx.kinds():
 # %%
 MODELS = runs.runs_for("01_cifar10")
 for kind in ctx.kinds():
-    fig = report.plot_training_curves(ctx, kind, MODELS, column="eval_top1", ylabel="test accuracy (%)",
+    fig = plots.plot_training_curves(ctx, kind, MODELS, column="eval_top1", ylabel="test accuracy (%)",
                                       title="CIFAR-10 test accuracy per epoch")
     notebook.save_figure(fig, "fig4a_cifar10_accuracy", ctx, kind,
                        caption="Test accuracy of each Table 1 model per training epoch (the mean over a "
@@ -104,7 +105,7 @@ PANELS = [("train_loss", "train loss", True), ("eval_top1", "test accuracy (%)",
           ("nfe_forward", "forward NFE (train)", False), ("rel_residual_forward", "forward rel. residual", True),
           ("nfe_backward", "backward NFE (train)", False), ("rel_residual_backward", "backward rel. residual", True)]
 for kind in ctx.kinds():
-    fig = report.plot_training_panels(ctx, kind, MODELS, PANELS, title="Table 1 runs: training and solver statistics")
+    fig = plots.plot_training_panels(ctx, kind, MODELS, PANELS, title="Table 1 runs: training and solver statistics")
     notebook.save_figure(fig, "table1_training_and_solver", ctx, kind,
                        caption="Per epoch: train loss, test accuracy, and the mean NFE and final relative "
                                "residual of the forward and backward solves of the training steps (DEQ rows; "
@@ -126,9 +127,9 @@ for kind in ctx.kinds():
 for kind in ctx.kinds():
     measured = ctx.read(kind, notebook.JPEG_SENSITIVITY) if kind == "real" else None
     if measured:
-        display(report.jpeg_table(measured))
+        display(tables.jpeg_table(measured))
     labels = {r.key: r.label for r in MODELS}
-    fig = report.plot_jpeg_sensitivity(measured, labels)
+    fig = plots.plot_jpeg_sensitivity(measured, labels)
     notebook.save_figure(fig, "table1_jpeg_sensitivity", ctx, kind,
                          caption="Test accuracy of each trained Table 1 model on the 1,017 CIFAR-10 test images "
                                  "whose exact pixels are known, against the PSNR of their JPEG re-encodings "

@@ -50,10 +50,11 @@ dry_run: bool = False  # full: print the training commands, launch nothing
 # %%
 from IPython.display import display
 
-from mdeq.paper import notebook, report, runs
+from mdeq.paper import notebook, parameters, runs
+from mdeq.paper.report import plots, tables
 from mdeq.engine import paths
 
-params = notebook.check_parameters(globals(), "02_imagenet")
+params = parameters.check_parameters(globals(), "02_imagenet")
 ctx = notebook.setup(params)
 notebook.show_banner(ctx)
 
@@ -68,16 +69,16 @@ notebook.train(ctx)
 
 # %%
 for kind in ctx.kinds():
-    table = report.paper_table(ctx, kind, "table2")
+    table = tables.paper_table(ctx, kind, "table2")
     csv = notebook.save_table(table, "table_2_imagenet", ctx, kind)
-    display(report.show_table(table, kind, csv))
+    display(tables.show_table(table, kind, csv))
 
 # %% [markdown]
 # ## Validation top-1 accuracy per epoch (not a figure of the paper)
 
 # %%
 for kind in ctx.kinds():
-    fig = report.plot_training_curves(ctx, kind, runs.runs_for("02_imagenet"), column="eval_top1", ylabel="val top-1 accuracy (%)",
+    fig = plots.plot_training_curves(ctx, kind, runs.runs_for("02_imagenet"), column="eval_top1", ylabel="val top-1 accuracy (%)",
                                       title="ImageNet validation top-1 per epoch")
     notebook.save_figure(fig, "imagenet_top1_per_epoch", ctx, kind,
                        caption="Validation top-1 accuracy of the Table 2 MDEQs per training epoch",

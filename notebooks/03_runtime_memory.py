@@ -37,7 +37,7 @@
 # - `logs`: redraws from `results/runtime_memory.json` (and the committed smoke measurement).
 #
 # **Training memory as live tensor bytes** (`results/fig4b_memory_cpu.json`, written by
-# `python benchmarks/fig4b_memory.py`, `mdeq.paper.measure.measure_memory`; drawn in the `logs` and `full`
+# `python benchmarks/fig4b_memory.py`, `mdeq.paper.measure.memory.measure_memory`; drawn in the `logs` and `full`
 # profiles): the peak of live tensor bytes during one training step (forward, loss, backward, Adam step)
 # at batch 32, split into parameters + gradients + Adam state, activations saved for backward, and the
 # rest (solver history, temporaries), for the five models and for the MDEQs trained unrolled through the
@@ -61,10 +61,11 @@ device: str = "auto"  # auto | cpu | cuda; full with auto needs a GPU
 # %%
 from IPython.display import display
 
-from mdeq.paper import notebook, report
+from mdeq.paper import notebook, parameters
+from mdeq.paper.report import plots, tables
 from mdeq.engine import paths
 
-params = notebook.check_parameters(globals(), "03_runtime_memory")
+params = parameters.check_parameters(globals(), "03_runtime_memory")
 ctx = notebook.setup(params)
 notebook.show_banner(ctx)
 
@@ -81,10 +82,10 @@ notebook.runtime_memory(ctx)
 for kind in ctx.kinds():
     measured = ctx.read(kind, notebook.RUNTIME_MEMORY)
     memory = ctx.read(kind, notebook.FIG4B_MEMORY)
-    table = report.table_fig4b(ctx, kind, measured, memory=memory)
+    table = tables.table_fig4b(ctx, kind, measured, memory=memory)
     csv = notebook.save_table(table, "table_fig4b_runtime_memory", ctx, kind)
-    display(report.show_table(table, kind, csv))
-    fig = report.plot_runtime_memory(measured, kind)
+    display(tables.show_table(table, kind, csv))
+    fig = plots.plot_runtime_memory(measured, kind)
     notebook.save_figure(fig, "fig4b_runtime_memory", ctx, kind,
                        caption="Training time, inference time and peak training memory per batch relative to "
                                "ResNet-101 (lower is better); MDEQs from their initial weights with the full "
@@ -97,7 +98,7 @@ for kind in ctx.kinds():
 # %%
 for kind in ctx.kinds():
     memory = ctx.read(kind, notebook.FIG4B_MEMORY)
-    fig = report.plot_training_memory(memory, kind)
+    fig = plots.plot_training_memory(memory, kind)
     notebook.save_figure(fig, "fig4b_training_memory", ctx, kind,
                        caption="Left: peak live tensor bytes of one training step (forward, loss, backward, Adam "
                                "step) per model, split by component, with the ratio to ResNet-101 on each bar and "

@@ -50,10 +50,11 @@ dry_run: bool = False  # full: print the training commands, launch nothing
 # %%
 from IPython.display import display
 
-from mdeq.paper import notebook, report
+from mdeq.paper import notebook, parameters
+from mdeq.paper.report import plots, tables
 from mdeq.engine import paths
 
-params = notebook.check_parameters(globals(), "04_cityscapes")
+params = parameters.check_parameters(globals(), "04_cityscapes")
 ctx = notebook.setup(params)
 notebook.show_banner(ctx)
 
@@ -69,9 +70,9 @@ notebook.segmentation_examples(ctx)
 
 # %%
 for kind in ctx.kinds():
-    table = report.paper_table(ctx, kind, "table3")
+    table = tables.paper_table(ctx, kind, "table3")
     csv = notebook.save_table(table, "table_3_cityscapes", ctx, kind)
-    display(report.show_table(table, kind, csv))
+    display(tables.show_table(table, kind, csv))
 
 # %% [markdown]
 # ## Fig. 8: segmentation examples
@@ -79,7 +80,7 @@ for kind in ctx.kinds():
 # %%
 for kind in ctx.kinds():
     folder = ctx.inputs_dir(kind) / notebook.CITYSCAPES_EXAMPLES
-    fig = report.plot_segmentation_examples(folder, kind)
+    fig = plots.plot_segmentation_examples(folder, kind)
     notebook.save_figure(fig, "fig8_cityscapes_examples", ctx, kind,
                        caption="Cityscapes val images, the MDEQ-large prediction and the ground truth in the "
                                "Cityscapes palette (void in black)",

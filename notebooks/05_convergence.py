@@ -63,10 +63,11 @@ device: str = "auto"  # auto | cpu | cuda; full with auto needs a GPU
 # %%
 from IPython.display import display
 
-from mdeq.paper import notebook, report
+from mdeq.paper import notebook, parameters
+from mdeq.paper.report import plots, tables
 from mdeq.engine import paths
 
-params = notebook.check_parameters(globals(), "05_convergence")
+params = parameters.check_parameters(globals(), "05_convergence")
 ctx = notebook.setup(params)
 notebook.show_banner(ctx)
 
@@ -83,21 +84,21 @@ notebook.convergence(ctx)
 for kind in ctx.kinds():
     traces = ctx.read(kind, notebook.CONVERGENCE_TRACES)
     source = paths.rel(ctx.inputs_dir(kind) / notebook.CONVERGENCE_TRACES)
-    fig = report.plot_convergence(traces, kind, direction="forward")
+    fig = plots.plot_convergence(traces, kind, direction="forward")
     notebook.save_figure(fig, "fig5_convergence_forward", ctx, kind, source=source,
                        caption="Forward solve: the paper's ||z[i+1] - z[i]|| / ||z[i]|| (top) and the residual "
                                "||f(z) - z|| / ||f(z)|| (bottom) vs f evaluations, Broyden (blue) and plain "
                                "iteration of f (yellow), mean and std over batches; each panel names its model, "
                                "input size and batch, each legend entry its weights; a curve ends with an x where a "
                                "batch's solve diverged (its residual grew 1e6-fold) and stopped")
-    fig = report.plot_convergence(traces, kind, direction="backward")
+    fig = plots.plot_convergence(traces, kind, direction="backward")
     notebook.save_figure(fig, "fig5_convergence_backward", ctx, kind, source=source,
                        caption="Backward (IFT) solve, with the forward's solver: the paper's measure (top) and "
                                "the residual (bottom) vs evaluations of the vector-Jacobian product, mean and "
                                "std over batches; an x marks where a batch's solve diverged and stopped")
-    table = report.convergence_table(ctx, kind, traces)
+    table = tables.convergence_table(ctx, kind, traces)
     csv = notebook.save_table(table, "table_fig5_convergence", ctx, kind)
-    display(report.show_table(table, kind, csv))
+    display(tables.show_table(table, kind, csv))
 
 # %% [markdown]
 # ## Fig. 7: per-scale convergence, MDEQ vs single-stream DEQ (CIFAR-10)
@@ -105,7 +106,7 @@ for kind in ctx.kinds():
 # %%
 for kind in ctx.kinds():
     traces = ctx.read(kind, notebook.CONVERGENCE_TRACES)
-    fig = report.plot_per_scale(traces, kind)
+    fig = plots.plot_per_scale(traces, kind)
     source = paths.rel(ctx.inputs_dir(kind) / notebook.CONVERGENCE_TRACES)
     notebook.save_figure(fig, "fig7_per_scale_convergence", ctx, kind, source=source,
                        caption="Per scale, the paper's ||z_s[i+1] - z_s[i]|| / ||z_s[i]|| (left) and the residual "
@@ -143,16 +144,16 @@ notebook.trained_inference(ctx)
 for kind in ctx.kinds():
     measured = ctx.read(kind, notebook.ACCURACY_VS_BUDGET)
     source = paths.rel(ctx.inputs_dir(kind) / notebook.ACCURACY_VS_BUDGET)
-    fig = report.plot_accuracy_vs_budget(measured, kind)
+    fig = plots.plot_accuracy_vs_budget(measured, kind)
     notebook.save_figure(fig, "accuracy_vs_solver_budget", ctx, kind, source=source,
                        caption="Ours, beyond the paper: test top-1 (left) and the mean relative residual of the "
                                "returned iterate (right) of MDEQ-small when its forward solve stops after max_iter "
                                "= k steps, Broyden (blue) and iterating f (yellow); dashed: the budget it was "
                                "trained and is evaluated with (T_f); dotted: the head on the injection alone")
-    table = report.budget_table(ctx, kind, measured)
+    table = tables.budget_table(ctx, kind, measured)
     csv = notebook.save_table(table, "table_accuracy_vs_budget", ctx, kind)
-    print(report.budget_summary(measured))
-    display(report.show_table(table, kind, csv))
+    print(tables.budget_summary(measured))
+    display(tables.show_table(table, kind, csv))
 
 # %% [markdown]
 # **What it says about the paper's claim** (read with the numbers printed above, which come from the JSON).
@@ -184,16 +185,16 @@ for kind in ctx.kinds():
 for kind in ctx.kinds():
     measured = ctx.read(kind, notebook.CONVERGENCE_VS_RESOLUTION)
     source = paths.rel(ctx.inputs_dir(kind) / notebook.CONVERGENCE_VS_RESOLUTION)
-    fig = report.plot_convergence_vs_resolution(measured, kind)
+    fig = plots.plot_convergence_vs_resolution(measured, kind)
     notebook.save_figure(fig, "convergence_vs_resolution", ctx, kind, source=source,
                        caption="Our extension of Figs. 5-6, not in the paper: f evaluations until the paper's "
                                "||z[i+1] - z[i]|| / ||z[i]|| falls below 1e-2 (solid, circles) and 1e-3 (dashed, "
                                "squares) against the input side, for the trained CIFAR-10 MDEQ-small, Broyden (blue) "
                                "and iterating f (yellow), median over images with bars from the fewest to the most; "
                                "a hollow marker on the dotted budget line: the median image did not get there")
-    table = report.resolution_table(ctx, kind, measured)
+    table = tables.resolution_table(ctx, kind, measured)
     csv = notebook.save_table(table, "table_convergence_vs_resolution", ctx, kind)
-    display(report.show_table(table, kind, csv))
+    display(tables.show_table(table, kind, csv))
 
 # %% [markdown]
 # **What it shows.** On natural photographs, Broyden needs a few more f evaluations as the image grows

@@ -1,7 +1,7 @@
 """The book as a reader sees it (issue 14): built once from the committed notebooks (warnings are errors),
 then every page's HTML is read with the standard library's ``html.parser``:
 
-1. every notebook of ``mdeq.paper.notebook.NOTEBOOKS`` and every page of ``book/_toc.yml`` has its page;
+1. every notebook of ``mdeq.paper.parameters.NOTEBOOKS`` and every page of ``book/_toc.yml`` has its page;
 2. every ``<img src>`` and every link to a local .png/.svg/.csv resolves to a file inside the HTML folder;
 3. no page shows an error: no traceback output, no stderr output that says "Error";
 4. every notebook page opens with the profile banner (``mdeq.paper.notebook.banner``), naming the profile of
@@ -28,16 +28,16 @@ import pytest
 import yaml
 
 from conftest import CI, importorskip
-from mdeq.paper import notebook
+from mdeq.paper import notebook, parameters
 from mdeq.engine import paths
 from mdeq import reproduce
 
 # Under CI (conftest.CI) a missing jupyter-book is not skipped: the book fixture fails instead.
 needs_book = pytest.mark.skipif(importlib.util.find_spec("jupyter_book") is None and not CI,
                                 reason="jupyter-book (the 'book' extra) is not installed")
-NOTEBOOKS = list(notebook.NOTEBOOKS)
+NOTEBOOKS = list(parameters.NOTEBOOKS)
 # The committed notebooks are the default-parameter run (README; `python -m mdeq.reproduce --update-committed`).
-COMMITTED_PROFILE = {name: notebook.PARAMETERS[name]["profile"][1] for name in NOTEBOOKS}
+COMMITTED_PROFILE = {name: parameters.PARAMETERS[name]["profile"][1] for name in NOTEBOOKS}
 LINKED_FILES = (".png", ".svg", ".csv")
 TRACEBACK = "Traceback (most recent call last)"
 PAPERMILL_ERROR = "An Exception was encountered at"  # papermill's error cell, were a failed run committed
@@ -369,7 +369,7 @@ def test_banner_and_captions_on_hand_written_pages():
 def test_toc_pages_lists_root_and_every_file():
     pages = toc_pages(reproduce.BOOK / "_toc.yml")
     assert pages[0] == "intro.html"
-    assert set(pages) == {"intro.html", "paper_vs_released.html", "training_stability.html",
+    assert set(pages) == {"intro.html", "paper_vs_released.html", "training_stability.html", "layout.html",
                           *(f"notebooks/{n}.html" for n in NOTEBOOKS)}
 
 

@@ -85,7 +85,7 @@ def test_ift_gradients_on_cuda_match_cpu():
 def test_amp_float16_training_step_keeps_solver_state_float32():
     from mdeq.core.config import load_config
     from mdeq.core.model import build_model
-    from mdeq.train import train_step
+    from mdeq.engine.loop import train_step
 
     model = build_model(load_config("cifar10_tiny_smoke")).cuda()
     opt = torch.optim.Adam(model.parameters(), 1e-3)

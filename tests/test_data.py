@@ -302,7 +302,7 @@ def test_imagenet_labels_are_the_standard_index_whatever_folders_are_present(tmp
 def test_truncated_images_are_errors_that_name_the_file(tmp_path, synthetic_root):
     import shutil
 
-    from mdeq.train import _one_line
+    from mdeq.engine.cli import one_line
 
     _imagenet_folder(tmp_path / "inet", ["n01440764"], n=1, size=(64, 64))
     jpeg = tmp_path / "inet" / "train" / "n01440764" / "n01440764_0.JPEG"
@@ -315,7 +315,7 @@ def test_truncated_images_are_errors_that_name_the_file(tmp_path, synthetic_root
         train[0]
     with pytest.raises(DatasetIntegrityError) as info:  # from a loader worker: the file is named too
         next(iter(torch.utils.data.DataLoader(train, num_workers=1)))
-    assert _one_line(info.value).startswith(f"{jpeg}: unreadable image (image file is truncated")
+    assert one_line(info.value).startswith(f"{jpeg}: unreadable image (image file is truncated")
 
     shutil.copytree(synthetic_root / "cityscapes", tmp_path / "cs")
     png = sorted((tmp_path / "cs" / "leftImg8bit" / "val").glob("*/*.png"))[0]

@@ -46,7 +46,8 @@ def _batch():
 
 def _grads_per_phase(model, wrapped, cfg, x, y):
     """Loss and gradients of one step in each phase; counts each parameter's accumulate-grad hook calls."""
-    from mdeq.train import set_phase, train_step
+    from mdeq.engine.loop import train_step
+    from mdeq.engine.step import set_phase
 
     counts = {}
     handles = [p.register_post_accumulate_grad_hook(lambda p, n=n: counts.__setitem__(n, counts.get(n, 0) + 1))
@@ -74,7 +75,9 @@ def _worker(rank, port, tmp, data_root):
     from torch.utils.data import DataLoader, TensorDataset
 
     from mdeq.engine.metrics import ConfusionMatrix
-    from mdeq.train import RunOptions, _ShardSampler, evaluate, main
+    from mdeq.engine.loaders import ShardSampler
+    from mdeq.engine.loop import evaluate, main
+    from mdeq.engine.options import RunOptions
 
     info = init_distributed("cpu")
     assert info == DistInfo(rank, WORLD, rank, "gloo") and distributed.get_world_size() == WORLD
@@ -88,7 +91,7 @@ def _worker(rank, port, tmp, data_root):
         r["loss"] = distributed.all_reduce_sum(r["loss"].clone()) / WORLD
     # evaluation: each process takes every WORLD-th sample, the sums are reduced
     data = TensorDataset(x[:7], y[:7])  # 7 samples: uneven shards, nothing padded or counted twice
-    loader = DataLoader(data, batch_size=2, sampler=_ShardSampler(len(data), rank, WORLD))
+    loader = DataLoader(data, batch_size=2, sampler=ShardSampler(len(data), rank, WORLD))
     result["eval"] = evaluate(model, loader, num_classes=10, device=torch.device("cpu"), criterion=nn.CrossEntropyLoss())
     cm = ConfusionMatrix(3)
     t = torch.tensor([[0, 1, 2, 2], [1, 1, 0, 255]])[rank]
@@ -160,7 +163,7 @@ def test_ddp_matches_one_process_in_both_phases(tmp_path):
         assert got["hook_calls"] == {n: 1 for n, _ in model.named_parameters()}, phase
         assert want["hook_calls"] == got["hook_calls"]
 
-    from mdeq.train import evaluate
+    from mdeq.engine.loop import evaluate
     from torch.utils.data import DataLoader, TensorDataset
 
     single = evaluate(model, DataLoader(TensorDataset(x[:7], y[:7]), batch_size=2), num_classes=10,

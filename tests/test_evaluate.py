@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mdeq import evaluate as ev
+from mdeq.paper import trained as tr
 from mdeq.core.config import config_to_dict, load_config
 from mdeq.core.model import build_model
 from mdeq.engine.paths import RESULTS, ROOT
@@ -126,13 +127,14 @@ def test_evaluates_with_the_engine_and_never_writes_into_the_run_folder(capsys, 
     assert "top-1" in out and "forward NFE" in out and "relative residual" in out
     assert "logged: epoch 1 at step 12" in out
     result = json.loads((tmp_path / "out.json").read_text())
-    trained = ev.load_run(run)
+    trained = tr.load_run(run)
     assert result["result"]["sha256"] == hashlib.sha256((run / "checkpoint.pt").read_bytes()).hexdigest()
     # the same number as the engine's evaluate on the same weights and data (the path the run logged)
     from torch.utils.data import DataLoader
 
     from mdeq.engine.data import build_dataset
-    from mdeq.train import build_criterion, evaluate
+    from mdeq.engine.build import build_criterion
+    from mdeq.engine.loop import evaluate
 
     model = build_model(trained.cfg)
     model.load_state_dict(trained.state_dict)
@@ -170,7 +172,7 @@ def test_released_checkpoints_go_through_the_converter(capsys, tmp_path, cifar_r
     cfg = load_config("cifar10_small_official")
     model = build_model(cfg)
     model.load_state_dict(convert_state_dict(released, cfg), strict=True)
-    trained = ev.load_released(path, "cifar10_small_official")
+    trained = tr.load_released(path, "cifar10_small_official")
     assert all(torch.equal(trained.state_dict[k], v) for k, v in model.state_dict().items())
     assert got["samples"] == 4 and got["params"] == 158_986
 
@@ -178,20 +180,20 @@ def test_released_checkpoints_go_through_the_converter(capsys, tmp_path, cifar_r
 def test_the_checkpoint_table(tmp_path, cifar_root):
     _run_folder(tmp_path / "runs" / "a_run", data_root=cifar_root, rows=[(0, 12, 12.5)])
     (tmp_path / "runs" / "no_checkpoint").mkdir()
-    rows = ev.checkpoint_table(tmp_path / "runs")
+    rows = tr.checkpoint_table(tmp_path / "runs")
     assert [r["run"] for r in rows] == ["a_run"]
     r = rows[0]
     assert r["logged_top1"] == 12.5 and r["params"] == 24_298 and r["epochs_trained"] == 1.0
     assert r["sha256"] == hashlib.sha256((tmp_path / "runs" / "a_run" / "checkpoint.pt").read_bytes()).hexdigest()
-    text = ev.format_checkpoint_table(rows)
+    text = tr.format_checkpoint_table(rows)
     assert text.splitlines()[0].startswith("| run |") and "| 12.50 |" in text and "`python -m mdeq.evaluate " in text
 
 
 # ----------------------------------------------------------------------------------------------
 # The committed checkpoints: the logged accuracy, reproduced exactly on the run's own data.
 
-def _needs_run_data(run: Path) -> ev.Trained:
-    trained = ev.load_run(run)
+def _needs_run_data(run: Path) -> tr.Trained:
+    trained = tr.load_run(run)
     needed = [trained.data_root, *(Path(v) for k, v in trained.data_options.items() if k == "exact_subset")]
     missing = [p for p in needed if p is None or not Path(p).exists()]
     if missing:
@@ -205,9 +207,9 @@ def test_the_committed_resnet_reproduces_its_logged_accuracy_exactly():
     """ResNet-18 (170K) finished: its checkpoint holds the last epoch's weights (about 15-30 s on one thread)."""
     run = RESULTS / "runs" / "cifar10_resnet18_170k"
     trained = _needs_run_data(run)
-    logged, _ = ev.logged_evaluation(run, trained.global_step)
+    logged, _ = tr.logged_evaluation(run, trained.global_step)
     assert logged is not None, "the finished ResNet-18's checkpoint is its last epoch's, which metrics.csv logs"
-    got = ev.evaluate_trained(trained)  # one thread (conftest); the run evaluated with two
+    got = tr.evaluate_trained(trained)  # one thread (conftest); the run evaluated with two
     assert got["samples"] == 10000 and got["data_label"] == trained.data_label
     assert got["top1"] == float(logged["eval_top1"]) == 68.71
 
@@ -223,9 +225,9 @@ def _end_of_epoch_checkpoint(run: Path, dest: Path) -> tuple[str, int]:
     if log is None or log.returncode != 0 or not log.stdout.split():
         pytest.skip("no git history of the committed checkpoint (not a git clone, or a shallow one)")
     for sha in log.stdout.split():
-        path = ev.checkpoint_at(run, sha, dest)
+        path = tr.checkpoint_at(run, sha, dest)
         step = torch.load(path, map_location="cpu", weights_only=True)["global_step"]
-        if ev.logged_evaluation(run, step)[0] is not None:
+        if tr.logged_evaluation(run, step)[0] is not None:
             return sha, step
     pytest.skip(f"no commit holds a checkpoint of {rel} whose weights metrics.csv evaluated")
 
@@ -237,9 +239,9 @@ def test_a_committed_mdeq_small_checkpoint_reproduces_its_logged_accuracy_exactl
     run = RESULTS / "runs" / "cifar10_mdeq_small"
     _needs_run_data(run)
     sha, step = _end_of_epoch_checkpoint(run, tmp_path / "checkpoint.pt")
-    trained = ev.load_run(run, tmp_path / "checkpoint.pt")
-    logged, _ = ev.logged_evaluation(run, step)
-    got = ev.evaluate_trained(trained)
+    trained = tr.load_run(run, tmp_path / "checkpoint.pt")
+    logged, _ = tr.logged_evaluation(run, step)
+    got = tr.evaluate_trained(trained)
     assert got["samples"] == 10000
     assert got["top1"] == float(logged["eval_top1"]), f"commit {sha[:10]}, step {step}"
     assert got["nfe_forward"] == float(logged["eval_nfe_forward"])
@@ -248,5 +250,5 @@ def test_a_committed_mdeq_small_checkpoint_reproduces_its_logged_accuracy_exactl
 def test_every_committed_checkpoint_is_in_the_readme_table():
     """The README's table is `python -m mdeq.evaluate --table`'s output for the committed checkpoints' runs."""
     readme = (ROOT / "README.md").read_text()
-    for row in ev.checkpoint_table(RESULTS / "runs"):
+    for row in tr.checkpoint_table(RESULTS / "runs"):
         assert f"| `{row['run']}` |" in readme and row["command"] in readme, row["run"]

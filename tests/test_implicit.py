@@ -340,7 +340,8 @@ def _mdeq_small_step(batch, dtype, history):
     from mdeq.engine.checkpoint import load_checkpoint
     from mdeq.core.config import load_config
     from mdeq.core.model import build_model
-    from mdeq.train import build_criterion, set_phase
+    from mdeq.engine.build import build_criterion
+    from mdeq.engine.step import set_phase
 
     ckpt = Path(__file__).resolve().parents[1] / "results" / "benchmarks" / "weights" / "cifar10_mdeq_small_step3250.pt"
     cfg = load_config("cifar10_small_paper", {"data.batch_size": batch, "model.dropout": 0.0})

@@ -12,7 +12,7 @@ from torch.utils.data import TensorDataset
 from conftest import importorskip
 from mdeq.paper import inference
 from mdeq.core.config import load_config
-from mdeq.evaluate import Trained
+from mdeq.paper.trained import Trained
 from mdeq.core.model import build_model
 from mdeq.core.solvers import SOLVERS
 
@@ -61,10 +61,10 @@ def test_the_read_off_keeps_the_first_lowest_residual_as_the_solver_does():
 
 
 def test_the_budget_sweep_agrees_with_the_engine_at_the_config_budget(tmp_path):
-    """Broyden at the config's eval budget is what ``mdeq.train.evaluate`` computes for the same weights and data;
+    """Broyden at the config's eval budget is what ``mdeq.engine.loop.evaluate`` computes for the same weights and data;
     k = 0 is z = 0, one class for every image; budgets run in full and the config's budget is always measured."""
     from mdeq.engine.data.synthetic import make_synthetic
-    from mdeq.evaluate import eval_dataset, evaluate_trained
+    from mdeq.paper.trained import eval_dataset, evaluate_trained
 
     root = tmp_path / "cifar"
     make_synthetic("cifar10", root, n_train_per_batch=2, n_val=24)

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 import mdeq.core.model as model_mod
 from mdeq.core.config import load_config
-from mdeq.core.model import FTheta, MDEQ, WeightNormConv2d, build_model, upsample_logits
+from mdeq.core.heads import upsample_logits
+from mdeq.core.model import FTheta, MDEQ, WeightNormConv2d, build_model
 
 # the tiny test models run a 6-step backward solve that is not meant to converge
 pytestmark = pytest.mark.filterwarnings("ignore:IFT backward solve did not converge:RuntimeWarning")
@@ -297,7 +298,8 @@ def test_paper_config_backward_runs_to_its_cap_at_batch_128():
 
 
 def _step_grads(cfg, x, y, *, channels_last, implicit, dtype):
-    from mdeq.train import build_criterion, set_phase
+    from mdeq.engine.build import build_criterion
+    from mdeq.engine.step import set_phase
     torch.manual_seed(0)
     model = build_model(cfg).train().to(dtype)
     set_phase(model, cfg, cfg.train.pretrain_steps if implicit else 0)

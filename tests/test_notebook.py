@@ -12,14 +12,15 @@ import pytest
 import torch
 
 from conftest import importorskip
-from mdeq.paper import notebook, report
+from mdeq.paper import notebook, parameters
+from mdeq.paper.report import style
 from mdeq.engine import paths
 
 # ----------------------------------------------------------------------------------------------
 # Parameters.
 
 def _ns(name, injected=None, **values):
-    ns = {param: default for param, (_, default) in notebook.PARAMETERS[name].items()}
+    ns = {param: default for param, (_, default) in parameters.PARAMETERS[name].items()}
     ns.update(values)
     if injected is not None:
         ns["In"] = ["", "profile: str = 'smoke'", "# Parameters\n" + "\n".join(f"{k} = {v!r}" for k, v in injected.items())]
@@ -28,8 +29,8 @@ def _ns(name, injected=None, **values):
 
 
 def test_check_parameters_accepts_the_defaults():
-    for nb in notebook.NOTEBOOKS:
-        params = notebook.check_parameters(_ns(nb), nb)
+    for nb in parameters.NOTEBOOKS:
+        params = parameters.check_parameters(_ns(nb), nb)
         assert params.profile == "smoke" and params.quick is False
 
 
@@ -42,21 +43,21 @@ def test_check_parameters_accepts_the_defaults():
     ({"variant": "papr"}, "did you mean 'paper'"),
 ])
 def test_check_parameters_rejects_bad_values(bad, message):
-    with pytest.raises(notebook.ParameterError, match=re.escape(message)):
-        notebook.check_parameters(_ns("01_cifar10", **bad), "01_cifar10")
+    with pytest.raises(parameters.ParameterError, match=re.escape(message)):
+        parameters.check_parameters(_ns("01_cifar10", **bad), "01_cifar10")
 
 
 def test_check_parameters_rejects_an_unknown_injected_parameter():
     ns = _ns("04_cityscapes", injected={"profil": "logs"})
-    with pytest.raises(notebook.ParameterError, match="unknown parameter.*'profil'.*did you mean 'profile'"):
-        notebook.check_parameters(ns, "04_cityscapes")
+    with pytest.raises(parameters.ParameterError, match="unknown parameter.*'profil'.*did you mean 'profile'"):
+        parameters.check_parameters(ns, "04_cityscapes")
 
 
 def test_notebook_parameter_cells_declare_exactly_the_listed_parameters():
     pm = importorskip("papermill")
-    for nb in notebook.NOTEBOOKS:
+    for nb in parameters.NOTEBOOKS:
         declared = pm.inspect_notebook(str(paths.NOTEBOOKS / f"{nb}.ipynb"))
-        spec = notebook.PARAMETERS[nb]
+        spec = parameters.PARAMETERS[nb]
         assert list(declared) == list(spec), nb
         for name, (tp, default) in spec.items():
             assert declared[name]["inferred_type_name"] == tp.__name__, (nb, name)
@@ -67,7 +68,7 @@ def test_notebook_parameter_cells_declare_exactly_the_listed_parameters():
 # Outputs: who writes what, and where.
 
 def _notebook_sources():
-    return {nb: (paths.NOTEBOOKS / f"{nb}.py").read_text() for nb in notebook.NOTEBOOKS}
+    return {nb: (paths.NOTEBOOKS / f"{nb}.py").read_text() for nb in parameters.NOTEBOOKS}
 
 
 def test_each_figure_and_table_is_written_by_exactly_one_notebook():
@@ -94,14 +95,14 @@ def test_files_in_figures_and_results_tables_have_their_owner():
                 assert meta["notebook"] == f"notebooks/{notebook.FIGURE_OWNERS[name]}.ipynb"
                 assert (folder.name == "smoke") == (meta["kind"] == "smoke")
                 if meta["kind"] == "smoke":
-                    assert report.SMOKE_NOTE in meta["caption"].lower()
+                    assert style.SMOKE_NOTE in meta["caption"].lower()
     for folder in (paths.RESULTS, paths.RESULTS / "smoke"):
         for f in folder.glob("table_*.csv"):
             assert f.stem in notebook.TABLE_OWNERS, f"{f} is written by no notebook (notebook.TABLE_OWNERS)"
 
 
 def test_save_figure_checks_the_owner_and_labels_smoke(tmp_path):
-    report.set_style()
+    style.set_style()
     ctx = notebook.Context("05_convergence", "smoke", False, tmp_path)
     fig, ax = plt.subplots()
     ax.plot([1, 2])
@@ -141,11 +142,11 @@ def test_setup_leaves_the_thread_count_and_smoke_steps_restore_it(tmp_path, monk
     outer = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        params = notebook.check_parameters({"profile": "smoke", "output_root": str(tmp_path)}, "05_convergence")
+        params = parameters.check_parameters({"profile": "smoke", "output_root": str(tmp_path)}, "05_convergence")
         ctx = notebook.setup(params)
         assert torch.get_num_threads() == 2
         seen = []
-        monkeypatch.setattr(notebook.measure, "convergence_traces",
+        monkeypatch.setattr(notebook.solver_traces, "convergence_traces",
                             lambda **kw: seen.append(torch.get_num_threads()) or {"kw": kw})
         notebook.convergence(ctx)
         assert seen == [1] and torch.get_num_threads() == 2
@@ -160,13 +161,13 @@ def test_logs_profile_steps_compute_nothing(monkeypatch, capsys):
         raise AssertionError("the logs profile computed something")
 
     for module, name in ((notebook.runs, "train_smoke"), (notebook.runs, "run_full"),
-                         (notebook.measure, "measure_runtime"), (notebook.measure, "convergence_traces"),
-                         (notebook.measure, "cityscapes_examples")):
+                         (notebook.runtime, "measure_runtime"), (notebook.solver_traces, "convergence_traces"),
+                         (notebook.examples, "cityscapes_examples")):
         monkeypatch.setattr(module, name, forbidden)
     for nb, steps in (("01_cifar10", [notebook.train]), ("03_runtime_memory", [notebook.runtime_memory]),
                       ("04_cityscapes", [notebook.train, notebook.segmentation_examples]),
                       ("05_convergence", [notebook.convergence])):
-        ctx = notebook.setup(notebook.check_parameters({"profile": "logs"}, nb))
+        ctx = notebook.setup(parameters.check_parameters({"profile": "logs"}, nb))
         for step in steps:
             step(ctx)
     assert capsys.readouterr().out.count("logs profile: nothing is") == 4
@@ -174,12 +175,12 @@ def test_logs_profile_steps_compute_nothing(monkeypatch, capsys):
 
 def test_full_profile_dry_runs_say_what_they_would_do(capsys):
     for nb, step in (("03_runtime_memory", notebook.runtime_memory), ("05_convergence", notebook.convergence)):
-        ctx = notebook.setup(notebook.check_parameters({"profile": "full", "dry_run": True}, nb))
+        ctx = notebook.setup(parameters.check_parameters({"profile": "full", "dry_run": True}, nb))
         step(ctx)
     out = capsys.readouterr().out
     assert "would measure MDEQ, MDEQ-small, ResNet-18, ResNet-101, ANODE at batch 32" in out
     assert "would trace cityscapes_small_paper on 5 batches of 1 x (1024, 2048)" in out
-    ctx = notebook.setup(notebook.check_parameters(
+    ctx = notebook.setup(parameters.check_parameters(
         {"profile": "full", "dry_run": True, "nproc": 4, "seeds": 2, "data_root": "/datasets"}, "01_cifar10"))
     notebook.train(ctx)
     lines = capsys.readouterr().out.splitlines()
@@ -193,4 +194,4 @@ def test_notebooks_call_one_step_per_profile_and_build_no_internal_paths():
         body = src.split('# %% tags=["parameters"]', 1)[1]
         assert "if profile" not in body and "reproduce." not in body, nb
         assert "runs/notebooks" not in body and "SMOKE_RUNS" not in body and "FULL_RUNS" not in body, nb
-        assert "notebook.check_parameters(globals()" in body and "notebook.setup(params)" in body, nb
+        assert "parameters.check_parameters(globals()" in body and "notebook.setup(params)" in body, nb

@@ -13,15 +13,16 @@ from pathlib import Path
 import pytest
 
 from conftest import importorskip
-from mdeq.paper import notebook, report
+from mdeq.paper import notebook, parameters
+from mdeq.paper.report import style
 from mdeq.engine import paths
 from mdeq import reproduce
 
 papermill = importorskip("papermill")
 jupytext = importorskip("jupytext")
 
-NOTEBOOKS = list(notebook.NOTEBOOKS)
-PAPER_NOTEBOOKS = [n for n in NOTEBOOKS if n != notebook.TUTORIAL]  # 00 has a test of its own below
+NOTEBOOKS = list(parameters.NOTEBOOKS)
+PAPER_NOTEBOOKS = [n for n in NOTEBOOKS if n != parameters.TUTORIAL]  # 00 has a test of its own below
 SKIP_TAGS = {"injected-parameters", "papermill-error-cell-tag"}
 
 
@@ -80,7 +81,7 @@ def test_smoke_quick(name, tmp_path):
     paper = yaml.safe_load((paths.RESULTS / "paper_numbers.yaml").read_text())
     problems = [p for table in tables for p in table_problems(table, results, paper, smoke=True)]
     assert not problems, "\n".join(problems)
-    numbers = [row for table in tables for row in _csv(table) if row["ours"] not in ("", report.NOT_RUN)]
+    numbers = [row for table in tables for row in _csv(table) if row["ours"] not in ("", style.NOT_RUN)]
     assert numbers, "the smoke run put no number of its own into its tables"
     assert not list((tmp_path / "out" / "figures").glob("*.png")), "a smoke run wrote a real figure"
     print(f"{name} smoke quick: {seconds:.1f} s")
@@ -116,7 +117,7 @@ def test_logs_profile(name, tmp_path):
 @pytest.mark.parametrize("profile", ["smoke", pytest.param("logs", marks=pytest.mark.slow),
                                      pytest.param("full", marks=pytest.mark.slow)])
 def test_tutorial_runs_and_passes_its_own_checks(profile, tmp_path):
-    name = notebook.TUTORIAL
+    name = parameters.TUTORIAL
     out, seconds = _run(name, tmp_path, profile=profile)
     figures = tmp_path / "out" / "figures"
     written = sorted(p.relative_to(figures).with_suffix("").as_posix() for p in figures.rglob("*.png"))

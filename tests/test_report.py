@@ -16,7 +16,8 @@ import pandas as pd
 import pytest
 
 from conftest import skip_unless_ci
-from mdeq.paper import notebook, report, runs
+from mdeq.paper import notebook, runs
+from mdeq.paper.report import plots, style, tables
 from mdeq.engine import paths
 
 # Lines of the paper's Tables 1-3 and Section 4.4, copied verbatim from shared/paper/paper.md, so
@@ -46,7 +47,7 @@ def _numbers(line: str) -> list[float]:
 
 @pytest.fixture(scope="module")
 def numbers():
-    return report.paper_numbers()
+    return tables.paper_numbers()
 
 
 @pytest.mark.parametrize("key", list(PAPER_LINES), ids=lambda k: f"{k[0]}:{k[1]}")
@@ -91,15 +92,15 @@ def _ctx(tmp_path, name="01_cifar10", profile="logs"):
 
 def test_tables_without_logs_say_not_run_yet(tmp_path, monkeypatch):
     monkeypatch.setattr(notebook.Context, "inputs_dir", lambda self, kind: tmp_path / "nothing")
-    numbers = report.paper_numbers()
-    for table in report.PAPER_TABLES:
-        df = report.paper_table(_ctx(tmp_path), "real", table, numbers)
-        assert len(df) and (df["ours"] == report.NOT_RUN).all() and df["delta"].isna().all()
+    numbers = tables.paper_numbers()
+    for table in tables.PAPER_TABLES:
+        df = tables.paper_table(_ctx(tmp_path), "real", table, numbers)
+        assert len(df) and (df["ours"] == style.NOT_RUN).all() and df["delta"].isna().all()
         assert df["paper"].notna().all()
-    df = report.table_fig4b(_ctx(tmp_path), "real", None, numbers)
-    assert (df["ours"] == report.NOT_RUN).all()
-    df = report.convergence_table(_ctx(tmp_path), "real", None, numbers)
-    assert (df["ours"] == report.NOT_RUN).all()
+    df = tables.table_fig4b(_ctx(tmp_path), "real", None, numbers)
+    assert (df["ours"] == style.NOT_RUN).all()
+    df = tables.convergence_table(_ctx(tmp_path), "real", None, numbers)
+    assert (df["ours"] == style.NOT_RUN).all()
 
 
 def _fake_run(folder: Path, name: str, top1: float, *, gpu: bool = True, final: dict | None = None):
@@ -119,7 +120,7 @@ def test_table1_mean_std_delta_and_source_from_logs(tmp_path, monkeypatch):
     for k, acc in enumerate((86.0, 88.0)):
         _fake_run(tmp_path / "runs", f"cifar10_mdeq_small_seed{k}", acc)
     monkeypatch.setattr(notebook.Context, "inputs_dir", lambda self, kind: tmp_path)
-    df = report.paper_table(_ctx(tmp_path), "real", "table1")
+    df = tables.paper_table(_ctx(tmp_path), "real", "table1")
     row = df[df["row"] == "MDEQ-small (ours)"].iloc[0]
     assert row["ours"] == pytest.approx(87.0) and row["ours_std"] == pytest.approx(1.41421, rel=1e-4)
     assert row["delta"] == pytest.approx(87.0 - 87.1) and row["paper"] == 87.1 and row["paper_std"] == 0.4
@@ -127,7 +128,7 @@ def test_table1_mean_std_delta_and_source_from_logs(tmp_path, monkeypatch):
     assert row["status"] == "2 runs" and row["ours_params"] == 175418
     assert row["setting"] == "without data augmentation"
     other = df[df["row"] == "Neural ODEs [18]"].iloc[0]
-    assert other["ours"] == report.NOT_RUN
+    assert other["ours"] == style.NOT_RUN
 
 
 def test_table1_unfinished_run_shows_its_latest_epoch_without_a_delta(tmp_path, monkeypatch):
@@ -137,7 +138,7 @@ def test_table1_unfinished_run_shows_its_latest_epoch_without_a_delta(tmp_path, 
                                                         "hardware": {"cpu": "X", "torch_threads": 2}}))
     (folder / "metrics.csv").write_text("epoch,eval_top1,partial\n0,50.0,False\n1,60.0,False\n2,65.0,True\n")
     monkeypatch.setattr(notebook.Context, "inputs_dir", lambda self, kind: tmp_path)
-    df = report.paper_table(_ctx(tmp_path), "real", "table1")
+    df = tables.paper_table(_ctx(tmp_path), "real", "table1")
     row = df[df["row"] == "ResNet-18 [26] [Explicit]"].iloc[0]
     assert row["ours"] == 60.0 and pd.isna(row["delta"])
     assert row["status"] == "1 run; unfinished: epoch 2 of 50"
@@ -145,7 +146,7 @@ def test_table1_unfinished_run_shows_its_latest_epoch_without_a_delta(tmp_path, 
     started.mkdir()
     (started / "provenance.json").write_text((folder / "provenance.json").read_text())
     (started / "steps.jsonl").write_text('{"step": 50, "epoch": 0}\n')
-    row = report.paper_table(_ctx(tmp_path), "real", "table1").set_index("row").loc["Single-stream DEQ [5]"]
+    row = tables.paper_table(_ctx(tmp_path), "real", "table1").set_index("row").loc["Single-stream DEQ [5]"]
     assert row["ours"] == "no epoch evaluated yet" and row["status"] == "1 run; unfinished: epoch 0 of 50"
 
 
@@ -153,7 +154,7 @@ def test_a_run_stopped_early_is_labelled_and_gets_no_delta(tmp_path, monkeypatch
     _fake_run(tmp_path / "runs", "cifar10_node", 50.0,
               final={"metric": "top1", "final": 50.0, "stopped_early": True, "final_eval": {"top1": 50.0}})
     monkeypatch.setattr(notebook.Context, "inputs_dir", lambda self, kind: tmp_path)
-    row = report.paper_table(_ctx(tmp_path), "real", "table1").set_index("row").loc["Neural ODEs [18]"]
+    row = tables.paper_table(_ctx(tmp_path), "real", "table1").set_index("row").loc["Neural ODEs [18]"]
     assert row["ours"] == 50.0 and pd.isna(row["delta"]) and row["status"] == "1 run; stopped early"
 
 
@@ -162,12 +163,12 @@ def test_table2_has_a_row_per_column_and_table3_scales_miou_to_percent(tmp_path,
     _fake_run(tmp_path / "runs", "cityscapes_mdeq_small", 0.0,
               final={"metric": "miou", "final": 0.7512, "stopped_early": False, "final_eval": {"miou": 0.7512}})
     monkeypatch.setattr(notebook.Context, "inputs_dir", lambda self, kind: tmp_path)
-    t2 = report.paper_table(_ctx(tmp_path, "02_imagenet"), "real", "table2")
+    t2 = tables.paper_table(_ctx(tmp_path, "02_imagenet"), "real", "table2")
     small = t2[t2["row"] == "MDEQ-small (ours) [Implicit]"]
     assert list(small["metric"]) == ["top-1 accuracy (%)", "top-5 accuracy (%)"]
     assert list(small["ours"]) == [70.0, 99.0] and list(small["paper"]) == [75.5, 92.7]
     assert (t2["setting"] == "").all()
-    t3 = report.paper_table(_ctx(tmp_path, "04_cityscapes"), "real", "table3")
+    t3 = tables.paper_table(_ctx(tmp_path, "04_cityscapes"), "real", "table3")
     row = t3[t3["row"] == "MDEQ-small (ours) [Implicit]"].iloc[0]
     assert row["ours"] == pytest.approx(75.12) and row["delta"] == pytest.approx(75.12 - 75.1)
 
@@ -211,11 +212,11 @@ def _committed_results(path: str, dest: Path) -> Path:
 
 def _redraw(ctx, kind: str, name: str, numbers):
     if name.startswith("table_fig4b"):
-        return report.table_fig4b(ctx, kind, ctx.read(kind, notebook.RUNTIME_MEMORY), numbers,
+        return tables.table_fig4b(ctx, kind, ctx.read(kind, notebook.RUNTIME_MEMORY), numbers,
                                   memory=ctx.read(kind, notebook.FIG4B_MEMORY))
     if name.startswith("table_fig5"):
-        return report.convergence_table(ctx, kind, ctx.read(kind, notebook.CONVERGENCE_TRACES), numbers)
-    return report.paper_table(ctx, kind, "table" + name.split("_")[1], numbers)
+        return tables.convergence_table(ctx, kind, ctx.read(kind, notebook.CONVERGENCE_TRACES), numbers)
+    return tables.paper_table(ctx, kind, "table" + name.split("_")[1], numbers)
 
 
 @pytest.mark.parametrize("path", list(COMMITTED_TABLES))
@@ -228,7 +229,7 @@ def test_logs_profile_redraws_the_committed_tables(path, tmp_path, monkeypatch):
     monkeypatch.setattr(paths, "RESULTS", tmp_path / "results")
     name, (nb, kind) = path.split("/")[-1], COMMITTED_TABLES[path]
     ctx = notebook.Context(nb, "logs", False, tmp_path / "out")
-    df = _redraw(ctx, kind, name, report.paper_numbers(tmp_path / "results" / "paper_numbers.yaml"))
+    df = _redraw(ctx, kind, name, tables.paper_numbers(tmp_path / "results" / "paper_numbers.yaml"))
     written = notebook.save_table(df, name, ctx, kind)
     assert written.read_text() == _git("show", f"{commit}:results/{path}.csv")
 
@@ -330,7 +331,7 @@ def _fig5_expected(results: Path, threshold: float = 1e-2) -> dict:
     for dataset, title in titles.items():
         entry = traces["datasets"].get(dataset) or {}
         if not entry.get("curves"):  # not measured, or only partly: one "not run yet" row
-            out[title, "broyden_final"] = report.NOT_RUN
+            out[title, "broyden_final"] = style.NOT_RUN
         for key, curve in entry.get("curves", {}).items():
             mean = curve["forward_step" if "forward_step" in curve else "forward"]["mean"]
             below = [i + 1 for i, v in enumerate(mean) if v is not None and v < threshold]
@@ -345,7 +346,7 @@ def _inference_expected(table_csv: Path, results: Path) -> dict:
     name = table_csv.stem[len("table_"):]
     path = results / f"{name}.json"
     if not path.is_file():
-        return {"": report.NOT_RUN}
+        return {"": style.NOT_RUN}
     measured = json.loads(path.read_text())
     out = {}
     if name == "accuracy_vs_budget":
@@ -374,7 +375,7 @@ def table_problems(table_csv: Path, results: Path, paper: dict, smoke: bool) -> 
     if name.startswith("table_fig4b"):
         rows = {r["key"]: r["ours"] for r in _csv_rows(table_csv)}
         if not (results / "runtime_memory.json").is_file():
-            return [] if set(rows.values()) == {report.NOT_RUN} else [f"{name}: numbers without a measurement: {rows}"]
+            return [] if set(rows.values()) == {style.NOT_RUN} else [f"{name}: numbers without a measurement: {rows}"]
         expected = _fig4b_expected(results)
         return [f"{name}: {k}: ours {rows.get(k)!r}, the measurement says {v:.6g}" for k, v in expected.items()
                 if k not in rows or not _near(rows[k], v)]
@@ -411,8 +412,8 @@ def test_committed_tables_say_what_their_logs_say(path, tmp_path):
 def test_show_table_keeps_few_columns_and_names_the_csv(tmp_path, monkeypatch):
     _fake_run(tmp_path / "runs", "cifar10_mdeq_small", 87.5)
     monkeypatch.setattr(notebook.Context, "inputs_dir", lambda self, kind: tmp_path)
-    df = report.paper_table(_ctx(tmp_path), "real", "table1")
-    shown = report.show_table(df, "real", paths.RESULTS / "table_1_cifar10.csv")
+    df = tables.paper_table(_ctx(tmp_path), "real", "table1")
+    shown = tables.show_table(df, "real", paths.RESULTS / "table_1_cifar10.csv")
     assert list(shown.data.columns) == ["setting", "row", "metric", "paper", "ours", "delta", "params (paper / ours)",
                                         "status"]
     assert shown.caption.endswith("results/table_1_cifar10.csv")
@@ -424,24 +425,24 @@ def test_show_table_keeps_few_columns_and_names_the_csv(tmp_path, monkeypatch):
 # Figures.
 
 def test_training_curves_average_seeds_and_name_unfinished_runs(tmp_path, monkeypatch):
-    report.set_style()
+    style.set_style()
     for k, acc in enumerate((86.0, 88.0)):
         _fake_run(tmp_path / "runs", f"cifar10_mdeq_small_seed{k}", acc)
     monkeypatch.setattr(notebook.Context, "inputs_dir", lambda self, kind: tmp_path)
-    fig = report.plot_training_curves(_ctx(tmp_path), "real", runs.runs_for("01_cifar10"), column="eval_top1",
+    fig = plots.plot_training_curves(_ctx(tmp_path), "real", runs.runs_for("01_cifar10"), column="eval_top1",
                                       ylabel="acc", title="t")
     (line,) = fig.axes[0].get_lines()
     assert list(line.get_xdata()) == [1, 2] and list(line.get_ydata()) == [50.0, 87.0]
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["MDEQ-small (2 runs)"]
     plt.close(fig)
-    fig = report.plot_training_curves(_ctx(tmp_path / "none"), "real", runs.runs_for("02_imagenet"),
+    fig = plots.plot_training_curves(_ctx(tmp_path / "none"), "real", runs.runs_for("02_imagenet"),
                                       column="eval_top1", ylabel="acc", title="t")
-    assert not fig.axes[0].get_lines() and report.NOT_RUN in fig.axes[0].texts[0].get_text()
+    assert not fig.axes[0].get_lines() and style.NOT_RUN in fig.axes[0].texts[0].get_text()
     plt.close(fig)
 
 
 def _fake_memory(ratio_mdeq: float) -> dict:
-    mib = report.MIB
+    mib = plots.MIB
 
     def entry(label, peak):
         return {"label": label, "peak_bytes": peak * mib, "state_bytes": 0.2 * peak * mib,
@@ -456,20 +457,20 @@ def _fake_memory(ratio_mdeq: float) -> dict:
 
 
 def test_training_memory_ratio_reaches_the_table_and_the_figure(tmp_path, numbers):
-    report.set_style()
+    style.set_style()
     memory = _fake_memory(0.3)
-    assert report.memory_ratios(memory) == pytest.approx({"mdeq": 0.3, "mdeq_unrolled": 3.0, "resnet101": 1.0})
-    df = report.table_fig4b(_ctx(tmp_path, "03_runtime_memory"), "real", None, numbers, memory=memory)
+    assert tables.memory_ratios(memory) == pytest.approx({"mdeq": 0.3, "mdeq_unrolled": 3.0, "resnet101": 1.0})
+    df = tables.table_fig4b(_ctx(tmp_path, "03_runtime_memory"), "real", None, numbers, memory=memory)
     row = df.set_index("key").loc["mdeq_train_memory_saving_vs_resnets"]
     assert row["ours"] == pytest.approx(0.3) and row["paper"] == 0.4 and "live tensor bytes" in row["ours_source"]
-    assert (df.drop(index=df.index[df["key"] == row.name])["ours"] == report.NOT_RUN).all()  # no time measured
-    fig = report.plot_training_memory(memory, "real", numbers)
+    assert (df.drop(index=df.index[df["key"] == row.name])["ours"] == style.NOT_RUN).all()  # no time measured
+    fig = plots.plot_training_memory(memory, "real", numbers)
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert texts == ["0.30x", "3.00x", "1.00x"]
     assert [len(line.get_xdata()) for line in fig.axes[1].get_lines()] == [2, 2]
     plt.close(fig)
-    empty = report.plot_training_memory(None, "smoke", numbers)
-    assert all(report.NOT_RUN in " ".join(t.get_text() for t in ax.texts) for ax in empty.axes)
+    empty = plots.plot_training_memory(None, "smoke", numbers)
+    assert all(style.NOT_RUN in " ".join(t.get_text() for t in ax.texts) for ax in empty.axes)
     plt.close(empty)
 
 
@@ -485,7 +486,7 @@ def test_convergence_figures_plot_the_papers_measure_and_the_residual_with_one_l
                    "broyden_final": curve("trained, epoch 4 of 50, step 1800")}}},
         "per_scale": {"mdeq": {"weights": "initial weights", "channels": [8, 16],
                                "scales": [_trace([1, 0.1])] * 2, "scales_step": [_trace([0.5, 0.1])] * 2}}}
-    fig = report.plot_convergence(traces, "real", direction="forward")
+    fig = plots.plot_convergence(traces, "real", direction="forward")
     axes = fig.axes
     assert len(axes) == 6 and axes[0].get_ylabel() == "||z[i+1] - z[i]|| / ||z[i]||"
     assert axes[3].get_ylabel() == "||f(z) - z|| / ||f(z)||"
@@ -495,11 +496,11 @@ def test_convergence_figures_plot_the_papers_measure_and_the_residual_with_one_l
     assert "not run yet" in " ".join(t.get_text() for t in axes[1].texts)  # ImageNet: nothing measured
     residual_only = {**traces, "datasets": {"cifar10": {**traces["datasets"]["cifar10"], "curves": {
         "broyden_init": {"forward": _trace([1, 0.1])}}}}}
-    assert len(report.plot_convergence(residual_only, "real").axes) == 3  # older traces: the residual row only
-    fig7 = report.plot_per_scale(traces, "real")
+    assert len(plots.plot_convergence(residual_only, "real").axes) == 3  # older traces: the residual row only
+    fig7 = plots.plot_per_scale(traces, "real")
     assert len(fig7.axes) == 2 and "MDEQ-small scale 1 (8 ch.), initial weights" in [
         t.get_text() for t in fig7.legends[0].get_texts()]
-    df = report.convergence_table(_ctx(tmp_path, "05_convergence"), "real", traces)
+    df = tables.convergence_table(_ctx(tmp_path, "05_convergence"), "real", traces)
     row = df[df.key == "broyden_final"].iloc[0]
     assert row["ours"] == 3 and "||z[i+1] - z[i]||" in row["metric"] and row["last_step_change"] == 0.005
     assert row["f_evals_to_0.001"] == "> 3 (not reached)"
@@ -509,7 +510,7 @@ def test_convergence_figures_plot_the_papers_measure_and_the_residual_with_one_l
 def test_a_band_stops_where_a_batch_solve_diverged():
     fig, ax = plt.subplots()
     stats = {"mean": [1.0, 0.5, 9.0], "std": [0.0] * 3, "n_batches": 5, "count": [5, 5, 2]}
-    report._band(ax, stats, "iterating f", "#000000", "-")
+    plots._band(ax, stats, "iterating f", "#000000", "-")
     line, cross = ax.get_lines()
     assert list(line.get_xdata()) == [1, 2] and line.get_label() == "iterating f"
     assert list(cross.get_xdata()) == [2] and cross.get_marker() == "x" and cross.get_label().startswith("_")

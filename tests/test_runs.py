@@ -10,7 +10,7 @@ from mdeq.engine import paths
 from mdeq.paper import runs
 from mdeq import train
 from mdeq.core.config import load_config
-from mdeq.paper.report import paper_numbers
+from mdeq.paper.report.tables import paper_numbers
 
 
 def test_registry_is_the_rows_we_reproduce():

@@ -5,7 +5,9 @@ import warnings
 import pytest
 import torch
 
-from mdeq.core.solvers import SOLVERS, SolverError, broyden, fixed_point
+from mdeq.core.broyden import broyden
+from mdeq.core.solver_common import SolverError
+from mdeq.core.solvers import SOLVERS, fixed_point
 from problems import Counted, MultiscaleMap, inputs, zeros_like_state
 
 NAMES = sorted(SOLVERS)

@@ -28,8 +28,9 @@ from mdeq.core.implicit import ImplicitLayer, correction_indices
 from mdeq.core.model import build_model
 from mdeq.core.solvers import fixed_point
 from mdeq.core.stability import gaussian_probe, jacobian_frobenius, power_method
-from mdeq.train import (_config_diff, _with_defaults, jacobian_draw, jacobian_weight, set_phase, solver_stats,
-                        train_step, training_objective)
+from mdeq.engine.loop import train_step
+from mdeq.engine.rundir import config_diff, with_defaults
+from mdeq.engine.step import jacobian_draw, jacobian_weight, set_phase, solver_stats, training_objective
 from problems import MultiscaleMap, inputs, zeros_like_state
 
 F64 = torch.float64
@@ -501,10 +502,10 @@ def test_a_checkpoint_written_before_the_options_resumes():
         del saved["train"][key]
     for key in [k for k in saved["solver"] if k.startswith("correction")]:
         del saved["solver"][key]
-    assert _config_diff(saved, now)  # what the resume check saw without the defaults
-    assert _config_diff(_with_defaults(saved), now) == []
+    assert config_diff(saved, now)  # what the resume check saw without the defaults
+    assert config_diff(with_defaults(saved), now) == []
     saved["train"]["lr"] = 0.5
-    assert _config_diff(_with_defaults(saved), now) == ["train.lr: checkpoint 0.5 vs now 0.001"]
+    assert config_diff(with_defaults(saved), now) == ["train.lr: checkpoint 0.5 vs now 0.001"]
 
 
 # ----------------------------------------------------------------------------------------------

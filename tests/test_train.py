@@ -18,8 +18,12 @@ import torch.nn.functional as F
 from mdeq.engine import paths
 from mdeq.engine.checkpoint import load_checkpoint
 from mdeq.core.config import ConfigError, load_config
-from mdeq.train import (ResumableSampler, RunOptions, SegmentationLoss, build_criterion, build_optimizer,
-                        build_scheduler, cli, main, set_phase, train_step)
+from mdeq.engine.build import build_criterion, build_optimizer, build_scheduler, SegmentationLoss
+from mdeq.engine.loaders import ResumableSampler
+from mdeq.engine.loop import main, train_step
+from mdeq.engine.options import RunOptions
+from mdeq.engine.step import set_phase
+from mdeq.train import cli
 
 pytestmark = pytest.mark.filterwarnings("ignore:IFT backward solve did not converge:RuntimeWarning")
 
@@ -150,11 +154,11 @@ def test_chunks_stopped_before_a_step_and_before_an_evaluation_resume_bit_identi
         uninterrupted, cifar_root, tmp_path, monkeypatch):
     """stop_at ends a chunk at a checkpoint without evaluating: here the stop rule fires at its 4th check
     (before step 4 of epoch 0), then at its 8th (epoch 0 trained, its evaluation not started)."""
-    import mdeq.train as train_mod
+    from mdeq.engine.guards import StopRule
 
     full_out, full_final = uninterrupted
     out = tmp_path / "chunked"
-    real = train_mod._StopRule.reason
+    real = StopRule.reason
     for stop_at_call in (4, 8, None):
         calls = [0]
 
@@ -162,7 +166,7 @@ def test_chunks_stopped_before_a_step_and_before_an_evaluation_resume_bit_identi
             _calls[0] += 1
             return "stop_at" if _calls[0] == _n else real(self, upcoming_s)
 
-        monkeypatch.setattr(train_mod._StopRule, "reason", reason)
+        monkeypatch.setattr(StopRule, "reason", reason)
         final = main(load_config("cifar10_tiny_smoke", SMOKE_SET),
                      RunOptions(out_dir=out, data_root=cifar_root, resume=True, **SMOKE_OPTIONS))
         if stop_at_call is not None:
@@ -178,18 +182,19 @@ def test_chunks_stopped_before_a_step_and_before_an_evaluation_resume_bit_identi
 
 
 def test_a_chunk_stops_before_a_step_or_an_evaluation_that_would_pass_stop_at(cifar_root, tmp_path, monkeypatch):
-    """The look-ahead of ``--stop-at`` (``_StopRule``), on a clock that only steps (10 s each) and evaluations
+    """The look-ahead of ``--stop-at`` (``StopRule``), on a clock that only steps (10 s each) and evaluations
     (50 s each) move, so that what it decides does not depend on the machine's load. A step starts only with
     1.5 step times left; an evaluation only with 1.2 times its estimate left: the last evaluation's time in
     this process, else half a step per evaluation batch (5 batches: 25 s). Nothing ends after ``stop_at``,
     and no chunk stops earlier than those margins. 5 steps an epoch, 2 epochs, 4 chunks."""
     import types
 
-    import mdeq.train as train_mod
+    import mdeq.engine.guards as guards
+    import mdeq.engine.loop as loop
 
     T0, STEP, EVAL = 1.0e9, 10.0, 50.0
     clock, ends = [T0], []
-    real_step, real_evaluate = train_mod.train_step, train_mod.evaluate
+    real_step, real_evaluate = loop.train_step, loop.evaluate
 
     def step(*args, **kwargs):
         out = real_step(*args, **kwargs)
@@ -203,9 +208,11 @@ def test_a_chunk_stops_before_a_step_or_an_evaluation_that_would_pass_stop_at(ci
         ends.append(clock[0] - T0)
         return out
 
-    monkeypatch.setattr(train_mod, "time", types.SimpleNamespace(time=lambda: clock[0], perf_counter=lambda: clock[0]))
-    monkeypatch.setattr(train_mod, "train_step", step)
-    monkeypatch.setattr(train_mod, "evaluate", evaluate)
+    fake_time = types.SimpleNamespace(time=lambda: clock[0], perf_counter=lambda: clock[0])
+    monkeypatch.setattr(guards, "time", fake_time)  # StopRule.reason reads time.time()
+    monkeypatch.setattr(loop, "time", fake_time)  # the loop times steps and evaluations
+    monkeypatch.setattr(loop, "train_step", step)
+    monkeypatch.setattr(loop, "evaluate", evaluate)
     cfg = load_config("cifar10_tiny_smoke", ["train.epochs=2", "train.pretrain_steps=100"])
     out = tmp_path / "chunks"
     chunks = [  # (stop_at - T0, what the chunk ran: ends of its steps and evaluations, seconds after T0)
@@ -504,17 +511,17 @@ def test_amp_bfloat16_step_on_cpu():
 
 
 def test_solver_state_stays_float32_under_autocast(monkeypatch):
-    import mdeq.core.solvers as solvers
+    import mdeq.core.solver_common as solver_common
     from mdeq.core.model import build_model
 
     seen = []
-    original = solvers._Layout.__init__
+    original = solver_common._Layout.__init__
 
     def spy(self, zs):
         original(self, zs)
         seen.append(self.dtype)
 
-    monkeypatch.setattr(solvers._Layout, "__init__", spy)
+    monkeypatch.setattr(solver_common._Layout, "__init__", spy)
     model = build_model(load_config("cifar10_tiny_smoke"))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randn(2, 3, 32, 32)).sum().backward()
@@ -526,7 +533,7 @@ def test_evaluate_keeps_an_unrolled_model_unrolled():
     from torch.utils.data import DataLoader, TensorDataset
 
     from mdeq.core.model import build_model
-    from mdeq.train import evaluate
+    from mdeq.engine.loop import evaluate
 
     torch.manual_seed(0)
     model = build_model(load_config("cifar10_tiny_smoke"))
@@ -569,7 +576,7 @@ def test_evaluate_segmentation_upsamples_takes_the_argmax_and_scores_like_a_writ
     import numpy as np
     from torch.utils.data import DataLoader, TensorDataset
 
-    from mdeq.train import evaluate
+    from mdeq.engine.loop import evaluate
 
     g = torch.Generator().manual_seed(3)
     n, c, size = 4, 19, (23, 39)
@@ -690,9 +697,10 @@ def test_resume_refuses_another_limit_or_schedule_length(cifar_root, tmp_path):
 
 
 def test_divergence_stops_before_the_good_checkpoint_is_overwritten(cifar_root, tmp_path, monkeypatch, capsys):
-    import mdeq.train as train_mod
+    import mdeq.engine.loop as loop
+    from mdeq.engine.guards import DivergenceError
 
-    real_step, calls = train_mod.train_step, [0]
+    real_step, calls = loop.train_step, [0]
 
     def blow_up_at_step_5(model, *args, **kwargs):  # a fault injected after 4 healthy steps
         out = real_step(model, *args, **kwargs)
@@ -703,9 +711,9 @@ def test_divergence_stops_before_the_good_checkpoint_is_overwritten(cifar_root, 
                     p.mul_(1e7)
         return out
 
-    monkeypatch.setattr(train_mod, "train_step", blow_up_at_step_5)
+    monkeypatch.setattr(loop, "train_step", blow_up_at_step_5)
     cfg = load_config("cifar10_tiny_smoke", ["train.epochs=1"])
-    with pytest.raises(train_mod.DivergenceError, match=r"diverged by step 5 .*a parameter is .*above the bound "
+    with pytest.raises(DivergenceError, match=r"diverged by step 5 .*a parameter is .*above the bound "
                                                         r"1e\+06.*checkpoint .*checkpoint.pt \(step 3\) is kept"):
         main(cfg, RunOptions(out_dir=tmp_path / "a", data_root=cifar_root, limit_train=64, limit_eval=8, workers=0,
                              threads=1, device="cpu", progress=False, checkpoint_every=3, log_every=1))

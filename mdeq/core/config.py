@@ -1,4 +1,4 @@
-"""Experiment configuration: nested frozen dataclasses loaded from ``mdeq/configs/*.yaml``.
+"""What an experiment is, as plain data: nested frozen dataclasses loaded from ``mdeq/configs/*.yaml``.
 
 Why: the official code parses yacs configs into module globals, and torchdeq's ``DEQConfig.get``
 lets a misspelt key fall back to its default without a word (STYLE.md 3.5). Here every key is a

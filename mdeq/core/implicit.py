@@ -1,4 +1,4 @@
-"""The implicit (deep equilibrium) layer: solve z* = f(z*, x) and attach a gradient.
+"""How the implicit (deep equilibrium) layer works: solve z* = f(z*, x) and attach a gradient.
 
 Why a module of its own: the model (``model.py``) only says what f is; how the fixed point is
 found and how gradients flow through it is chosen here, by name, and can change on a live model
@@ -43,7 +43,8 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from mdeq.core.solvers import SOLVERS, STOP_MODES, SolverStats
+from mdeq.core.solver_common import STOP_MODES, SolverStats
+from mdeq.core.solvers import SOLVERS
 from mdeq.core.stability import jacobian_frobenius, power_method
 
 __all__ = ["ImplicitLayer", "DEQInfo", "GRAD_MODES", "correction_indices"]

@@ -1,4 +1,4 @@
-"""The authors' released checkpoints: convert their state dicts to ours; parameter counts side by side.
+"""How the authors' released checkpoints become ours: their state dicts converted, parameter counts side by side.
 
 Why: the released ImageNet/Cityscapes weights are the fastest check that our f_theta is theirs, and
 the parameter counts are where the paper, its Appendix Table 4 and the released configs disagree

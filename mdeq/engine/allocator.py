@@ -1,4 +1,4 @@
-"""The C allocator behind PyTorch's CPU tensors, set to keep freed memory for reuse (glibc only).
+"""How PyTorch's CPU tensors reuse freed memory: the C allocator set to keep it (glibc only).
 
 Why: an implicit training step allocates and frees hundreds of state-sized tensors (a (B, D) iterate,
 f's outputs, VJPs) and two (B, T + 1, D) solver histories. glibc's malloc serves large blocks with

@@ -1,4 +1,4 @@
-"""Atomic full-state checkpoints, RNG capture/restore and partial ("pretrained") weight loading.
+"""How a run's full state is saved and restored: atomic checkpoints, RNG states, partial ("pretrained") loads.
 
 Why: torchvision's ``classification/train.py`` saves the unwrapped model, optimizer, scheduler, epoch
 and args, and nanoGPT saves its config; neither writes atomically, so a run killed while saving can

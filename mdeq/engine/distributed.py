@@ -1,4 +1,4 @@
-"""Process group set-up from torchrun's environment, rank-0 logging and cross-process reductions.
+"""How processes work together: the process group from torchrun's environment, rank-0 logs, reductions.
 
 Why a module of its own: torchvision's ``utils.py`` mixes this with metrics and replaces the builtin
 ``print``; here ``log()`` prints on rank 0 and leaves ``print`` alone (STYLE.md 3.10, 3.12).

@@ -1,4 +1,4 @@
-"""Small metric objects: running averages, top-k accuracy and a confusion matrix giving mIoU.
+"""How training and evaluation are scored: running averages, top-k accuracy, a confusion matrix giving mIoU.
 
 Why: these follow torchvision's ``references/segmentation/utils.py`` (``SmoothedValue``,
 ``MetricLogger``, ``ConfusionMatrix``), with two departures (STYLE.md 3.12): reductions use the
@@ -17,12 +17,11 @@ from typing import Iterable, Sequence
 
 import torch
 
+from mdeq.engine.data import IGNORE_INDEX
 from mdeq.engine.distributed import all_reduce_sum
 
-__all__ = ["SmoothedValue", "MetricLogger", "topk_correct", "accuracy", "ConfusionMatrix", "PeakMemory",
-           "IGNORE_INDEX"]
+__all__ = ["SmoothedValue", "MetricLogger", "topk_correct", "accuracy", "ConfusionMatrix", "PeakMemory"]
 
-IGNORE_INDEX = 255  # the Cityscapes void label: in no class, in no count (the data sets write it, the loss skips it)
 
 
 class SmoothedValue:

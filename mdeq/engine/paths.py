@@ -1,4 +1,4 @@
-"""Absolute paths of the repository's folders, and a path relative to the repository for messages.
+"""Where the repository's folders are (absolute paths), and how a path is shown relative to the repository.
 
 Why: papermill runs a notebook's kernel in the caller's working directory and JupyterLab in the
 notebook's own, so relative paths break one of them (STYLE.md section 4).

@@ -44,7 +44,8 @@ from mdeq.engine.checkpoint import TEMP_PATTERN
 __all__ = ["CHECKPOINT_NAME", "LOCK_NAME", "RUN_FILES", "LOG_FILES", "EPOCH_COLUMNS", "append_jsonl", "append_epoch",
            "write_text_atomic", "write_json_atomic", "trim_logs", "sweep_temp_files", "final_record", "now",
            "git_commit", "git_dirty", "hardware", "describe_hardware", "hardware_label", "provenance", "chunk_start",
-           "chunk_end", "finished", "RunLog", "read_run", "read_runs", "collect_run", "read_json", "plain"]
+           "chunk_end", "finished", "RunLog", "read_run", "read_runs", "collect_run", "read_json", "plain",
+           "chunk_hours", "last_logged_step"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOCK_NAME = ".lock"  # held by the one process writing the folder; not a run file (nor is train.log)
@@ -399,3 +400,33 @@ def collect_run(run_dir: str | Path, dest: str | Path) -> Path:
             continue
         shutil.copyfile(src, dest / name)
     return dest
+
+
+def chunk_hours(folder: Path) -> float:
+    """Wall-clock hours of the run's recorded, ended chunks (``provenance.json``), evaluations and pauses included.
+
+    Why beside the sum of the epochs' ``epoch_time_s``: until 2026-12-03 an epoch that spanned two chunks logged only its last chunk's
+    part in ``epoch_time_s``, so the sum of epoch times undercounts older runs (whose first chunks may
+    also predate chunk records).
+    """
+    path = folder / "provenance.json"
+    if not path.is_file():
+        return 0.0
+    seconds = 0.0
+    for chunk in json.loads(path.read_text()).get("chunks", []):
+        if chunk.get("start") and chunk.get("end"):
+            end, start = (_dt.datetime.fromisoformat(chunk[k]) for k in ("end", "start"))
+            seconds += (end - start).total_seconds()
+    return seconds / 3600.0
+
+
+def last_logged_step(folder: Path) -> int:
+    """The step of the last ``steps.jsonl`` record: an unfinished first epoch has no metrics.csv row yet."""
+    path = folder / "steps.jsonl"
+    if not path.is_file():
+        return 0
+    lines = path.read_text().strip().splitlines()
+    try:
+        return int(json.loads(lines[-1])["step"]) if lines else 0
+    except (ValueError, KeyError):
+        return 0

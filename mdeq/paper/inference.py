@@ -11,7 +11,7 @@ be solved at any size: ``convergence_against_resolution`` counts the f evaluatio
 
 Budgets. ``max_iter`` = k is what the config calls T_f: a solve evaluates f at z_0 = 0 and after each of
 its k updates (k + 1 evaluations) and returns, per sample, the iterate with the lowest residual in the
-config's ``stop_mode`` measure (``mdeq.core.solvers``). Every solve here runs its whole budget (tol 1e-12, no
+config's ``stop_mode`` measure (``mdeq.core.solver_common``). Every solve here runs its whole budget (tol 1e-12, no
 stop for stagnation). A solver's first k steps do not depend on its budget, so one solve of the largest
 budget holds every smaller one: ``_Tap`` applies the head to each evaluated iterate, and the result of
 budget k is the head on the lowest-residual iterate among the first k + 1 (the solver's own rule, read
@@ -32,8 +32,8 @@ from torch.utils.data import DataLoader
 from mdeq.engine import progress
 from mdeq.core.config import ExperimentConfig
 from mdeq.engine.data import CIFAR10_MEAN, CIFAR10_STD
-from mdeq.evaluate import Trained, build_trained, memory_format
-from mdeq.train import resolve_device
+from mdeq.paper.trained import Trained, build_trained, memory_format
+from mdeq.engine.build import resolve_device
 
 __all__ = ["BUDGETS", "SOLVER_NAMES", "SIZES", "THRESHOLDS", "PHOTOGRAPHS", "budget_config", "budget_model",
            "accuracy_against_budget", "photographs", "resized", "resolution_inputs", "evals_to",
@@ -233,7 +233,7 @@ def resolution_inputs(sources: Mapping[str, Mapping[str, torch.Tensor]], sizes: 
 def evals_to(trace: Sequence[float], threshold: float) -> int | None:
     """F evaluations until ``trace`` (one entry per step, entry i = ||z[i+1] - z[i]|| / ||z[i]||) first falls
     below ``threshold``: i + 1 (z[i+1] is made from i + 1 evaluations); None if it never does. The same
-    count as Figs. 5-6's table (``mdeq.paper.report.convergence_table``)."""
+    count as Figs. 5-6's table (``mdeq.paper.report.tables.convergence_table``)."""
     for i, v in enumerate(trace):
         if v is not None and v < threshold:  # NaN (z[0] = 0) compares False
             return i + 1
@@ -297,7 +297,7 @@ def smoke_measurements(*, quick: bool = False, seed: int = 0) -> tuple[dict, dic
     profile shrinks it (``mdeq.paper.runs.smoke_overrides``), at its initial weights, on the synthetic CIFAR-10 copy:
     the pipeline end to end in seconds, in the output format of the benchmark scripts. Not a result."""
     from mdeq.core.config import load_config
-    from mdeq.evaluate import eval_dataset
+    from mdeq.paper.trained import eval_dataset
     from mdeq.core.model import build_model
     from mdeq.engine.runlog import provenance
     from mdeq.paper.runs import smoke_data, smoke_overrides, smoke_spec

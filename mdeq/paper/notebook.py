@@ -1,6 +1,7 @@
-"""How a notebook runs: its parameters, where it reads and writes (one rule for both), what each profile step does.
+"""How a notebook runs: where it reads and writes (one rule for both), what each profile step does, how it saves.
 
-Why one module: the five notebooks (STYLE.md 4) must check their parameters, find their inputs and save
+Why one module: the five notebooks (STYLE.md 4) must check their parameters (``mdeq.paper.parameters``),
+find their inputs and save
 their tables and figures the same way, and each must stay a report, not a program. So a notebook calls
 one function per step (``train``, ``runtime_memory``, ``convergence``, ``segmentation_examples``) and
 that function does what the profile asks:
@@ -20,152 +21,35 @@ says "smoke run, not a reproduction".
 """
 from __future__ import annotations
 
-import ast
 import contextlib
-import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import matplotlib.pyplot as plt
 import torch
 
-from mdeq.paper import measure, runs
+from mdeq.paper import runs
+from mdeq.paper.parameters import TUTORIAL, Params
+from mdeq.paper.measure import examples, runtime, solver_traces, timing
 from mdeq.engine import paths, progress
-from mdeq.paper.report import SMOKE_NOTE, set_style
+from mdeq.paper.report.style import SMOKE_NOTE, set_style
 from mdeq.engine.runlog import describe_hardware, hardware_label, read_json, read_run
 
-__all__ = ["PROFILES", "NOTEBOOKS", "PARAMETERS", "FIGURE_OWNERS", "TABLE_OWNERS", "ParameterError", "Params",
-           "check_parameters", "Context", "setup", "save_figure", "save_table", "show_banner", "write_json",
+__all__ = ["FIGURE_OWNERS", "TABLE_OWNERS", "Context", "setup", "save_figure", "save_table", "show_banner", "write_json",
            "train", "segmentation_examples", "runtime_memory", "convergence", "RUNTIME_MEMORY", "FIG4B_MEMORY",
            "CONVERGENCE_TRACES", "CITYSCAPES_EXAMPLES", "JPEG_SENSITIVITY", "trained_inference", "ACCURACY_VS_BUDGET",
            "CONVERGENCE_VS_RESOLUTION"]
 
-PROFILES = ("smoke", "logs", "full")
-# 00 is the tutorial (the implicit layer on a toy f; it trains nothing and computes the same in every profile),
-# then one notebook per paper item, in the paper's order.
-TUTORIAL = "00_implicit_layers"
-NOTEBOOKS = (TUTORIAL, "01_cifar10", "02_imagenet", "03_runtime_memory", "04_cityscapes", "05_convergence")
 # What the measuring notebooks write into their results folder (smoke: results/smoke/).
-RUNTIME_MEMORY = "runtime_memory.json"  # 03, mdeq.paper.measure.measure_runtime
-FIG4B_MEMORY = "fig4b_memory_cpu.json"  # 03, mdeq.paper.measure.measure_memory (benchmarks/fig4b_memory.py; real only)
-CONVERGENCE_TRACES = "convergence_traces.json"  # 05, mdeq.paper.measure.convergence_traces
+RUNTIME_MEMORY = "runtime_memory.json"  # 03, mdeq.paper.measure.runtime.measure_runtime
+FIG4B_MEMORY = "fig4b_memory_cpu.json"  # 03, benchmarks/fig4b_memory.py (mdeq.paper.measure.memory; real only)
+CONVERGENCE_TRACES = "convergence_traces.json"  # 05, mdeq.paper.measure.solver_traces.convergence_traces
 JPEG_SENSITIVITY = "jpeg_sensitivity.json"  # 01, benchmarks/jpeg_sensitivity.py (real only)
 ACCURACY_VS_BUDGET = "accuracy_vs_budget.json"  # 05, benchmarks/accuracy_vs_budget.py (mdeq.paper.inference)
 CONVERGENCE_VS_RESOLUTION = "convergence_vs_resolution.json"  # 05, benchmarks/convergence_vs_resolution.py
-CITYSCAPES_EXAMPLES = "cityscapes_examples"  # 04, mdeq.paper.measure.cityscapes_examples (a folder)
-
-# ----------------------------------------------------------------------------------------------
-# Parameters. papermill only warns about a parameter the notebook does not declare, and injects
-# values without checking their types, so each notebook checks its parameters right after the
-# tagged cell. The declared names, types and defaults are listed here once; tests check that each
-# notebook's parameters cell declares exactly these.
-
-_COMMON = {
-    "profile": (str, "smoke"),  # smoke | logs | full
-    "quick": (bool, False),  # smoke only: fewer steps and runs (tests, CI)
-    "seed": (int, 0),
-    "data_root": (str, ""),  # full only: the real data set's root ("" = data/<dataset>)
-    "output_root": (str, ""),  # "" = the repository's results/ and figures/
-}
-_FULL = {
-    "variant": (str, "paper"),  # full only: config variant, paper (Appendix Table 4) or official
-    "nproc": (int, 0),  # full only: GPUs per run via torchrun (0 = all visible)
-    "dry_run": (bool, False),  # full only: print the launch commands, launch nothing
-}
-PARAMETERS: dict[str, dict[str, tuple[type, Any]]] = {
-    # quick is accepted as by every notebook (mdeq.reproduce --quick passes it to all); the tutorial is quick already
-    TUTORIAL: {"profile": _COMMON["profile"], "quick": _COMMON["quick"], "seed": _COMMON["seed"],
-               "output_root": _COMMON["output_root"]},
-    "01_cifar10": {**_COMMON, **_FULL, "seeds": (int, 5)},
-    "02_imagenet": {**_COMMON, **_FULL},
-    "03_runtime_memory": {**_COMMON, "variant": (str, "paper"), "dry_run": (bool, False),
-                          "batch_size": (int, 32), "device": (str, "auto")},
-    "04_cityscapes": {**_COMMON, **_FULL},
-    "05_convergence": {**_COMMON, "variant": (str, "paper"), "dry_run": (bool, False),
-                       "num_batches": (int, 5), "device": (str, "auto")},
-}
-_CHOICES = {"profile": PROFILES, "variant": ("paper", "official"), "device": ("auto", "cpu", "cuda")}
-
-
-class ParameterError(ValueError):
-    """A notebook parameter that is unknown, of the wrong type or out of range."""
-
-
-def _injected_names(namespace: Mapping[str, Any]) -> list[str]:
-    """Names assigned in papermill's injected cell(s) (their source starts with '# Parameters')."""
-    names: list[str] = []
-    history = namespace.get("In")
-    if not isinstance(history, list):
-        return names
-    for source in history:
-        if not isinstance(source, str) or not source.lstrip().startswith("# Parameters"):
-            continue
-        try:
-            tree = ast.parse(source)
-        except SyntaxError:
-            continue
-        for node in tree.body:
-            targets = node.targets if isinstance(node, ast.Assign) else (
-                [node.target] if isinstance(node, ast.AnnAssign) else [])
-            names += [t.id for t in targets if isinstance(t, ast.Name)]
-    return names
-
-
-@dataclass(frozen=True)
-class Params:
-    """The checked parameters of one notebook run."""
-
-    notebook: str
-    values: dict
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.values[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-def check_parameters(namespace: Mapping[str, Any], notebook: str) -> Params:
-    """Check the parameters in a notebook's namespace; raise ParameterError with the valid choices.
-
-    Catches a misspelt parameter injected by papermill (which papermill itself only warns about),
-    a wrong type (``-p quick yes``), an unknown profile or variant, and a negative count.
-    """
-    if notebook not in PARAMETERS:
-        raise ParameterError(f"unknown notebook {notebook!r}; expected one of {NOTEBOOKS}")
-    spec = PARAMETERS[notebook]
-    unknown = [n for n in _injected_names(namespace) if n not in spec]
-    if unknown:
-        hints = []
-        for n in unknown:
-            close = difflib.get_close_matches(n, list(spec), n=1)
-            hints.append(repr(n) + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ParameterError(f"unknown parameter(s) {', '.join(hints)} for notebook {notebook}; "
-                             f"valid parameters: {', '.join(spec)}")
-    values = {}
-    for name, (tp, default) in spec.items():
-        value = namespace.get(name, default)
-        ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
-        if not ok:
-            raise ParameterError(f"parameter {name!r} must be of type {tp.__name__}, got {value!r} "
-                                 f"({type(value).__name__}); default {default!r}")
-        if name in _CHOICES and value not in _CHOICES[name]:
-            close = difflib.get_close_matches(str(value), _CHOICES[name], n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ParameterError(f"parameter {name!r} must be one of {list(_CHOICES[name])}, got {value!r}{hint}")
-        if tp is int and name != "seed" and value < 0:
-            raise ParameterError(f"parameter {name!r} must be >= 0, got {value}")
-        values[name] = value
-    if values.get("quick") and values["profile"] != "smoke":
-        raise ParameterError(f"quick=True only applies to the smoke profile, not {values['profile']!r}")
-    for name in ("seeds", "num_batches", "batch_size"):
-        if name in values and values[name] < 1:
-            raise ParameterError(f"parameter {name!r} must be >= 1, got {values[name]}")
-    return Params(notebook, values)
-
-
+CITYSCAPES_EXAMPLES = "cityscapes_examples"  # 04, mdeq.paper.measure.examples.cityscapes_examples (a folder)
 
 # ----------------------------------------------------------------------------------------------
 # Where a run reads and writes.
@@ -312,13 +196,13 @@ def segmentation_examples(ctx: Context) -> None:
     if ctx.profile == "smoke":
         root, options = runs.smoke_data("cityscapes")
         with _threads(ctx):
-            measure.cityscapes_examples(runs.smoke_run_dir("cityscapes_mdeq_large", quick=ctx.quick),
-                                        ctx.results_dir("smoke") / CITYSCAPES_EXAMPLES, data_root=root,
-                                        data_options=options, num=1 if ctx.quick else 2, device="cpu")
+            examples.cityscapes_examples(runs.smoke_run_dir("cityscapes_mdeq_large", quick=ctx.quick),
+                                         ctx.results_dir("smoke") / CITYSCAPES_EXAMPLES, data_root=root,
+                                         data_options=options, num=1 if ctx.quick else 2, device="cpu")
     elif ctx.profile == "full" and not p.dry_run:
-        measure.cityscapes_examples(runs.FULL_RUNS / "cityscapes_mdeq_large",
-                                    ctx.results_dir("real") / CITYSCAPES_EXAMPLES,
-                                    data_root=runs.default_data_root("cityscapes", p.data_root), num=3)
+        examples.cityscapes_examples(runs.FULL_RUNS / "cityscapes_mdeq_large",
+                                     ctx.results_dir("real") / CITYSCAPES_EXAMPLES,
+                                     data_root=runs.default_data_root("cityscapes", p.data_root), num=3)
 
 
 def runtime_memory(ctx: Context) -> None:
@@ -326,17 +210,17 @@ def runtime_memory(ctx: Context) -> None:
     p = ctx.params
     if ctx.profile == "smoke":
         with _threads(ctx):
-            measured = measure.measure_runtime(batch_size=2 if ctx.quick else 4, device="cpu", variant=p.variant,
+            measured = runtime.measure_runtime(batch_size=2 if ctx.quick else 4, device="cpu", variant=p.variant,
                                                repeats=1 if ctx.quick else 2, warmup=0 if ctx.quick else 1,
                                                seed=p.seed)
         write_json(ctx.results_dir("smoke") / RUNTIME_MEMORY, {**measured, "profile": "smoke", "quick": ctx.quick})
     elif ctx.profile == "full":
         if p.dry_run:
-            models = ", ".join(m.label for m in measure.RUNTIME_MODELS)
+            models = ", ".join(m.label for m in runtime.RUNTIME_MODELS)
             print(f"would measure {models} at batch {p.batch_size} on device {p.device!r}")
             return
-        measure.check_gpu(p.device, "measures")
-        measured = measure.measure_runtime(batch_size=p.batch_size, device=p.device, variant=p.variant, repeats=10,
+        timing.check_gpu(p.device, "measures")
+        measured = runtime.measure_runtime(batch_size=p.batch_size, device=p.device, variant=p.variant, repeats=10,
                                            warmup=3, seed=p.seed)
         write_json(ctx.results_dir("real") / RUNTIME_MEMORY, {**measured, "profile": "full"})
     else:
@@ -348,19 +232,19 @@ def convergence(ctx: Context) -> None:
     p = ctx.params
     if ctx.profile == "smoke":
         with _threads(ctx):
-            traces = measure.convergence_traces(profile="smoke", quick=ctx.quick, variant=p.variant,
-                                                num_batches=p.num_batches, device="cpu", seed=p.seed)
+            traces = solver_traces.convergence_traces(profile="smoke", quick=ctx.quick, variant=p.variant,
+                                                      num_batches=p.num_batches, device="cpu", seed=p.seed)
         write_json(ctx.results_dir("smoke") / CONVERGENCE_TRACES, traces)
     elif ctx.profile == "full":
         if p.dry_run:
-            for dataset, s in measure.CONVERGENCE_SETS.items():
+            for dataset, s in solver_traces.CONVERGENCE_SETS.items():
                 print(f"would trace {s.config.format(variant=p.variant)} on {p.num_batches} batches of {s.batch} x "
                       f"{s.input_hw} ({dataset}), weights: initial and the first of "
                       f"{', '.join(f'{r}/checkpoint.pt' for r in s.checkpoint_runs)} that exists")
             return
-        measure.check_gpu(p.device, "traces")
-        traces = measure.convergence_traces(profile="full", variant=p.variant, data_root=p.data_root,
-                                            num_batches=p.num_batches, device=p.device, seed=p.seed)
+        timing.check_gpu(p.device, "traces")
+        traces = solver_traces.convergence_traces(profile="full", variant=p.variant, data_root=p.data_root,
+                                                  num_batches=p.num_batches, device=p.device, seed=p.seed)
         write_json(ctx.results_dir("real") / CONVERGENCE_TRACES, traces)
     else:
         print("logs profile: nothing is computed; reading results/")
@@ -388,7 +272,7 @@ def trained_inference(ctx: Context) -> None:
             print(f"would measure accuracy against the forward budget {inference.BUDGETS} and convergence at sizes "
                   f"{inference.SIZES} with {weights}")
             return
-        measure.check_gpu(p.device, "measures")
+        timing.check_gpu(p.device, "measures")
         _trained_inference_full(ctx, found[0], inference)
     else:
         print("logs profile: nothing is computed; reading results/")
@@ -396,7 +280,7 @@ def trained_inference(ctx: Context) -> None:
 
 def _trained_inference_full(ctx: Context, run_dir: Path, inference) -> None:
     """The full profile's measurements on ``run_dir``'s checkpoint, in the benchmark scripts' output format."""
-    from mdeq.evaluate import eval_dataset, load_run
+    from mdeq.paper.trained import eval_dataset, load_run
     from mdeq.engine.runlog import provenance
 
     p = ctx.params

@@ -30,7 +30,8 @@ import torch
 from mdeq.engine import paths
 from mdeq.core.config import load_config
 from mdeq.engine.runlog import collect_run, finished, read_json
-from mdeq.train import RunOptions, main
+from mdeq.engine.loop import main
+from mdeq.engine.options import RunOptions
 
 __all__ = ["RunSpec", "RUNS", "runs_for", "spec", "config_name", "run_name", "smoke_spec", "smoke_overrides",
            "smoke_baseline_options", "smoke_data", "smoke_run_dir", "train_smoke", "visible_gpus", "default_data_root", "full_command",

@@ -4,7 +4,7 @@
 . "$(dirname "$0")/_env.sh"
 python - <<'PY'
 import json, os
-from mdeq.measure import convergence_traces
+from mdeq.paper.measure.solver_traces import convergence_traces
 res = convergence_traces(profile="full")
 open(os.path.join(os.environ.get("OUT", "runs/device_out"), "convergence_traces.json"), "w").write(json.dumps(res, default=str))
 PY

@@ -3,7 +3,7 @@
 . "$(dirname "$0")/_env.sh"
 python - <<'PY'
 import json, os
-from mdeq.measure import measure_runtime
+from mdeq.paper.measure.runtime import measure_runtime
 res = measure_runtime(batch_size=32, device="cuda", variant="paper", repeats=5)
 open(os.path.join(os.environ.get("OUT", "runs/device_out"), "runtime_memory.json"), "w").write(json.dumps(res, indent=2, default=str))
 PY

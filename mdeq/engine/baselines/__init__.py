@@ -1,4 +1,4 @@
-"""The comparison models of Table 1 and of the runtime/memory figure, built by name.
+"""Which comparison models Table 1 and the runtime/memory figure have, built by name.
 
 Each model maps images (B, 3, 32, 32) to logits (B, 10), the same contract as the MDEQ classifier.
 Parameter counts (10 classes): resnet18_170k 176,402; resnet18_10m 10,151,691; resnet101 42,512,970;

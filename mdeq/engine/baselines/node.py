@@ -1,4 +1,4 @@
-"""Neural ODE and augmented neural ODE image classifiers of Dupont et al. (2019), 172K parameters.
+"""What the neural ODE and augmented neural ODE classifiers of Dupont et al. (2019) are, at 172K parameters.
 
 Why: Table 1 takes its NODE / ANODE rows from Dupont et al.; their CIFAR-10 models are a conv ODE
 function (1x1 conv -> ReLU -> 3x3 conv -> ReLU -> 1x1 conv, time appended as a channel to each conv)

@@ -1,4 +1,4 @@
-"""CIFAR-style ResNets (3x3 stem, no max-pool) with a width knob: the explicit baselines of Table 1.
+"""What Table 1's explicit baselines are: CIFAR-style ResNets (3x3 stem, no max-pool) with a width knob.
 
 Why: Table 1 compares MDEQ with a ResNet-18 of 170K parameters (no augmentation) and of 10M
 (augmentation); the paper gives only the sizes, so we keep He et al.'s ResNet-18 layout and scale the

@@ -1,4 +1,4 @@
-"""Data sets of the paper in their real on-disk layouts: CIFAR-10, ImageNet, Cityscapes.
+"""Which data sets the paper uses, read in their real on-disk layouts: CIFAR-10, ImageNet, Cityscapes.
 
 ``build_datasets(name, root, ...)`` is the one entry point the training code calls; it returns torch
 Datasets whose items are ``(image float (3, H, W), target)``, where target is an int class index or an

@@ -1,4 +1,4 @@
-"""CIFAR-10 from the official ``cifar-10-batches-py`` pickles or from the offline JPEG-q75 npz.
+"""How CIFAR-10 is read: from the official ``cifar-10-batches-py`` pickles or from the offline JPEG-q75 npz.
 
 Why: the released code reads torchvision's CIFAR10 (``tools/cls_train.py``); we read the same pickles
 ourselves so that the md5 check, the synthetic copy and the offline JPEG-q75 re-encoding (see

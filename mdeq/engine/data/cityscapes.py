@@ -1,4 +1,4 @@
-"""Cityscapes (gtFine) semantic segmentation in the official folder layout, 19 trainIds.
+"""How Cityscapes (gtFine) semantic segmentation is read, in the official folder layout, 19 trainIds.
 
 Why: the released code (HRNet-Seg ``lib/datasets/cityscapes.py``) reads the ``*_gtFine_labelIds.png``
 files and maps the 34 label ids to the 19 evaluated classes, everything else to 255.

@@ -1,4 +1,4 @@
-"""ImageNet (ILSVRC-2012) in the ImageFolder layout, with the released code's transforms.
+"""How ImageNet (ILSVRC-2012) is read, in the ImageFolder layout, with the released code's transforms.
 
 Why: the released code reads ``ImageFolder(DATASET.ROOT/images/{train,val})`` (``tools/cls_train.py``);
 we read ``<root>/{train,val}`` and accept ``<root>/images/{train,val}`` too, so the authors' folder works.

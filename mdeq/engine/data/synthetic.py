@@ -1,4 +1,4 @@
-"""Small synthetic copies of CIFAR-10, ImageNet and Cityscapes in their real on-disk layouts.
+"""What tests and smoke runs read: small synthetic CIFAR-10, ImageNet and Cityscapes in their real layouts.
 
 Why: smoke runs and tests exercise the very loaders used on the real data, without the real data.
 Each class has its own colour and pattern, so a model learns them quickly and a smoke run can show

@@ -1,4 +1,4 @@
-"""Image and image+label transforms of the released MDEQ code, on tensors.
+"""How images and labels are augmented and normalised: the released MDEQ code's transforms, on tensors.
 
 Why: every random draw goes through torch's global RNG (``torch.rand``/``torch.randint``), so
 ``torch.manual_seed`` in the main process and the DataLoader's per-worker seeding make augmentation
@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torchvision import transforms as T
 
-from mdeq.engine.metrics import IGNORE_INDEX
-
+IGNORE_INDEX = 255  # the Cityscapes void label: in no class, in no count (the data sets write it, the loss skips it)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

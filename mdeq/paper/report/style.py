@@ -1,0 +1,81 @@
+"""How the tables and figures look and name what they show: colours, the matplotlib style, curve and solver labels.
+
+One colour per model or solver and one line style per curve, the same in every figure; one matplotlib style for
+every figure of the repository; the words a table or figure uses for a smoke run (``SMOKE_NOTE``) and for a row
+or panel without our log (``NOT_RUN``); and the names of solvers, curves and data sets that a table's rows and a
+figure's legend share.
+"""
+from __future__ import annotations
+
+import os
+import textwrap
+from typing import Mapping
+
+import matplotlib
+
+__all__ = ["SMOKE_NOTE", "NOT_RUN", "COLORS", "set_style", "figure_title", "no_data"]
+
+SMOKE_NOTE = "smoke run, not a reproduction"
+NOT_RUN = "not run yet"
+
+
+COLORS = {  # one colour per model or solver, in every figure
+    "mdeq": "#1f77b4", "mdeq_small": "#1f77b4", "mdeq_small_simple_injection": "#17becf", "mdeq_large": "#08306b", "mdeq_xl": "#6baed6",
+    "mdeq_large_unrolled5": "#9467bd", "single_stream": "#ff7f0e", "resnet18": "#2ca02c",
+    "resnet18_170k": "#2ca02c", "resnet18_10m": "#98df8a", "resnet101": "#7f7f7f",
+    "node": "#d62728", "anode": "#e377c2",
+    "broyden": "#1f77b4", "fixed_point": "#e6ab02",
+}
+DASHED = ("cifar10_mdeq_large", "cifar10_resnet18_10m")  # Table 1's with-augmentation block
+SCALE_COLORS = ("#c51b7d", "#4d9221", "#2166ac", "#b35806")
+
+
+def set_style() -> None:
+    """One matplotlib style for every figure of the repository (non-interactive, deterministic SVG)."""
+    if not os.environ.get("MPLBACKEND"):
+        try:  # IPython is there in a notebook (the notebooks extra), not necessarily elsewhere
+            from IPython import get_ipython
+
+            inline = get_ipython() is not None
+        except ImportError:
+            inline = False
+        if not inline:
+            matplotlib.use("Agg")
+    matplotlib.rcParams.update({
+        "figure.dpi": 100, "savefig.dpi": 200, "font.size": 9, "axes.titlesize": 10,
+        "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
+        "legend.frameon": False, "legend.fontsize": 8, "lines.linewidth": 1.6,
+        "svg.hashsalt": "mdeq-repro", "svg.fonttype": "path", "image.interpolation": "nearest",
+    })
+
+
+def figure_title(title: str, kind: str) -> str:
+    return f"{title}\n({SMOKE_NOTE})" if kind == "smoke" else title
+
+
+def no_data(ax, message: str) -> None:
+    """An empty panel saying why there is nothing to draw (never a fabricated curve)."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
+    ax.text(0.5, 0.5, "\n".join(textwrap.wrap(message, 30)), ha="center", va="center",
+            transform=ax.transAxes, fontsize=9, color="#777777")
+
+
+_CURVE_STYLE = {  # curve key -> (label, colour key, line style)
+    "broyden_final": ("Broyden (final weights)", "broyden", "-"),
+    "broyden_init": ("Broyden (initial weights)", "broyden", ":"),
+    "fixed_point_final": ("iterating f (final weights)", "fixed_point", "-"),
+    "fixed_point_init": ("iterating f (initial weights)", "fixed_point", ":"),
+}
+_DATASET_TITLES = {"cifar10": "CIFAR-10", "imagenet": "ImageNet", "cityscapes": "Cityscapes"}
+_SOLVER_LABELS = {"broyden": "Broyden", "fixed_point": "iterating f"}
+
+
+def _curve_label(key: str, curve: Mapping) -> str:
+    """"Broyden, initial weights" / "iterating f, trained, epoch 4 of 50, step 1800" (older traces: by key)."""
+    solver = "Broyden" if key.startswith("broyden") else "iterating f"
+    weights = curve.get("weights")
+    if not isinstance(weights, str) or "/" in weights or weights.startswith("initial ("):
+        return _CURVE_STYLE.get(key, (key,))[0]
+    return f"{solver}, {weights}"
