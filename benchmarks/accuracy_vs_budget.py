@@ -14,7 +14,7 @@ budget per batch and solver gives every smaller budget (``mdeq.paper.inference``
     python benchmarks/accuracy_vs_budget.py --limit 256 --out runs/bench/accuracy_vs_budget_check.json
 
 Cost on the project's 2-core CPU: about 51 f evaluations and 51 head evaluations per batch of 128 and
-solver; 79 batches x 2 solvers (see the README for the measured time).
+solver; 79 batches x 2 solvers (see docs/cpu_campaign.md for the measured time).
 """
 from __future__ import annotations
 

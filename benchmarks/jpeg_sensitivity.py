@@ -120,7 +120,7 @@ def main() -> int:
     for path in (args.exact, args.data_root):
         if not (ROOT / path).exists():
             raise SystemExit(f"{path} does not exist: the exact test images and the JPEG-q75 set are needed "
-                             "(README, 'Table 1 on a CPU')")
+                             "(docs/cpu_campaign.md)")
     exact, twins, labels = exact_and_twins(ROOT / args.exact, ROOT / args.data_root)
     versions = {"exact": exact, "dataset_q75": twins, **{f"pil_q{q}": pil_jpeg(exact, q) for q in args.qualities}}
     record = {"benchmark": "jpeg_sensitivity", "images": int(len(labels)),

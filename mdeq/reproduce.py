@@ -11,6 +11,9 @@ only passes the parameters::
     python -m mdeq.reproduce --profile full --data-root /data --dry-run   # print the GPU launches
     python -m mdeq.reproduce --only 04_cityscapes       # one notebook
     python -m mdeq.reproduce --book-only                # build the book from the committed notebooks
+    python -m mdeq.reproduce --status                   # each committed table and figure: fresh or stale
+    python -m mdeq.reproduce --profile logs --stale-only   # redraw only the notebooks with stale outputs
+    python -m mdeq.reproduce --readme                   # README.md's results table from results/table_*.csv
     python -m mdeq.reproduce --update-committed         # the smoke run written into notebooks/*.ipynb,
                                                         # results/smoke/ and figures/smoke/
 """
@@ -32,7 +35,9 @@ from typing import Any, Sequence
 import nbformat
 
 from mdeq.engine import paths
+from mdeq.paper import manifest
 from mdeq.paper.parameters import NOTEBOOKS, PARAMETERS, PROFILES
+from mdeq.paper.report import readme
 
 __all__ = ["kernel_for_this_python", "strip_execution_metadata", "normalize_ipynb", "execute_notebook", "build_book",
            "main"]
@@ -105,11 +110,34 @@ def execute_notebook(name: str, out: Path, parameters: dict | None = None, *, ti
         raise ValueError(f"unknown parameter(s) {unknown} for {name}; valid: {list(PARAMETERS[name])}")
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with kernel_for_this_python() as kernel:
+    with kernel_for_this_python() as kernel, tempfile.TemporaryDirectory(prefix="mdeq-ipc-") as sockets:
         pm.execute_notebook(str(paths.NOTEBOOKS / f"{name}.ipynb"), str(out), parameters=parameters,
                             kernel_name=kernel, cwd=str(paths.ROOT), progress_bar=False, log_output=log_output,
-                            execution_timeout=timeout)
+                            execution_timeout=timeout, **_kernel_transport(Path(sockets)))
     return time.perf_counter() - t0
+
+
+def _kernel_transport(folder: Path) -> dict:
+    """papermill's kernel manager settings: the kernel's sockets as Unix-domain files in the private ``folder``.
+
+    Why: over TCP, jupyter_client's default, ipykernel warns at every start that the "Kernel is running over TCP
+    without encryption" (any local user could connect to its ports); sockets in a folder only we can read need no
+    encryption, and the kernel prints nothing. Where zmq has no IPC transport (older Windows), TCP stays.
+    """
+    import zmq
+    from traitlets.config import Config
+
+    if not zmq.has("ipc"):
+        return {}
+    return {"config": Config({"KernelManager": {"transport": "ipc", "ip": str(folder / "kernel")}})}
+
+
+def _failure_line(name: str, err: BaseException, executed: Path) -> str:
+    """A notebook that stopped, in one line: the cell's error (its type and its message's first line, which says
+    what to do) and where the whole traceback is; papermill's own report is a long traceback."""
+    ename, evalue = getattr(err, "ename", type(err).__name__), str(getattr(err, "evalue", err))
+    first = next((ln.strip() for ln in evalue.splitlines() if ln.strip()), "")
+    return f"error: notebooks/{name}.ipynb stopped: {ename}: {first} (the whole error: {paths.rel(executed)})"
 
 
 def build_book(notebooks_dir: Path, out: Path, *, strict: bool = True) -> Path:
@@ -121,7 +149,8 @@ def build_book(notebooks_dir: Path, out: Path, *, strict: bool = True) -> Path:
     for src in [BOOK / "_config.yml", BOOK / "_toc.yml", *sorted(BOOK.glob("*.md"))]:
         shutil.copyfile(src, stage / "book" / src.name)
     shutil.copytree(BOOK / "_static", stage / "book" / "_static")  # outputs.css: long output lines wrap
-    shutil.copyfile(paths.ROOT / "README.md", stage / "README.md")  # intro.md includes ../README.md
+    # intro.md includes ../README.md; the README's docs/NAME.md links are the book's NAME.md pages
+    (stage / "README.md").write_text(readme.for_book((paths.ROOT / "README.md").read_text()))
     (stage / "docs").mkdir()
     for src in sorted((paths.ROOT / "docs").glob("*.md")):  # the book's pages include these
         shutil.copyfile(src, stage / "docs" / src.name)
@@ -157,6 +186,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "(default runs/reproduce/<profile>[-quick])")
     p.add_argument("--no-book", action="store_true", help="do not build the book")
     p.add_argument("--book-only", action="store_true", help="only build the book from the committed notebooks")
+    p.add_argument("--status", action="store_true", help="list every committed table and figure as fresh or stale "
+                   "(from results/manifest.json's hashes; runs nothing); exit 1 if any is stale")
+    p.add_argument("--stale-only", action="store_true", help="logs: run only the notebooks that own a stale "
+                   "table or figure (see --status)")
+    p.add_argument("--readme", action="store_true", help="only rewrite README.md's results table from "
+                   "results/table_*.csv (the logs profile does it at its end)")
     p.add_argument("--update-committed", "--update-notebooks", dest="update_committed", action="store_true",
                    help="smoke (default parameters) only: write the committed reference outputs "
                         "(results/smoke/, figures/smoke/, and the executed notebooks into notebooks/)")
@@ -166,13 +201,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.update_committed and (args.profile != "smoke" or args.quick or args.only):
         p.error("--update-committed writes the committed notebooks and smoke outputs: only with the default "
                 "smoke profile, without --quick and --only")
+    if args.stale_only and args.profile != "logs":
+        p.error("--stale-only redraws the committed outputs from results/: only with --profile logs")
+    if args.status:
+        found = manifest.status()
+        print(manifest.format_status(found))
+        return 1 if any(not f.fresh for f in found) else 0
     label = args.profile + ("-quick" if args.quick else "")
     out = Path(args.out) if args.out else REPRODUCE / label
+    if args.readme:
+        print(f"README.md: results table {'rewritten' if readme.write() else 'already up to date'}")
+        return 0
     if args.book_only:
         html = build_book(paths.NOTEBOOKS, out)
         print(f"book: {html / 'index.html'}")
         return 0
     names = args.only or list(NOTEBOOKS)
+    if args.stale_only:
+        names = [n for n in manifest.stale_notebooks(manifest.status()) if n in names]
+        print(f"stale tables or figures are drawn by: {', '.join(names) or 'no notebook (all fresh)'}", flush=True)
+        if not names:
+            return 0
     times = {}
     for name in names:
         spec = PARAMETERS[name]
@@ -188,7 +237,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.update_committed:
             params["output_root"] = str(paths.ROOT)  # the injected cell is dropped again below
         print(f"== {name} ({label})" + (f" {params}" if params else ""), flush=True)
-        times[name] = execute_notebook(name, out / f"{name}.ipynb", params)
+        try:
+            times[name] = execute_notebook(name, out / f"{name}.ipynb", params)
+        except Exception as exc:  # a cell raised (bad parameters, missing data): one line, not papermill's traceback
+            stopped = sys.modules.get("papermill.exceptions")
+            if stopped is None or not isinstance(exc, stopped.PapermillExecutionError):
+                raise
+            print(_failure_line(name, exc, out / f"{name}.ipynb"), file=sys.stderr, flush=True)
+            return 1
         strip_execution_metadata(out / f"{name}.ipynb")
         print(f"   {times[name]:.1f} s -> {out / f'{name}.ipynb'}", flush=True)
     (out / "timings.json").write_text(json.dumps({"profile": label, "seconds": times}, indent=1) + "\n")
@@ -196,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in names:
             normalize_ipynb(out / f"{name}.ipynb", paths.NOTEBOOKS / f"{name}.ipynb", drop_injected=True)
         print("updated notebooks/*.ipynb, results/smoke/ and figures/smoke/ with the executed smoke run")
+    if args.profile == "logs":  # the README's table from the tables this run redrew, before the book shows it
+        print(f"README.md: results table {'rewritten' if readme.write() else 'already up to date'}")
     if not args.no_book:
         if set(names) != set(NOTEBOOKS):
             for n in NOTEBOOKS:  # the book needs every notebook: take the committed ones for the others

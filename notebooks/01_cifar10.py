@@ -73,7 +73,7 @@ notebook.train(ctx)
 for kind in ctx.kinds():
     table = tables.paper_table(ctx, kind, "table1")
     csv = notebook.save_table(table, "table_1_cifar10", ctx, kind)
-    display(tables.show_table(table, kind, csv))
+    notebook.display_table(tables.show_table(table, kind, csv), csv, ctx)
 
 # %% [markdown]
 # ## Fig. 4a: test accuracy per epoch
@@ -97,8 +97,8 @@ for kind in ctx.kinds():
 # ||f(z) - z|| / ||f(z)|| at the end of each solve. A loss that stalls after the warm-up would
 # mean the implicit gradient is wrong. A forward residual that grows over the epochs at the fixed
 # 15-step budget means the fixed point got harder to solve; whether it is still reached with more
-# steps is what `benchmarks/equilibrium_over_training.py` checks (README, "MDEQ-small's equilibrium
-# over the epochs").
+# steps is what `benchmarks/equilibrium_over_training.py` checks (docs/cpu_campaign.md, "MDEQ-small's
+# equilibrium over the epochs").
 
 # %%
 PANELS = [("train_loss", "train loss", True), ("eval_top1", "test accuracy (%)", False),

@@ -48,8 +48,6 @@ nproc: int = 0  # full: GPUs per run (0: all visible)
 dry_run: bool = False  # full: print the training commands, launch nothing
 
 # %%
-from IPython.display import display
-
 from mdeq.paper import notebook, parameters, runs
 from mdeq.paper.report import plots, tables
 from mdeq.engine import paths
@@ -71,7 +69,7 @@ notebook.train(ctx)
 for kind in ctx.kinds():
     table = tables.paper_table(ctx, kind, "table2")
     csv = notebook.save_table(table, "table_2_imagenet", ctx, kind)
-    display(tables.show_table(table, kind, csv))
+    notebook.display_table(tables.show_table(table, kind, csv), csv, ctx)
 
 # %% [markdown]
 # ## Validation top-1 accuracy per epoch (not a figure of the paper)

@@ -59,8 +59,6 @@ batch_size: int = 32  # full: batch size (the paper's 32); smoke uses 4 (quick: 
 device: str = "auto"  # auto | cpu | cuda; full with auto needs a GPU
 
 # %%
-from IPython.display import display
-
 from mdeq.paper import notebook, parameters
 from mdeq.paper.report import plots, tables
 from mdeq.engine import paths
@@ -84,7 +82,7 @@ for kind in ctx.kinds():
     memory = ctx.read(kind, notebook.FIG4B_MEMORY)
     table = tables.table_fig4b(ctx, kind, measured, memory=memory)
     csv = notebook.save_table(table, "table_fig4b_runtime_memory", ctx, kind)
-    display(tables.show_table(table, kind, csv))
+    notebook.display_table(tables.show_table(table, kind, csv), csv, ctx)
     fig = plots.plot_runtime_memory(measured, kind)
     notebook.save_figure(fig, "fig4b_runtime_memory", ctx, kind,
                        caption="Training time, inference time and peak training memory per batch relative to "

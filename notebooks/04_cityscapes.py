@@ -48,8 +48,6 @@ nproc: int = 0  # full: GPUs per run (0: all visible)
 dry_run: bool = False  # full: print the training commands, launch nothing
 
 # %%
-from IPython.display import display
-
 from mdeq.paper import notebook, parameters
 from mdeq.paper.report import plots, tables
 from mdeq.engine import paths
@@ -72,7 +70,7 @@ notebook.segmentation_examples(ctx)
 for kind in ctx.kinds():
     table = tables.paper_table(ctx, kind, "table3")
     csv = notebook.save_table(table, "table_3_cityscapes", ctx, kind)
-    display(tables.show_table(table, kind, csv))
+    notebook.display_table(tables.show_table(table, kind, csv), csv, ctx)
 
 # %% [markdown]
 # ## Fig. 8: segmentation examples

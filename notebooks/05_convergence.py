@@ -61,8 +61,6 @@ num_batches: int = 5  # batches per curve (the paper's 5)
 device: str = "auto"  # auto | cpu | cuda; full with auto needs a GPU
 
 # %%
-from IPython.display import display
-
 from mdeq.paper import notebook, parameters
 from mdeq.paper.report import plots, tables
 from mdeq.engine import paths
@@ -98,7 +96,7 @@ for kind in ctx.kinds():
                                "std over batches; an x marks where a batch's solve diverged and stopped")
     table = tables.convergence_table(ctx, kind, traces)
     csv = notebook.save_table(table, "table_fig5_convergence", ctx, kind)
-    display(tables.show_table(table, kind, csv))
+    notebook.display_table(tables.show_table(table, kind, csv), csv, ctx)
 
 # %% [markdown]
 # ## Fig. 7: per-scale convergence, MDEQ vs single-stream DEQ (CIFAR-10)
@@ -153,7 +151,7 @@ for kind in ctx.kinds():
     table = tables.budget_table(ctx, kind, measured)
     csv = notebook.save_table(table, "table_accuracy_vs_budget", ctx, kind)
     print(tables.budget_summary(measured))
-    display(tables.show_table(table, kind, csv))
+    notebook.display_table(tables.show_table(table, kind, csv), csv, ctx)
 
 # %% [markdown]
 # **What it says about the paper's claim** (read with the numbers printed above, which come from the JSON).
@@ -194,7 +192,7 @@ for kind in ctx.kinds():
                                "a hollow marker on the dotted budget line: the median image did not get there")
     table = tables.resolution_table(ctx, kind, measured)
     csv = notebook.save_table(table, "table_convergence_vs_resolution", ctx, kind)
-    display(tables.show_table(table, kind, csv))
+    notebook.display_table(tables.show_table(table, kind, csv), csv, ctx)
 
 # %% [markdown]
 # **What it shows.** On natural photographs, Broyden needs a few more f evaluations as the image grows

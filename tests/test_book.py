@@ -36,7 +36,7 @@ from mdeq import reproduce
 needs_book = pytest.mark.skipif(importlib.util.find_spec("jupyter_book") is None and not CI,
                                 reason="jupyter-book (the 'book' extra) is not installed")
 NOTEBOOKS = list(parameters.NOTEBOOKS)
-# The committed notebooks are the default-parameter run (README; `python -m mdeq.reproduce --update-committed`).
+# The committed notebooks are the default-parameter run (docs/running.md; `python -m mdeq.reproduce --update-committed`).
 COMMITTED_PROFILE = {name: parameters.PARAMETERS[name]["profile"][1] for name in NOTEBOOKS}
 LINKED_FILES = (".png", ".svg", ".csv")
 TRACEBACK = "Traceback (most recent call last)"
@@ -369,7 +369,9 @@ def test_banner_and_captions_on_hand_written_pages():
 def test_toc_pages_lists_root_and_every_file():
     pages = toc_pages(reproduce.BOOK / "_toc.yml")
     assert pages[0] == "intro.html"
-    assert set(pages) == {"intro.html", "paper_vs_released.html", "training_stability.html", "layout.html",
+    reference = ("results", "table1_gaps", "cpu_campaign", "trained_models", "running", "full_protocol", "benchmarks", "step_time",
+                 "package", "layout", "paper_vs_released", "training_stability")
+    assert set(pages) == {"intro.html", *(f"{name}.html" for name in reference),
                           *(f"notebooks/{n}.html" for n in NOTEBOOKS)}
 
 

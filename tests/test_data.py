@@ -240,7 +240,8 @@ def test_imagenet_synthetic_imagefolder(synthetic_root):
     with pytest.warns(UserWarning, match="996 of the 1000 ILSVRC-2012 class folders are missing"):
         sets = build_datasets("imagenet", synthetic_root / "imagenet", image_size=48, allow_missing_classes=True)
     train, val = sets["train"], sets["val"]
-    assert train.classes == val.classes and train.num_classes == 4 and train.classes[0] == "n01440764"
+    assert train.classes == val.classes and train.classes[0] == "n01440764"
+    assert train.num_classes == 1000 and train.max_label == 3  # the standard label space, 4 classes present
     assert (len(train), len(val)) == (32, 12) and "synthetic" in val.source_label
     torch.manual_seed(0)
     x, y = train[5]
@@ -249,6 +250,52 @@ def test_imagenet_synthetic_imagefolder(synthetic_root):
     assert x.shape == (3, 48, 48) and x.dtype == torch.float32 and 0 <= y < 4
     assert val[0][0].shape == (3, 48, 48)
     assert torch.equal(val[0][0], val[0][0])  # no randomness in validation
+
+
+def test_imagenet_partial_read_keeps_the_1000_labels_and_each_class_index(tmp_path):
+    """A subset with missing classes (here 0 and 3 of the generator's first 6) reports the standard label space,
+    1000 (not its highest index + 1), keeps each class's standard index, and a head must reach its highest one."""
+    import shutil
+
+    from mdeq.core.config import ConfigError, load_config
+    from mdeq.engine import loaders
+    from mdeq.engine.data.imagenet import standard_wnids
+    from mdeq.engine.distributed import DistInfo
+    from mdeq.engine.options import RunOptions
+
+    root = make_synthetic("imagenet", tmp_path / "inet", num_classes=6, n_train=1, n_val=1)
+    wnids = standard_wnids()
+    for split in ("train", "val"):
+        for gone in (0, 3):
+            shutil.rmtree(root / split / wnids[gone])
+    with pytest.warns(UserWarning, match="996 of the 1000 ILSVRC-2012 class folders are missing; reading 4"):
+        sets = build_datasets("imagenet", root, image_size=8, allow_missing_classes=True)
+    for ds in sets.values():
+        assert ds.num_classes == 1000 and ds.max_label == 5
+        assert ds.class_to_idx == {wnids[i]: i for i in (1, 2, 4, 5)}
+        assert sorted(set(ds.targets)) == [1, 2, 4, 5]
+    options = RunOptions(out_dir=tmp_path / "run", data_root=root, data_options={"allow_missing_classes": True})
+    with pytest.warns(UserWarning, match="class folders are missing"):  # a 6-output head reaches label 5
+        loaders.build_datasets(load_config("imagenet_small_paper", ["data.num_classes=6"]), options, DistInfo())
+    with pytest.warns(UserWarning), pytest.raises(ConfigError, match="has labels up to 5 of its 1000 classes but "
+                                                                     "data.num_classes is 5"):
+        loaders.build_datasets(load_config("imagenet_small_paper", ["data.num_classes=5"]), options, DistInfo())
+
+
+def test_check_root_passes_each_layout_and_names_what_is_missing(synthetic_root, tmp_path):
+    from mdeq.engine.data import check_root
+
+    for name in ("cifar10", "imagenet", "cityscapes"):
+        assert check_root(name, synthetic_root / name) == synthetic_root / name
+        with pytest.raises(DatasetNotFoundError, match="the data directory does not exist") as info:
+            check_root(name, tmp_path / name)
+        assert info.value.layout == describe_layout(name) and info.value.how_to_get
+    (tmp_path / "cityscapes" / "leftImg8bit" / "train").mkdir(parents=True)
+    with pytest.raises(DatasetNotFoundError, match="missing folder .*leftImg8bit/val"):
+        check_root("cityscapes", tmp_path / "cityscapes")
+    (tmp_path / "cifar10" / "cifar-10-batches-py").mkdir(parents=True)
+    with pytest.raises(DatasetNotFoundError, match="missing files in .*: data_batch_1, data_batch_2"):
+        check_root("cifar10", tmp_path / "cifar10")
 
 
 def test_imagenet_wrong_layout(tmp_path):

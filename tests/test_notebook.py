@@ -184,8 +184,24 @@ def test_full_profile_dry_runs_say_what_they_would_do(capsys):
         {"profile": "full", "dry_run": True, "nproc": 4, "seeds": 2, "data_root": "/datasets"}, "01_cifar10"))
     notebook.train(ctx)
     lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("data missing: the commands below would stop at once. cifar10 is not at /datasets")
+    lines = [line for line in lines if line.startswith("dry-run")]
     assert len(lines) == 8 * 2 and all(line.startswith("dry-run  cifar10_") for line in lines)
     assert "--nproc_per_node 4 -m mdeq.train" in lines[0] and "--data-root /datasets/cifar10" in lines[0]
+
+
+def test_full_profile_banner_names_missing_data_before_the_gpus_and_never_a_cpu(monkeypatch, tmp_path):
+    from mdeq.paper import runs
+
+    monkeypatch.setattr(runs, "visible_gpus", lambda: 0)
+    ctx = notebook.setup(parameters.check_parameters(
+        {"profile": "full", "dry_run": True, "data_root": str(tmp_path)}, "01_cifar10"))
+    text = notebook.banner(ctx)
+    assert "CPU" not in text and "on this machine, so this dry run only prints the commands" in text
+    assert text.index(f"Data: cifar10 is not at {tmp_path / 'cifar10'} (the data directory does not exist)") \
+        < text.index("GPUs: none is visible")
+    text = notebook.banner(notebook.setup(parameters.check_parameters({"profile": "full"}, "03_runtime_memory")))
+    assert "CPU" not in text and "Data:" not in text and "nothing can be trained or measured here" in text
 
 
 def test_notebooks_call_one_step_per_profile_and_build_no_internal_paths():

@@ -168,6 +168,33 @@ def test_reproduce_cli_rejects_bad_combinations():
         reproduce.execute_notebook("01_cifar10", Path("/nonexistent/x.ipynb"), {"profil": "logs"})
 
 
+def test_a_stopped_notebook_ends_with_one_line_that_says_what_to_do(tmp_path, capfd):
+    """The full profile without its data: mdeq.reproduce prints the cell's error in one line (papermill's report
+    is a long traceback), and the kernel, on IPC sockets, prints no "running over TCP without encryption"."""
+    rc = reproduce.main(["--profile", "full", "--only", "02_imagenet", "--data-root", str(tmp_path / "none"),
+                         "--no-book", "--out", str(tmp_path / "out")])
+    out, err = capfd.readouterr()
+    assert rc == 1 and out.splitlines() == ["== 02_imagenet (full) {'profile': 'full', 'data_root': '%s'}"
+                                            % (tmp_path / "none")]
+    assert err.endswith("\n") and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: notebooks/02_imagenet.ipynb stopped: MissingDataError: imagenet is not at "
+                          f"{tmp_path / 'none' / 'imagenet'} (the data directory does not exist): put it there")
+    assert err.rstrip().endswith(f"(the whole error: {tmp_path / 'out' / '02_imagenet.ipynb'})")
+    assert "without encryption" not in out + err
+
+
+def test_failure_line_is_the_cells_error_in_one_line():
+    from papermill.exceptions import PapermillExecutionError
+
+    err = PapermillExecutionError(3, 3, "params = ...", "ParameterError",
+                                  "parameter 'profile' must be one of ['smoke', 'logs', 'full'], got 'smok'; "
+                                  "did you mean 'smoke'?", ["long", "traceback"])
+    line = reproduce._failure_line("01_cifar10", err, paths.RUNS / "reproduce" / "full" / "01_cifar10.ipynb")
+    assert line == ("error: notebooks/01_cifar10.ipynb stopped: ParameterError: parameter 'profile' must be one of "
+                    "['smoke', 'logs', 'full'], got 'smok'; did you mean 'smoke'? "
+                    "(the whole error: runs/reproduce/full/01_cifar10.ipynb)")
+
+
 @pytest.mark.slow
 def test_readme_main_command_leaves_git_status_clean(tmp_path):
     """`python -m mdeq.reproduce --profile smoke` (here one notebook and the book) on a fresh copy of the

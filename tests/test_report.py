@@ -419,6 +419,22 @@ def test_show_table_keeps_few_columns_and_names_the_csv(tmp_path, monkeypatch):
     assert shown.caption.endswith("results/table_1_cifar10.csv")
     row = shown.data.set_index("row").loc["MDEQ-small (ours)"]
     assert row["paper"] == "87.10 ± 0.40" and row["params (paper / ours)"] == "170K / 175K"
+    # the page names each setting once (a header row over its rows) and the metric once (above paper/ours/delta)
+    page = shown._repr_html_()
+    assert page.count("without data augmentation") == 1 and page.count("test accuracy (%)") == 1
+    assert '<th colspan="6" class="setting">with data augmentation</th>' in page
+    assert '<th colspan="3" class="metric">test accuracy (%)</th>' in page
+
+
+def test_show_table_writes_a_row_name_once_over_its_metrics():
+    df = pd.DataFrame({"table": "Table 2", "setting": "", "row": ["MDEQ-small", "MDEQ-small"],
+                       "metric": ["top-1 (%)", "top-5 (%)"], "paper": [75.5, 92.7], "ours": [70.0, 90.0],
+                       "delta": [-5.5, -2.7], "paper_params": 18e6, "ours_params": 18e6, "status": "1 run"})
+    shown = tables.show_table(df, "real")
+    assert list(shown.data.columns) == ["row", "metric", "paper", "ours", "delta", "params (paper / ours)", "status"]
+    page = shown._repr_html_()
+    assert page.count("MDEQ-small") == 1 and '<td class="row" rowspan="2">MDEQ-small</td>' in page
+    assert "top-1 (%)" in page and "top-5 (%)" in page and 'class="setting"' not in page
 
 
 # ----------------------------------------------------------------------------------------------

@@ -99,8 +99,29 @@ def test_processes_split_the_global_batch_evenly():
 
 def test_run_full_without_gpus_refuses_to_launch(monkeypatch, tmp_path):
     monkeypatch.setattr(runs, "visible_gpus", lambda: 0)
+    for split in ("train", "val"):  # the data is in place: the GPUs are what is missing
+        (tmp_path / "data" / "imagenet" / split).mkdir(parents=True)
     with pytest.raises(RuntimeError, match="none is visible"):
-        runs.run_full("02_imagenet", results=tmp_path)
+        runs.run_full("02_imagenet", data_root=str(tmp_path / "data"), results=tmp_path)
+
+
+def test_full_profile_names_missing_data_and_its_layout_before_the_gpus(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(runs, "visible_gpus", lambda: 0)
+    with pytest.raises(runs.MissingDataError) as info:
+        runs.run_full("02_imagenet", data_root=str(tmp_path), results=tmp_path / "results")
+    first, *rest = str(info.value).splitlines()
+    assert first.startswith(f"imagenet is not at {tmp_path / 'imagenet'} (the data directory does not exist): "
+                            f"put it there") and "https://image-net.org" in first
+    assert "  <root>/train/<wnid>/*.JPEG    e.g. train/n01440764/n01440764_10026.JPEG (1000 class folders)" in rest
+    assert "GPU" not in str(info.value)
+    (tmp_path / "imagenet" / "train").mkdir(parents=True)  # half the layout: the other half is named
+    with pytest.raises(runs.MissingDataError, match=f"missing folder {tmp_path / 'imagenet' / 'val'}"):
+        runs.run_full("02_imagenet", data_root=str(tmp_path), results=tmp_path / "results")
+    launches = runs.run_full("04_cityscapes", data_root=str(tmp_path), dry_run=True, results=tmp_path / "results")
+    out = capsys.readouterr().out
+    assert out.startswith("data missing: the commands below would stop at once. cityscapes is not at")
+    assert "<root>/gtFine/{train,val}/<city>/" in out and "https://www.cityscapes-dataset.com" in out
+    assert {lc.status for lc in launches} == {"dry-run"}
 
 
 def test_smoke_overrides_give_valid_small_configs():

@@ -277,7 +277,7 @@ def test_resume_in_the_campaigns_settings_is_bit_identical(cifar_root, tmp_path,
     (compiled f) and resumed again ends bit-identical to an uninterrupted run with the same settings: on a
     CPU with a fixed thread count every kernel, eager or compiled (``dynamic=False``: one kernel per shape),
     reduces in a fixed order, so a process that starts mid-run computes the same bits. (Another thread count
-    does not: README, "Table 1 on a CPU".)"""
+    does not: docs/cpu_campaign.md, "What a resume keeps".)"""
     env = {**_env(), "OMP_NUM_THREADS": str(threads), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     full, out = tmp_path / "full", tmp_path / "chunked"
     done = subprocess.run(_campaign_command(cifar_root, full, threads), env=env, capture_output=True, text=True)

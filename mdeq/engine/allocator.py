@@ -4,7 +4,7 @@ Why: an implicit training step allocates and frees hundreds of state-sized tenso
 f's outputs, VJPs) and two (B, T + 1, D) solver histories. glibc's malloc serves large blocks with
 ``mmap`` and gives freed memory back to the kernel, so each such tensor starts on fresh pages that the
 kernel must fault in and zero. On this project's 2-core CPU that cost about 20 % of an MDEQ-small step
-at batch 128 (README, "Where a training step's time goes"). With ``mmap`` off and no trimming, freed
+at batch 128 (``docs/step_time.md``, "Where a training step's time goes"). With ``mmap`` off and no trimming, freed
 blocks stay in the heap and the next tensor of that size reuses them. The numbers do not change; the
 cost is that the process keeps its peak memory until it exits. It is what the PyTorch CPU tuning guides
 get from jemalloc or tcmalloc, done with the C library already loaded.

@@ -98,10 +98,15 @@ def build_datasets(cfg: ExperimentConfig, options: RunOptions, dist_info: DistIn
         sets[split] = build_dataset(cfg.data.dataset, root, split, **opts)
     train_set, eval_set = sets["train"], sets["val"]
     source_label = getattr(train_set, "source_label", "unknown")
-    n_classes = getattr(train_set, "num_classes", None)
-    if n_classes is not None and n_classes > cfg.data.num_classes:
-        raise ConfigError(f"the data set at {root} has {n_classes} classes but data.num_classes is "
-                          f"{cfg.data.num_classes}")
+    for split, ds in sets.items():
+        # the head must reach every label present: a partial ImageNet copy keeps its 1000-class label space
+        # (num_classes) but needs only up to its highest present index (max_label), e.g. a smoke run's 10 classes
+        n_classes = getattr(ds, "num_classes", None)
+        top = getattr(ds, "max_label", None if n_classes is None else n_classes - 1)
+        if top is not None and top >= cfg.data.num_classes:
+            partial = f"labels up to {top} of its {n_classes}" if top != n_classes - 1 else f"{n_classes}"
+            raise ConfigError(f"the {split} set at {root} has {partial} classes but data.num_classes is "
+                              f"{cfg.data.num_classes}")
     if options.limit_train is not None:
         train_set = Subset(train_set, range(min(options.limit_train, len(train_set))))
     if options.limit_eval is not None:

@@ -36,7 +36,7 @@ class RunOptions:
     rounding). compile: ``torch.compile`` f for the no-grad forward solve (``ImplicitLayer``'s
     ``compile_forward``; up to a minute of compiling per batch shape and mode). On the project's 2-core
     CPU neither changed the MDEQ-small step at batch 128 beyond the +-8 % noise
-    (``benchmarks/train_step_profile.py``, README "Where a training step's time goes").
+    (``benchmarks/train_step_profile.py``, ``docs/step_time.md``).
     keep_freed_memory: on a CPU run, keep freed memory in the process for reuse (``mdeq.engine.allocator``: no
     page faults on every new tensor; the numbers do not change, the process keeps its peak memory;
     None: on for CPU runs, for the rest of the process).

@@ -17,7 +17,8 @@ that function does what the profile asks:
 
 ``output_root`` sends every output to ``<output_root>/results`` and ``<output_root>/figures``, and a
 profile reads back what it computed from there (``Context.inputs_dir``). Every smoke title and caption
-says "smoke run, not a reproduction".
+says "smoke run, not a reproduction". Every saved table and figure is recorded in ``<root>/results/manifest.json``
+with what it was made from (``mdeq.paper.manifest``), and its caption on the page names those inputs and the commit.
 """
 from __future__ import annotations
 
@@ -30,14 +31,15 @@ from typing import Mapping
 import matplotlib.pyplot as plt
 import torch
 
-from mdeq.paper import runs
-from mdeq.paper.parameters import TUTORIAL, Params
+from mdeq.paper import manifest, runs
+from mdeq.paper.parameters import PARAMETERS, TUTORIAL, Params
 from mdeq.paper.measure import examples, runtime, solver_traces, timing
 from mdeq.engine import paths, progress
 from mdeq.paper.report.style import SMOKE_NOTE, set_style
 from mdeq.engine.runlog import describe_hardware, hardware_label, read_json, read_run
 
-__all__ = ["FIGURE_OWNERS", "TABLE_OWNERS", "Context", "setup", "save_figure", "save_table", "show_banner", "write_json",
+__all__ = ["FIGURE_OWNERS", "TABLE_OWNERS", "Context", "setup", "save_figure", "save_table", "display_table",
+           "show_banner", "write_json",
            "train", "segmentation_examples", "runtime_memory", "convergence", "RUNTIME_MEMORY", "FIG4B_MEMORY",
            "CONVERGENCE_TRACES", "CITYSCAPES_EXAMPLES", "JPEG_SENSITIVITY", "trained_inference", "ACCURACY_VS_BUDGET",
            "CONVERGENCE_VS_RESOLUTION"]
@@ -94,6 +96,16 @@ class Context:
     output_root: Path | None = None
     params: Params | None = None
     written: list = field(default_factory=list)
+    recorder: manifest.Recorder = field(init=False, repr=False)  # what this run read (mdeq.paper.manifest)
+    made_from: dict = field(default_factory=dict, repr=False)  # output path -> the caption's "Made from ..."
+    _commit: str | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        self.recorder = manifest.Recorder(self.root(), (paths.RESULTS, self._outputs()[0]))
+
+    def root(self) -> Path:
+        """The folder holding this run's results/ and figures/ (the repository for the committed outputs)."""
+        return self._outputs()[0].parent
 
     def _outputs(self) -> tuple[Path, Path]:
         """(results, figures) of this run: under ``output_root`` if given; a smoke run's under the ignored runs/
@@ -126,8 +138,11 @@ class Context:
         return self.inputs_dir(kind) / "runs"
 
     def read(self, kind: str, name: str) -> dict | None:
-        """The measurement ``name`` (a JSON file) of ``kind``, or None where there is none."""
-        return read_json(self.inputs_dir(kind) / name)
+        """The measurement ``name`` (a JSON file) of ``kind``, or None where there is none (an input either way)."""
+        path = self.inputs_dir(kind) / name
+        if not path.is_file():
+            self.recorder.note(path)  # looked for: the output is stale once it appears
+        return read_json(path)
 
     def kinds(self) -> tuple[str, ...]:
         """What this profile draws: smoke draws its own run; full draws real logs; logs draws both."""
@@ -148,6 +163,7 @@ def _kind(kind: str) -> str:
 def setup(params: Params) -> Context:
     """Apply the figure style and return the run context (nothing process-wide beyond matplotlib's style)."""
     set_style()
+    manifest.watch_cells()  # in a kernel, each cell begins a drawing step (what its outputs were made from)
     out = Path(params.output_root).resolve() if params.values.get("output_root") else None
     return Context(params.notebook, params.profile, bool(params.values.get("quick")), out, params)
 
@@ -327,7 +343,8 @@ def save_figure(fig, name: str, ctx: Context, kind: str, *, caption: str, source
     """Write ``fig`` as PNG and SVG (plus a JSON sidecar with its caption and writer) and return paths.
 
     The caption is text, not pixels: in a notebook it is shown under the figure as Markdown (and so in
-    the book), and it is stored in the sidecar. A smoke figure says "smoke run, not a reproduction" in
+    the book), and it is stored in the sidecar; the page's caption ends with what the figure was made from
+    and the commit (``_record``). A smoke figure says "smoke run, not a reproduction" in
     its caption (and its title, via ``figure_title``). ``name`` must belong to ``ctx.notebook``.
     """
     owner = FIGURE_OWNERS.get(name)
@@ -346,7 +363,8 @@ def save_figure(fig, name: str, ctx: Context, kind: str, *, caption: str, source
     out["json"] = folder / f"{name}.json"
     out["json"].write_text(json.dumps(sidecar, indent=1) + "\n")
     ctx.written += list(out.values())
-    if _display(fig, f"*Figure ({name}).* {text}"):
+    made = _record(ctx, folder / name, list(out.values()), kind, source)
+    if _display(fig, f"*Figure ({name}).* {text} {made}"):
         plt.close(fig)  # shown once, with its caption under it
     return out
 
@@ -375,9 +393,20 @@ def banner(ctx: Context) -> str:
         return (f"> **Smoke profile: toy models on synthetic data, {SMOKE_NOTE}.** Every number and curve on "
                 "this page comes from shrunken models trained or measured for seconds on a CPU; the paper's "
                 "numbers stand beside them for orientation only.")
-    if ctx.profile == "full":
+    if ctx.profile == "full":  # the data first (what a newcomer lacks first), then the GPUs; never "on CPU"
+        values = ctx.params.values if ctx.params is not None else {}
+        data = ""
+        if runs.runs_for(ctx.notebook):
+            missing = runs.missing_data(ctx.notebook, values.get("data_root", ""))
+            data = " Data: " + ("; ".join(f"{e.dataset} is not at {paths.rel(e.root)} ({e.problem})"
+                                          for e in missing) or "in place") + "."
         gpus = runs.visible_gpus()
-        return f"> **Full profile**: the paper's protocol, on {hardware_label(world_size=max(gpus, 1))}."
+        dry = values.get("dry_run", False)
+        where = (hardware_label(world_size=gpus) if gpus else "none is visible on this machine, so "
+                 + ("this dry run only prints the commands" if dry else "nothing can be trained or measured here"))
+        if values.get("device") == "cpu":  # 03 and 05 measure where they are told
+            where = "not used: device='cpu' measures on this machine's CPU, which is not the paper's hardware"
+        return f"> **Full profile**: the paper's protocol{' (dry run)' if dry else ''}.{data} GPUs: {where}."
     folders = sorted(p for p in ctx.logs_dir("real").iterdir() if p.is_dir()) if ctx.logs_dir("real").is_dir() else []
     lines = []
     for path in folders:
@@ -411,4 +440,32 @@ def save_table(df, name: str, ctx: Context, kind: str) -> Path:
     path = folder / f"{name}.csv"
     df.to_csv(path, index=False, float_format="%.4g")
     ctx.written.append(path)
+    _record(ctx, folder / name, [path], kind)
     return path
+
+
+def display_table(shown, csv: str | Path, ctx: Context) -> None:
+    """Show a saved table as the page shows it (``report.tables.show_table``) with its caption under it: the
+    notebook that drew it, what it was made from and the commit."""
+    text = (f"*Table ({Path(csv).stem}).* Drawn by notebooks/{ctx.notebook}.ipynb into {paths.rel(csv)}. "
+            + ctx.made_from.get(Path(csv), ""))
+    if not _display(shown, text):
+        print(f"{shown!r}\n{text}")
+
+
+def _record(ctx: Context, stem: Path, files: list, kind: str, source: str | None = None) -> str:
+    """Record what the output ``stem`` (its path without suffix) was made from in its manifest
+    (``mdeq.paper.manifest``); return the caption's sentence that says so, with the commit."""
+    if source and not any(c in source for c in " *?[") and not (paths.ROOT / source).exists():
+        ctx.recorder.note(paths.ROOT / source)  # named but absent: the output is stale once it appears
+    spec = PARAMETERS.get(ctx.notebook, {})
+    values = ctx.params.values if ctx.params is not None else {"quick": ctx.quick}
+    params = {"profile": ctx.profile, **{k: v for k, v in values.items()  # output_root: only where it went
+                                        if k in spec and k not in ("profile", "output_root") and v != spec[k][1]}}
+    entry = manifest.record(ctx.recorder, stem.resolve().relative_to(ctx.recorder.root).as_posix(), files, kind,
+                            notebook=ctx.notebook, parameters=params)
+    if ctx._commit is None:
+        ctx._commit = manifest.commit_label()
+    text = manifest.made_from(entry, paths.rel(ctx.root() / "results" / manifest.MANIFEST), ctx._commit)
+    ctx.made_from[Path(files[0])] = text
+    return text

@@ -35,7 +35,7 @@ from mdeq.engine.options import RunOptions
 
 __all__ = ["RunSpec", "RUNS", "runs_for", "spec", "config_name", "run_name", "smoke_spec", "smoke_overrides",
            "smoke_baseline_options", "smoke_data", "smoke_run_dir", "train_smoke", "visible_gpus", "default_data_root", "full_command",
-           "processes_for", "Launch", "run_full", "FULL_RUNS", "SMOKE_RUNS"]
+           "processes_for", "Launch", "MissingDataError", "missing_data", "run_full", "FULL_RUNS", "SMOKE_RUNS"]
 
 FULL_RUNS = paths.RUNS / "full"  # checkpoints of full runs (not committed)
 SMOKE_RUNS = paths.RUNS / "notebooks"  # checkpoints and data of the notebooks' smoke runs (not committed)
@@ -269,6 +269,37 @@ def default_data_root(dataset: str, data_root: str = "") -> Path:
     return (Path(data_root) if data_root else paths.DATA) / dataset
 
 
+class MissingDataError(FileNotFoundError):
+    """A data set the full profile trains on is not where its commands point: the first line of the message says
+    what to do (put it there, or pass another ``data_root``; how to get it), the next ones the expected layout."""
+
+    def __init__(self, errors):
+        self.errors = list(errors)
+        lines = []
+        for e in self.errors:
+            lines.append(f"{e.dataset} is not at {e.root} ({e.problem}): put it there in the expected layout, or point "
+                         f"data_root (papermill -p data_root DIR, python -m mdeq.reproduce --data-root DIR) at a "
+                         f"folder holding {e.dataset}/; to get it: {e.how_to_get}")
+        for e in self.errors:
+            lines += [f"{e.dataset}: expected layout under {e.root}:", *("  " + ln for ln in e.layout.splitlines())]
+        super().__init__("\n".join(lines))
+
+
+def missing_data(notebook: str, data_root: str = "") -> list:
+    """The data sets the full runs of ``notebook`` read that are not where ``full_command`` points them, as
+    ``DatasetNotFoundError``s (folder, problem, expected layout, download). Cheap: folders and file names only."""
+    # Imported here: the data package pulls in PIL and torchvision, which the registry's other users never need.
+    from mdeq.engine.data import DatasetNotFoundError, check_root
+
+    errors = []
+    for dataset in dict.fromkeys(r.dataset for r in runs_for(notebook)):
+        try:
+            check_root(dataset, default_data_root(dataset, data_root))
+        except DatasetNotFoundError as exc:
+            errors.append(exc)
+    return errors
+
+
 def full_command(run: RunSpec, *, variant: str = "paper", data_root: str = "", nproc: int = 1,
                  seed: int | None = None, workers: int = 8, python: str | None = None) -> list[str]:
     """The command line that trains ``run`` with the paper's protocol (``--resume`` continues a run).
@@ -318,35 +349,41 @@ def run_full(notebook: str, *, variant: str = "paper", data_root: str = "", npro
     """Train every run of ``notebook`` with the paper's protocol, skipping finished ones.
 
     ``nproc`` 0 uses every visible GPU; ``seeds`` > 1 trains ``<key>_seed<k>`` for k < seeds (Table 1's
-    five runs). Logs are copied into ``results/runs/<run>/`` after each launch, even a failed one.
+    five runs). Logs are copied into ``results/runs/<run>/`` after each launch, even a failed one. The data is
+    checked first, dry run included (``MissingDataError``; a dry run prints it and goes on), then the GPUs.
     """
     results = Path(results) if results is not None else paths.RESULTS / "runs"
+    names = [(run, seed) for run in runs_for(notebook) for seed in (range(seeds) if seeds > 1 else [None])]
+    pending = any(not finished(read_json(results / run_name(run, seed) / "final.json")) for run, seed in names)
+    missing = missing_data(notebook, data_root) if pending else []  # finished runs read no data
+    if missing and not dry_run:
+        raise MissingDataError(missing)
+    if missing:
+        print(f"data missing: the commands below would stop at once. {MissingDataError(missing)}", flush=True)
     n = nproc or visible_gpus()
     if not dry_run and n == 0:
         raise RuntimeError("the full profile trains on GPUs and none is visible; use profile='smoke' on a CPU, "
                            "or dry_run=True to print the commands")
     launches = []
-    for run in runs_for(notebook):
-        for seed in (range(seeds) if seeds > 1 else [None]):
-            name = run_name(run, seed)
-            cmd = full_command(run, variant=variant, data_root=data_root, nproc=processes_for(run, variant, n),
-                               seed=seed)
-            if finished(read_json(results / name / "final.json")):
-                launches.append(Launch(name, cmd, "done"))
-                continue
-            if dry_run:
-                launches.append(Launch(name, cmd, "dry-run"))
-                continue
-            if run.pretrained_from and not (FULL_RUNS / run.pretrained_from / "checkpoint.pt").is_file():
-                raise FileNotFoundError(f"{name} starts from the ImageNet run {run.pretrained_from}, whose checkpoint "
-                                        f"{FULL_RUNS / run.pretrained_from / 'checkpoint.pt'} is missing: run "
-                                        f"notebooks/02_imagenet with profile='full' first")
-            print("$", shlex.join(cmd), flush=True)
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, cwd=paths.ROOT)
-            collect_run(FULL_RUNS / name, results / name)
-            status = "ran" if proc.returncode == 0 else "failed"
-            launches.append(Launch(name, cmd, status, time.perf_counter() - t0))
-            if proc.returncode != 0:
-                raise RuntimeError(f"{name} failed with exit code {proc.returncode}: {shlex.join(cmd)}")
+    for run, seed in names:
+        name = run_name(run, seed)
+        cmd = full_command(run, variant=variant, data_root=data_root, nproc=processes_for(run, variant, n), seed=seed)
+        if finished(read_json(results / name / "final.json")):
+            launches.append(Launch(name, cmd, "done"))
+            continue
+        if dry_run:
+            launches.append(Launch(name, cmd, "dry-run"))
+            continue
+        if run.pretrained_from and not (FULL_RUNS / run.pretrained_from / "checkpoint.pt").is_file():
+            raise FileNotFoundError(f"{name} starts from the ImageNet run {run.pretrained_from}, whose checkpoint "
+                                    f"{FULL_RUNS / run.pretrained_from / 'checkpoint.pt'} is missing: run "
+                                    f"notebooks/02_imagenet with profile='full' first")
+        print("$", shlex.join(cmd), flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=paths.ROOT)
+        collect_run(FULL_RUNS / name, results / name)
+        status = "ran" if proc.returncode == 0 else "failed"
+        launches.append(Launch(name, cmd, status, time.perf_counter() - t0))
+        if proc.returncode != 0:
+            raise RuntimeError(f"{name} failed with exit code {proc.returncode}: {shlex.join(cmd)}")
     return launches

@@ -352,7 +352,7 @@ def _accuracy_cell(row: Mapping[str, Any]) -> str:
 
 
 def format_checkpoint_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """``checkpoint_table`` as the Markdown table the README shows."""
+    """``checkpoint_table`` as the Markdown table ``docs/trained_models.md`` shows."""
     lines = ["| run | config (model) | weights | test top-1 (%) of these weights, logged | data | parameters | "
              "file | sha256 | evaluate |", "|---|---|---|---|---|---:|---:|---|---|"]
     for r in rows:

@@ -34,6 +34,7 @@ class DatasetNotFoundError(FileNotFoundError):
 
     def __init__(self, dataset: str, root: str | Path, problem: str, layout: str, how_to_get: str):
         self.dataset, self.root, self.problem = dataset, Path(root), problem
+        self.layout, self.how_to_get = layout.strip("\n"), how_to_get
         # what a command line prints: one line (the layout and how to get the data are in the full message)
         self.summary = (f"{dataset}: {problem} (looked in {Path(root).resolve()}); a synthetic copy for smoke "
                         f"runs: python -m mdeq.engine.data.synthetic --dataset {dataset} --root {root}")
@@ -119,6 +120,14 @@ def describe_layout(dataset: str) -> str:
     return _module(dataset).LAYOUT.strip("\n")
 
 
+def check_root(dataset: str, root: str | Path) -> Path:
+    """``root`` if it holds ``dataset``'s files or folders (both splits), else ``DatasetNotFoundError`` naming the
+    expected layout and the download. Cheap: no image is listed and no checksum computed (the builders do that),
+    so a launcher (the full profile) checks its data this way before it asks for GPUs."""
+    _module(dataset).check_root(root)
+    return Path(root)
+
+
 def build_dataset(dataset: str, root: str | Path, split: str, **options):
     """One split ('train' or 'val') of a data set; ``options`` go to the data set's builder.
 
@@ -157,6 +166,7 @@ __all__ = [
     "DataOptionError",
     "build_dataset",
     "build_datasets",
+    "check_root",
     "describe_layout",
     "CIFAR10_CLASSES",
     "CIFAR10_MEAN",

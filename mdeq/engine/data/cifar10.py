@@ -148,6 +148,15 @@ def _folder(root) -> Path:
                                LAYOUT, HOW_TO_GET)
 
 
+def check_root(root) -> None:
+    """The official pickles are under ``root`` (their names only; ``load_pickles`` checks their md5)."""
+    folder = _folder(root)
+    missing = [n for n in (*TRAIN_BATCHES, *TEST_BATCHES, META) if not (folder / n).is_file()]
+    if missing:
+        raise DatasetNotFoundError("cifar10", root, f"missing files in {folder}: {', '.join(missing)}",
+                                   LAYOUT, HOW_TO_GET)
+
+
 def md5sum(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex md5 of a file, read in 1 MiB chunks (the batches are about 31 MB each)."""
     digest = hashlib.md5()

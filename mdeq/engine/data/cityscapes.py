@@ -102,6 +102,16 @@ def train_ids_to_color(train_ids) -> np.ndarray:
     return palette[np.clip(train_ids, 0, 255).astype(np.int64)]
 
 
+def check_root(root) -> None:
+    """``<root>/{leftImg8bit,gtFine}/{train,val}`` exist (their images are not listed)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetNotFoundError("cityscapes", root, "the data directory does not exist", LAYOUT, HOW_TO_GET)
+    for folder in (root / top / split for top in ("leftImg8bit", "gtFine") for split in ("train", "val")):
+        if not folder.is_dir():
+            raise DatasetNotFoundError("cityscapes", root, f"missing folder {folder}", LAYOUT, HOW_TO_GET)
+
+
 def _pairs(root: Path, split: str) -> list[tuple[Path, Path]]:
     image_dir, label_dir = root / "leftImg8bit" / split, root / "gtFine" / split
     for folder in (image_dir, label_dir):

@@ -50,14 +50,18 @@ class ImageNetFolder(ImageFolder):
     """``ImageFolder`` with the standard class index, ``num_classes``, ``source_label`` and file-naming errors.
 
     ``classes`` are the class folders present, ``class_to_idx`` maps each to its standard index, and
-    ``num_classes`` is the number of outputs those labels need (1000 for the full data set).
+    ``num_classes`` is the standard label space, 1000, whatever folders are present: a partial copy keeps the
+    full data set's labels, so a head or a message sized from it has the 1000 outputs a released checkpoint has.
+    ``max_label`` is the highest standard index present (what a smaller head must still reach).
     """
+
+    num_classes = 1000
 
     def __init__(self, root, *, transform, source_label: str, class_to_idx: dict[str, int]):
         self._standard = dict(class_to_idx)
         super().__init__(str(root), transform=transform, loader=load_image, is_valid_file=_is_image,
                          allow_empty=True)
-        self.num_classes = max(self._standard.values()) + 1
+        self.max_label = max(self._standard.values())
         self.source_label = source_label
 
     def find_classes(self, directory):
@@ -93,6 +97,14 @@ def _base(root) -> Path:
             return base
     raise DatasetNotFoundError("imagenet", root, "no 'train' or 'val' folder in the data directory",
                                LAYOUT, HOW_TO_GET)
+
+
+def check_root(root) -> None:
+    """``<root>/{train,val}`` (or ``<root>/images/{train,val}``) exist (their class folders are not listed)."""
+    base = _base(root)
+    for split in ("train", "val"):
+        if not (base / split).is_dir():
+            raise DatasetNotFoundError("imagenet", root, f"missing folder {base / split}", LAYOUT, HOW_TO_GET)
 
 
 def _class_folders(root, folder: Path, allow_missing: bool) -> dict[str, int]:

@@ -3,17 +3,20 @@
 One colour per model or solver and one line style per curve, the same in every figure; one matplotlib style for
 every figure of the repository; the words a table or figure uses for a smoke run (``SMOKE_NOTE``) and for a row
 or panel without our log (``NOT_RUN``); and the names of solvers, curves and data sets that a table's rows and a
-figure's legend share.
+figure's legend share; and how a table is laid out on a page (``PageTable``).
 """
 from __future__ import annotations
 
+import html
 import os
 import textwrap
+from dataclasses import dataclass
 from typing import Mapping
 
 import matplotlib
+import pandas as pd
 
-__all__ = ["SMOKE_NOTE", "NOT_RUN", "COLORS", "set_style", "figure_title", "no_data"]
+__all__ = ["SMOKE_NOTE", "NOT_RUN", "COLORS", "set_style", "figure_title", "no_data", "PageTable"]
 
 SMOKE_NOTE = "smoke run, not a reproduction"
 NOT_RUN = "not run yet"
@@ -79,3 +82,63 @@ def _curve_label(key: str, curve: Mapping) -> str:
     if not isinstance(weights, str) or "/" in weights or weights.startswith("initial ("):
         return _CURVE_STYLE.get(key, (key,))[0]
     return f"{solver}, {weights}"
+
+
+_NUMBERS = ("paper", "ours", "delta")  # the columns a page table reads across; the metric is named once above them
+_PAGE_CSS = """<style>
+table.mdeq-page th, table.mdeq-page td {padding: 2px 10px; text-align: left; vertical-align: top;}
+table.mdeq-page caption {caption-side: top; text-align: left; font-weight: bold;}
+table.mdeq-page td.row {min-width: 14em;}
+table.mdeq-page td.number {white-space: nowrap;}
+table.mdeq-page th.setting {font-style: italic; padding-top: 8px; border-bottom: 1px solid #bbb;}
+table.mdeq-page th.metric {text-align: center; border-bottom: 1px solid #bbb;}
+</style>"""
+
+
+@dataclass(frozen=True, eq=False)
+class PageTable:
+    """A table as a page shows it: ``data`` holds the shown columns flat, and only the HTML groups them.
+
+    A header row per setting and the metric named once above the paper/ours columns, as the paper's Table 1 does,
+    so that those columns carry the eye; a metric that changes from row to row stays a column, and a row name
+    repeated over its metrics (Table 2's top-1 and top-5) is written once."""
+
+    data: pd.DataFrame
+    caption: str
+
+    def __repr__(self) -> str:
+        return f"{self.caption}\n{self.data.to_string(index=False)}"
+
+    def _repr_html_(self) -> str:
+        d = self.data.fillna("").astype(str)
+        rows = d.to_dict("records")
+        metrics = list(dict.fromkeys(d["metric"])) if "metric" in d else []
+        cols = [c for c in d.columns if c != "setting" and not (c == "metric" and len(metrics) == 1)]
+        nums = [c for c in cols if c in _NUMBERS]
+        esc = html.escape
+        head = ""
+        if len(metrics) == 1 and nums:
+            head = "<tr>" + "".join(f'<th colspan="{len(nums)}" class="metric">{esc(metrics[0])}</th>' if c == nums[0]
+                                    else "" if c in nums else "<th></th>" for c in cols) + "</tr>"
+        head += "<tr>" + "".join(f"<th>{'' if c == 'row' else esc(c)}</th>" for c in cols) + "</tr>"
+        span, skip, i = {}, set(), 0  # cells of one row name over its metrics, written once
+        while i < len(rows):
+            j = i + 1
+            while j < len(rows) and all(rows[j][k] == rows[i][k] for k in ("setting", "row") if k in d):
+                j += 1
+            for c in cols:
+                if c not in nums and c != "metric" and len({rows[k][c] for k in range(i, j)}) == 1 and j - i > 1:
+                    span[i, c] = j - i
+                    skip.update((k, c) for k in range(i + 1, j))
+            i = j
+        body, setting = [], ""
+        for i, r in enumerate(rows):
+            if r.get("setting", "") not in ("", setting):
+                setting = r["setting"]
+                body.append(f'<tr><th colspan="{len(cols)}" class="setting">{esc(setting)}</th></tr>')
+            body.append("<tr>" + "".join(
+                f'<td class="{"number" if c in nums else c if c == "row" else "cell"}"'
+                + (f' rowspan="{span[i, c]}"' if (i, c) in span else "") + f">{esc(r[c])}</td>"
+                for c in cols if (i, c) not in skip) + "</tr>")
+        return (f'{_PAGE_CSS}<table class="mdeq-page"><caption>{esc(self.caption)}</caption>'
+                f'<thead>{head}</thead><tbody>{"".join(body)}</tbody></table>')

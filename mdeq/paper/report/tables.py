@@ -19,7 +19,8 @@ import yaml
 
 from mdeq.engine import paths
 from mdeq.engine.runlog import RunLog, describe_hardware, read_runs
-from mdeq.paper.report.style import NOT_RUN, SMOKE_NOTE, _CURVE_STYLE, _DATASET_TITLES, _SOLVER_LABELS, _curve_label
+from mdeq.paper.report.style import (NOT_RUN, SMOKE_NOTE, PageTable, _CURVE_STYLE, _DATASET_TITLES,
+                                     _SOLVER_LABELS, _curve_label)
 
 __all__ = ["paper_numbers", "Column", "PaperTable", "PAPER_TABLES", "paper_table", "show_table", "table_fig4b",
            "memory_ratios", "convergence_table", "budget_table", "resolution_table", "budget_summary", "jpeg_table"]
@@ -158,9 +159,10 @@ def paper_table(ctx, kind: str, table: str, numbers: Mapping | None = None) -> p
     return pd.DataFrame(rows)
 
 
-def show_table(df, kind: str, csv: str | Path | None = None):
-    """The table as a page shows it: few columns (value ± std, sizes as "paper / ours"), padded cells,
-    human row names; the full table (sources, notes, keys) is the CSV, named in the caption."""
+def show_table(df, kind: str, csv: str | Path | None = None) -> PageTable:
+    """The table as a page shows it (``PageTable``): few columns (value ± std, sizes as "paper / ours"), rows
+    grouped by setting, the metric named once; the full table (sources, notes, keys) is the CSV, named in the
+    caption."""
     def pm(v, sd):
         if v is None or (isinstance(v, float) and _isnan(v)):
             return ""
@@ -171,6 +173,8 @@ def show_table(df, kind: str, csv: str | Path | None = None):
     for c in ("setting", "row", "metric"):
         if c in df.columns and df[c].astype(str).str.len().gt(0).any():
             shown[c] = df[c].fillna("")
+    if "metric" in shown and "row" in shown and shown["metric"].equals(shown["row"]):
+        del shown["metric"]  # Fig. 4b's rows are their metrics
     shown["paper"] = [pm(v, s) for v, s in zip(df["paper"], df.get("paper_std", [None] * len(df)))]
     shown["ours"] = [pm(v, s) for v, s in zip(df["ours"], df.get("ours_std", [None] * len(df)))]
     if kind != "smoke" and "delta" in df.columns and df["delta"].notna().any():
@@ -181,14 +185,10 @@ def show_table(df, kind: str, csv: str | Path | None = None):
                                           for a, b in zip(df["paper_params"], ours)]
     if "status" in df.columns:
         shown["status"] = df["status"]
-    table = pd.DataFrame(shown)
-    styler = table.style.hide(axis="index").set_table_styles(
-        [{"selector": "th, td", "props": "padding: 2px 10px; text-align: left; vertical-align: top;"},
-         {"selector": "caption", "props": "caption-side: top; text-align: left; font-weight: bold;"}])
     title = "Paper vs ours" + (f" ({SMOKE_NOTE}: no comparison with the paper is meant)" if kind == "smoke" else "")
     if csv is not None:
         title += f". Every column, with the data and hardware behind each number: {paths.rel(csv)}"
-    return styler.set_caption(title)
+    return PageTable(pd.DataFrame(shown).reset_index(drop=True), title)
 
 
 def table_fig4b(ctx, kind: str, measure: Mapping | None, numbers: Mapping | None = None,
