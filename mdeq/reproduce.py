@@ -14,8 +14,8 @@ only passes the parameters::
     python -m mdeq.reproduce --status                   # each committed table and figure: fresh or stale
     python -m mdeq.reproduce --profile logs --stale-only   # redraw only the notebooks with stale outputs
     python -m mdeq.reproduce --readme                   # README.md's results table from results/table_*.csv
-    python -m mdeq.reproduce --update-committed         # the smoke run written into notebooks/*.ipynb,
-                                                        # results/smoke/ and figures/smoke/
+    python -m mdeq.reproduce --profile logs --update-committed    # notebooks/*.ipynb: the real results
+    python -m mdeq.reproduce --profile smoke --update-committed   # results/smoke/, figures/smoke/: the smoke copy
 """
 from __future__ import annotations
 
@@ -193,14 +193,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--readme", action="store_true", help="only rewrite README.md's results table from "
                    "results/table_*.csv (the logs profile does it at its end)")
     p.add_argument("--update-committed", "--update-notebooks", dest="update_committed", action="store_true",
-                   help="smoke (default parameters) only: write the committed reference outputs "
-                        "(results/smoke/, figures/smoke/, and the executed notebooks into notebooks/)")
+                   help="logs: write the executed notebooks into notebooks/ (what JupyterLab and the book open); "
+                        "smoke (default parameters): write the committed smoke copy (results/smoke/, figures/smoke/)")
     args = p.parse_args(argv)
     if args.quick and args.profile != "smoke":
         p.error("--quick applies to the smoke profile only")
-    if args.update_committed and (args.profile != "smoke" or args.quick or args.only):
-        p.error("--update-committed writes the committed notebooks and smoke outputs: only with the default "
-                "smoke profile, without --quick and --only")
+    if args.update_committed and (args.profile == "full" or args.quick or (args.only and args.profile == "smoke")):
+        p.error("--update-committed writes the committed notebooks (--profile logs) or the committed smoke copy "
+                "(--profile smoke, every notebook, without --quick)")
     if args.stale_only and args.profile != "logs":
         p.error("--stale-only redraws the committed outputs from results/: only with --profile logs")
     if args.status:
@@ -234,8 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if key in spec:
                     params[key] = value
         params = {k: v for k, v in params.items() if v != spec[k][1]}  # defaults: no injected cell
-        if args.update_committed:
-            params["output_root"] = str(paths.ROOT)  # the injected cell is dropped again below
+        if args.update_committed and args.profile == "smoke":
+            params["output_root"] = str(paths.ROOT)  # results/smoke/ and figures/smoke/ of the repository
         print(f"== {name} ({label})" + (f" {params}" if params else ""), flush=True)
         try:
             times[name] = execute_notebook(name, out / f"{name}.ipynb", params)
@@ -248,10 +248,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         strip_execution_metadata(out / f"{name}.ipynb")
         print(f"   {times[name]:.1f} s -> {out / f'{name}.ipynb'}", flush=True)
     (out / "timings.json").write_text(json.dumps({"profile": label, "seconds": times}, indent=1) + "\n")
-    if args.update_committed:
+    if args.update_committed and args.profile == "logs":  # the default profile: no injected cell to drop
         for name in names:
             normalize_ipynb(out / f"{name}.ipynb", paths.NOTEBOOKS / f"{name}.ipynb", drop_injected=True)
-        print("updated notebooks/*.ipynb, results/smoke/ and figures/smoke/ with the executed smoke run")
+        print(f"updated notebooks/{{{','.join(names)}}}.ipynb with the executed logs profile")
+    elif args.update_committed:
+        print("updated results/smoke/ and figures/smoke/ with the executed smoke run")
     if args.profile == "logs":  # the README's table from the tables this run redrew, before the book shows it
         print(f"README.md: results table {'rewritten' if readme.write() else 'already up to date'}")
     if not args.no_book:

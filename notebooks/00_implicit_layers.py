@@ -43,7 +43,7 @@
 # unless `output_root` is given); no table.
 
 # %% tags=["parameters"]
-profile: str = "smoke"  # smoke | logs | full: this page computes the same in each
+profile: str = "logs"  # logs | smoke | full: this page computes the same in each
 quick: bool = False  # accepted as by every notebook; no effect here (the page is quick already)
 seed: int = 0  # seed of f's weights, the input and the loss
 output_root: str = ""  # empty: the repository's figures/ (smoke: the ignored smoke outputs folder)
@@ -66,6 +66,9 @@ params = parameters.check_parameters(globals(), "00_implicit_layers")
 ctx = notebook.setup(params)
 notebook.show_banner(ctx)
 kind = "smoke" if ctx.profile == "smoke" else "real"  # which figures/ folder; what is computed is the same
+# One thread: the toy problems on this page are tiny, and a second OpenMP thread on a busy 2-core CPU made
+# them up to 190x slower (spin-waiting), never faster.
+torch.set_num_threads(1)
 started = time.perf_counter()
 
 # %% [markdown]

@@ -22,24 +22,24 @@
 # ResNet-18 at ~10M parameters with augmentation) and Fig. 4a (test accuracy per epoch).
 #
 # **Profiles** (`profile` parameter):
-# - `smoke` (default): every model of the table, shrunk (MDEQ widths / 2 or / 4, solver budgets 6),
+# - `smoke`: every model of the table, shrunk (MDEQ widths / 2 or / 4, solver budgets 6),
 #   trained for a few steps on CPU on a synthetic CIFAR-10 copy; writes under the ignored
 #   `runs/notebooks/smoke_outputs/` (the committed copy in `results/smoke/` and `figures/smoke/` is
-#   written by `python -m mdeq.reproduce --update-committed`). A smoke run, **not a reproduction**.
+#   written by `python -m mdeq.reproduce --profile smoke --update-committed`). A smoke run, **not a reproduction**.
 # - `full`: the paper's protocol on GPUs: `cifar10_small_<variant>` (MDEQ-small; the ResNet-18,
 #   NODE and ANODE baselines train with its settings: Adam 1e-3, 50 epochs, batch 128, no
 #   augmentation), `cifar10_single_stream_paper`, `cifar10_large_<variant>` (MDEQ and ResNet-18 10M,
 #   augmentation, 200 epochs), `variant` = `paper` (Appendix Table 4, default) or `official`; `seeds`
 #   runs per row (the paper's standard deviations are over 5). Real data under
 #   `<data_root>/cifar10/`. Logs go to `results/runs/<run>_seed<k>/`.
-# - `logs`: redraws the table and figure from `results/runs/` (and the committed smoke logs from
+# - `logs` (default): redraws the table and figure from `results/runs/` (and the committed smoke logs from
 #   `results/smoke/runs/`), computing nothing.
 #
 # **Writes** `results/table_1_cifar10.csv` and `figures/fig4a_cifar10_accuracy.{png,svg}` (smoke:
 # under `runs/notebooks/smoke_outputs/`).
 
 # %% tags=["parameters"]
-profile: str = "smoke"  # smoke | logs | full
+profile: str = "logs"  # logs | smoke | full
 quick: bool = False  # smoke only: fewer steps (tests)
 seed: int = 0  # smoke: the training seed
 data_root: str = ""  # full: folder holding cifar10/ (empty: data/)

@@ -22,7 +22,7 @@
 # HRNet, DenseNet, ...) are reference models and are listed in `results/paper_numbers.yaml` only.
 #
 # **Profiles** (`profile` parameter):
-# - `smoke` (default): the four models with widths / 8, solver budgets 6, 64 x 64 crops, a few steps on
+# - `smoke`: the four models with widths / 8, solver budgets 6, 64 x 64 crops, a few steps on
 #   CPU on a synthetic ImageNet copy (10 classes); writes under the ignored
 #   `runs/notebooks/smoke_outputs/` (the committed copy: `--update-committed`).
 #   A smoke run, **not a reproduction**.
@@ -32,13 +32,13 @@
 #   `solver.unroll_steps=5`), and `imagenet_xl_official` (the XL model has no Table 4 column). Real data
 #   under `<data_root>/imagenet/` (ImageFolder layout). Logs go to `results/runs/<run>/`; the
 #   checkpoints in `runs/full/` initialise the Cityscapes models of `04_cityscapes`.
-# - `logs`: redraws from `results/runs/` (and the committed smoke logs), computing nothing.
+# - `logs` (default): redraws from `results/runs/` (and the committed smoke logs), computing nothing.
 #
 # **Writes** `results/table_2_imagenet.csv` and `figures/imagenet_top1_per_epoch.{png,svg}`
 # (smoke: under `runs/notebooks/smoke_outputs/`).
 
 # %% tags=["parameters"]
-profile: str = "smoke"  # smoke | logs | full
+profile: str = "logs"  # logs | smoke | full
 quick: bool = False  # smoke only: fewer steps (tests)
 seed: int = 0  # smoke: the training seed
 data_root: str = ""  # full: folder holding imagenet/ (empty: data/)

@@ -27,14 +27,14 @@
 # a forward pass without gradients.
 #
 # **Profiles** (`profile` parameter):
-# - `smoke` (default): the real models on CPU with a batch of 4 (quick: 2) and 2 repetitions; memory
+# - `smoke`: the real models on CPU with a batch of 4 (quick: 2) and 2 repetitions; memory
 #   is the increase of the process's peak resident set. A smoke run, **not a reproduction**: CPU
 #   ratios say little about GPU ones. Writes under the ignored
 #   `runs/notebooks/smoke_outputs/` (the committed copy: `--update-committed`).
 # - `full`: batch `batch_size` (32, as the paper) on a GPU (`device`), 10 timed repetitions after 3
 #   warm-ups; memory is `torch.cuda.max_memory_allocated` during the training step.
 #   Writes `results/runtime_memory.json`.
-# - `logs`: redraws from `results/runtime_memory.json` (and the committed smoke measurement).
+# - `logs` (default): redraws from `results/runtime_memory.json` (and the committed smoke measurement).
 #
 # **Training memory as live tensor bytes** (`results/fig4b_memory_cpu.json`, written by
 # `python benchmarks/fig4b_memory.py`, `mdeq.paper.measure.memory.measure_memory`; drawn in the `logs` and `full`
@@ -48,7 +48,7 @@
 # `figures/fig4b_training_memory.{png,svg}`.
 
 # %% tags=["parameters"]
-profile: str = "smoke"  # smoke | logs | full
+profile: str = "logs"  # logs | smoke | full
 quick: bool = False  # smoke only: smaller batch, one repetition (tests)
 seed: int = 0  # seed of the random input and of the initial weights
 data_root: str = ""  # unused: the input is random, of CIFAR-10's shape

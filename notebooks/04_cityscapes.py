@@ -22,7 +22,7 @@
 # Fig. 8 (input, MDEQ-large prediction and ground truth in the Cityscapes palette).
 #
 # **Profiles** (`profile` parameter):
-# - `smoke` (default): the three models with widths / 8 and solver budgets 6, trained from scratch
+# - `smoke`: the three models with widths / 8 and solver budgets 6, trained from scratch
 #   for a few steps on CPU on 64 x 128 crops of a synthetic Cityscapes copy (128 x 256 images,
 #   evaluated whole); writes under the ignored
 #   `runs/notebooks/smoke_outputs/` (the committed copy: `--update-committed`). A smoke run, **not a reproduction**.
@@ -32,13 +32,13 @@
 #   ImageNet model of the same size trained by `02_imagenet` (`runs/full/imagenet_*/checkpoint.pt`).
 #   Real data under `<data_root>/cityscapes/` (`leftImg8bit/`, `gtFine/`). Logs go to
 #   `results/runs/<run>/`, the examples of Fig. 8 to `results/cityscapes_examples/`.
-# - `logs`: redraws from `results/` (and the committed smoke logs), computing nothing.
+# - `logs` (default): redraws from `results/` (and the committed smoke logs), computing nothing.
 #
 # **Writes** `results/table_3_cityscapes.csv` and `figures/fig8_cityscapes_examples.{png,svg}`
 # (smoke: under `runs/notebooks/smoke_outputs/`).
 
 # %% tags=["parameters"]
-profile: str = "smoke"  # smoke | logs | full
+profile: str = "logs"  # logs | smoke | full
 quick: bool = False  # smoke only: fewer steps (tests)
 seed: int = 0  # smoke: the training seed
 data_root: str = ""  # full: folder holding cityscapes/ (empty: data/)

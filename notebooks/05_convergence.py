@@ -29,7 +29,7 @@
 # solve uses the forward's solver, and Broyden keeps the config's history size m.
 #
 # **Profiles** (`profile` parameter):
-# - `smoke` (default): shrunken models (widths / 8, CIFAR / 2) at their initial weights on synthetic
+# - `smoke`: shrunken models (widths / 8, CIFAR / 2) at their initial weights on synthetic
 #   data (ImageNet 64 x 64, Cityscapes 128 x 256), 40 f evaluations (quick: 15); writes
 #   `runs/notebooks/smoke_outputs/` (the committed copy: `--update-committed`). A smoke run, **not a reproduction**.
 # - `full`: the small MDEQ of each task (`cifar10_small_<variant>`, `imagenet_small_<variant>`,
@@ -41,7 +41,7 @@
 #   Writes `results/convergence_traces.json`. On a CPU, `benchmarks/fig5_convergence.py` runs the same
 #   measurement in resumable chunks (and with CIFAR-10 test images resized as stand-in inputs where the
 #   ImageNet or Cityscapes data is absent, labelled so).
-# - `logs`: redraws from `results/convergence_traces.json` (and the committed smoke traces).
+# - `logs` (default): redraws from `results/convergence_traces.json` (and the committed smoke traces).
 #
 # **Writes** `results/table_fig5_convergence.csv` and `figures/fig5_convergence_forward`,
 # `fig5_convergence_backward`, `fig7_per_scale_convergence` (`.png`, `.svg`); for our two measurements
@@ -50,7 +50,7 @@
 # `figures/convergence_vs_resolution`.
 
 # %% tags=["parameters"]
-profile: str = "smoke"  # smoke | logs | full
+profile: str = "logs"  # logs | smoke | full
 quick: bool = False  # smoke only: smaller budgets and batches (tests)
 seed: int = 0  # seed of the initial weights and of the batch selection
 data_root: str = ""  # full: folder holding cifar10/, imagenet/, cityscapes/ (empty: data/)

@@ -68,7 +68,7 @@ def test_smoke_quick(name, tmp_path):
 
     from test_report import table_problems
 
-    out, seconds = _run(name, tmp_path, quick=True)
+    out, seconds = _run(name, tmp_path, profile="smoke", quick=True)
     figures = tmp_path / "out" / "figures" / "smoke"
     owned = sorted(n for n, nb in notebook.FIGURE_OWNERS.items() if nb == name)
     assert sorted({p.stem for p in figures.glob("*.png")}) == owned

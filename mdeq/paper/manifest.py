@@ -279,7 +279,7 @@ class Freshness:
     """One committed output: ``reasons`` says what changed since it was drawn (empty: fresh).
 
     ``checked`` is False for a copy that only the smoke profile writes (the tutorial's figures/smoke/, which
-    ``--update-committed`` computes; the logs profile never redraws them): listed, never stale.
+    ``--profile smoke --update-committed`` computes; the logs profile never redraws them): listed, never stale.
     """
 
     output: str  # results/table_1_cifar10.csv, figures/fig4a_cifar10_accuracy.{png,svg,json}
@@ -373,7 +373,7 @@ def format_status(found: Sequence[Freshness]) -> str:
     for f in found:
         if not f.checked:
             lines.append(f"-      {f.output}  ({f.notebook}): not checked, the smoke profile's own copy "
-                         "(python -m mdeq.reproduce --update-committed computes it; no log behind it)")
+                         "(python -m mdeq.reproduce --profile smoke --update-committed computes it; no log behind it)")
             continue
         lines.append(f"{'fresh' if f.fresh else 'STALE':5s}  {f.output}  ({f.notebook})"
                      + ("" if f.fresh else ": " + "; ".join(f.reasons)))

@@ -9,7 +9,7 @@ that function does what the profile asks:
 - ``smoke``: compute in this process on CPU with one thread (``mdeq.paper.runs.train_smoke``, ``mdeq.paper.measure``);
   outputs go under the ignored ``runs/notebooks/smoke_outputs/`` (``quick_outputs/`` with ``quick``); the
   committed reference copy in ``results/smoke/`` and ``figures/smoke/`` is written only by
-  ``python -m mdeq.reproduce --update-committed`` (through ``output_root``);
+  ``python -m mdeq.reproduce --profile smoke --update-committed`` (through ``output_root``);
 - ``full``: launch or measure the paper's protocol on GPUs (``mdeq.paper.runs.run_full``, ``mdeq.paper.measure``);
   outputs go to ``results/`` and ``figures/``;
 - ``logs``: compute nothing; redraw the real tables from ``results/runs/`` (with "not run yet" where no
@@ -109,7 +109,7 @@ class Context:
 
     def _outputs(self) -> tuple[Path, Path]:
         """(results, figures) of this run: under ``output_root`` if given; a smoke run's under the ignored runs/
-        (the committed reference copy in results/smoke/ is written only by ``--update-committed``)."""
+        (the committed reference copy in results/smoke/ is written only by ``--profile smoke --update-committed``)."""
         if self.output_root is not None:
             return self.output_root / "results", self.output_root / "figures"
         if self.profile == "smoke":

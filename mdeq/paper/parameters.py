@@ -22,7 +22,7 @@ NOTEBOOKS = (TUTORIAL, "01_cifar10", "02_imagenet", "03_runtime_memory", "04_cit
 
 
 _COMMON = {
-    "profile": (str, "smoke"),  # smoke | logs | full
+    "profile": (str, "logs"),  # logs (redraw the committed results) | smoke | full
     "quick": (bool, False),  # smoke only: fewer steps and runs (tests, CI)
     "seed": (int, 0),
     "data_root": (str, ""),  # full only: the real data set's root ("" = data/<dataset>)
