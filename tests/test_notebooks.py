@@ -221,3 +221,37 @@ def test_readme_main_command_leaves_git_status_clean(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert (repo / "runs" / "notebooks" / "smoke_outputs" / "results" / "smoke" / "table_3_cityscapes.csv").is_file()
     assert git("status", "--porcelain", cwd=repo) == ""
+
+
+@pytest.mark.slow
+def test_logs_profile_and_full_dry_run_leave_git_status_clean(tmp_path):
+    """On a fresh copy of the repository, redrawing everything from the committed logs and a dry run of the full
+    profile rewrite only what they find unchanged: tables, figures, the manifest and the README stay as
+    committed (issue 26)."""
+    import shutil
+    import subprocess
+    import sys
+
+    def git(*args, cwd):
+        return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+    repo = tmp_path / "clone"
+    for rel in git("ls-files", "-c", cwd=paths.ROOT).splitlines():  # the committed files only
+        src = paths.ROOT / rel
+        if src.is_file():
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, repo / rel)
+    for rel in git("diff", "--name-only", "HEAD", cwd=paths.ROOT).splitlines():  # as HEAD holds them
+        blob = subprocess.run(["git", "show", f"HEAD:{rel}"], cwd=paths.ROOT, capture_output=True, check=False)
+        if blob.returncode == 0 and (repo / rel).exists():
+            (repo / rel).write_bytes(blob.stdout)
+    git("init", "-q", cwd=repo)
+    git("add", "-A", cwd=repo)
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy", cwd=repo)
+    env = {**__import__("os").environ, "PYTHONPATH": str(repo)}
+    for argv in (["--profile", "logs", "--no-book"],
+                 ["--profile", "full", "--dry-run", "--no-book", "--data-root", str(tmp_path / "no_data")]):
+        proc = subprocess.run([sys.executable, "-m", "mdeq.reproduce", *argv], cwd=repo, capture_output=True,
+                              text=True, env=env)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert git("status", "--porcelain", cwd=repo) == "", f"{argv}: {git('status', '--porcelain', cwd=repo)}"
