@@ -209,9 +209,10 @@ def _load(path: Path) -> dict:
 # Recording an output.
 
 def record(rec: Recorder, key: str, files: Sequence[Path], kind: str, *, notebook: str,
-           parameters: Mapping) -> dict:
+           parameters: Mapping, write: bool = True) -> dict:
     """Write the manifest entry of the output ``key`` (its path without suffix, relative to ``rec.root``) that was
-    just saved as ``files``, and return it. Its inputs are the reads of its drawing step (``Recorder.take``)."""
+    just saved as ``files``, and return it. Its inputs are the reads of its drawing step (``Recorder.take``).
+    ``write=False`` (a dry run, which only shows what it would launch) returns the entry and writes nothing."""
     reads = rec.take(kind)
     with _quiet():
         inputs = {}
@@ -226,7 +227,9 @@ def record(rec: Recorder, key: str, files: Sequence[Path], kind: str, *, noteboo
         old = data["outputs"].get(key)
         if old is not None and {k: v for k, v in old.items() if k != "parameters"} == \
                 {k: v for k, v in entry.items() if k != "parameters"}:
-            entry = old  # the same bytes from the same inputs and code (a full dry run redraws what logs drew)
+            entry = old  # the same bytes from the same inputs and code: only the redraw's parameters differ
+        if not write:
+            return entry
         data["outputs"][key] = entry
         data["outputs"] = {k: e for k, e in data["outputs"].items()  # an output no notebook writes any more: gone
                            if any((rec.root / f"{k}.{ext}").exists() for ext in e["files"])}

@@ -463,7 +463,7 @@ def _record(ctx: Context, stem: Path, files: list, kind: str, source: str | None
     params = {"profile": ctx.profile, **{k: v for k, v in values.items()  # output_root: only where it went
                                         if k in spec and k not in ("profile", "output_root") and v != spec[k][1]}}
     entry = manifest.record(ctx.recorder, stem.resolve().relative_to(ctx.recorder.root).as_posix(), files, kind,
-                            notebook=ctx.notebook, parameters=params)
+                            notebook=ctx.notebook, parameters=params, write=not values.get("dry_run", False))
     if ctx._commit is None:
         ctx._commit = manifest.commit_label()
     text = manifest.made_from(entry, paths.rel(ctx.root() / "results" / manifest.MANIFEST), ctx._commit)
