@@ -2,13 +2,15 @@
 import pytest
 import torch
 
-from mdeq.engine.baselines import BASELINES, build_baseline, default_width, resnet18
+from mdeq.engine.baselines import BASELINES, ResNet, build_baseline, default_width, resnet18
+from mdeq.engine.baselines.resnet import BasicBlock
 
 # Paper sizes (Table 1; ResNet-101 from torchvision's 44.5M less its 1000-class head).
 TARGETS = {"resnet18_170k": 170e3, "resnet18_10m": 10e6, "resnet101": 42.5e6,
            "node_172k": 172e3, "anode_172k": 172e3}
 EXACT = {"resnet18_170k": 176_402, "resnet18_10m": 10_151_691, "resnet101": 42_512_970,
          "node_172k": 173_611, "anode_172k": 172_452}
+STUDY = {"resnet14_170k": 175_258}  # the recipe study's three-stage CIFAR ResNet (16/32/64), not a paper row
 
 
 def _count(model):
@@ -20,6 +22,15 @@ def test_parameter_counts(name):
     n = _count(build_baseline(name))
     assert n == EXACT[name]
     assert abs(n - TARGETS[name]) / TARGETS[name] < 0.05
+
+
+def test_three_stage_resnet_for_the_recipe_study():
+    model = build_baseline("resnet14_170k")
+    assert _count(model) == STUDY["resnet14_170k"] and len(model.stages) == 3
+    assert [stage[0].conv1.out_channels for stage in model.stages] == [16, 32, 64]
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="one or more positive block counts"):
+        ResNet(BasicBlock, (), width=8)
 
 
 @pytest.mark.parametrize("name,width", [("resnet18_170k", 8), ("resnet18_10m", 61), ("node_172k", 125),

@@ -2,7 +2,8 @@
 
 Each model maps images (B, 3, 32, 32) to logits (B, 10), the same contract as the MDEQ classifier.
 Parameter counts (10 classes): resnet18_170k 176,402; resnet18_10m 10,151,691; resnet101 42,512,970;
-node_172k 173,611; anode_172k 172,452.
+node_172k 173,611; anode_172k 172,452; resnet14_170k 175,258 (a recipe
+study's, not the paper's).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import inspect
 from torch import nn
 
 from mdeq.engine.baselines.node import ConvODENet, anode_172k, node_172k
-from mdeq.engine.baselines.resnet import ResNet, resnet18, resnet18_10m, resnet18_170k, resnet101
+from mdeq.engine.baselines.resnet import ResNet, resnet14_170k, resnet18, resnet18_10m, resnet18_170k, resnet101
 
 BASELINES = {
     "resnet18_170k": resnet18_170k,
@@ -20,6 +21,7 @@ BASELINES = {
     "resnet101": resnet101,
     "node_172k": node_172k,
     "anode_172k": anode_172k,
+    "resnet14_170k": resnet14_170k,
 }
 
 
@@ -48,4 +50,4 @@ def default_width(name: str) -> int:
 
 
 __all__ = ["BASELINES", "build_baseline", "default_width", "ConvODENet", "ResNet", "resnet18", "resnet101",
-           "resnet18_170k", "resnet18_10m", "node_172k", "anode_172k"]
+           "resnet18_170k", "resnet18_10m", "resnet14_170k", "node_172k", "anode_172k"]

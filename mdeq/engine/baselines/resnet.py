@@ -4,7 +4,10 @@ Why: Table 1 compares MDEQ with a ResNet-18 of 170K parameters (no augmentation)
 (augmentation); the paper gives only the sizes, so we keep He et al.'s ResNet-18 layout and scale the
 base width (stage widths w, 2w, 4w, 8w): w = 8 gives 176K, w = 61 gives 10.15M (w = 64, the usual
 CIFAR ResNet-18, is 11.17M). ResNet-101 (bottleneck, w = 64, 42.5M) is the explicit model of the
-runtime/memory comparison (section 4.3).
+runtime/memory comparison (section 4.3). ResNet-14 (He et al.'s CIFAR ResNet, 6n + 2 layers with n = 2:
+three stages of 16/32/64 channels, 175,258 parameters) is the recipe study's second ~170K shape
+(docs/table1_gaps.md); like every model here it uses 1x1 projection shortcuts (He et al.'s option B), not
+the zero-padded identity (option A) of their CIFAR networks.
 """
 from __future__ import annotations
 
@@ -61,7 +64,7 @@ def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module:
 
 
 class ResNet(nn.Module):
-    """x (B, C, H, W) -> logits (B, num_classes); four stages at strides 1, 2, 2, 2.
+    """x (B, C, H, W) -> logits (B, num_classes); one stage per entry of ``layers``, at strides 1, 2, 2, ...
 
     ``width`` is the first stage's channel count; stage i has ``width * 2**i`` (times the block's
     expansion). The stem is a single 3x3 conv without max-pool, as usual for 32x32 inputs.
@@ -73,8 +76,8 @@ class ResNet(nn.Module):
         if width < 1 or num_classes < 1 or in_channels < 1:
             raise ValueError(f"width, num_classes and in_channels must be positive, "
                              f"got {width}, {num_classes}, {in_channels}")
-        if len(layers) != 4 or min(layers) < 1:
-            raise ValueError(f"layers must be four positive block counts, got {layers}")
+        if len(layers) < 1 or min(layers) < 1:
+            raise ValueError(f"layers must be one or more positive block counts (one per stage), got {layers}")
         self.width = width
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
                                   nn.BatchNorm2d(width), nn.ReLU(inplace=True))
@@ -107,6 +110,10 @@ def resnet101(width: int = 64, *, num_classes: int = 10, in_channels: int = 3) -
     return ResNet(Bottleneck, (3, 4, 23, 3), width=width, num_classes=num_classes, in_channels=in_channels)
 
 
+def resnet14(width: int = 16, *, num_classes: int = 10, in_channels: int = 3) -> ResNet:
+    return ResNet(BasicBlock, (2, 2, 2), width=width, num_classes=num_classes, in_channels=in_channels)
+
+
 def resnet18_170k(width: int = 8, **kwargs) -> ResNet:
     """Table 1, without augmentation: 'ResNet-18 170K' (width 8)."""
     return resnet18(width=width, **kwargs)
@@ -115,3 +122,8 @@ def resnet18_170k(width: int = 8, **kwargs) -> ResNet:
 def resnet18_10m(width: int = 61, **kwargs) -> ResNet:
     """Table 1, with augmentation: 'ResNet-18 10M' (width 61)."""
     return resnet18(width=width, **kwargs)
+
+
+def resnet14_170k(width: int = 16, **kwargs) -> ResNet:
+    """The recipe study's other ~170K ResNet: three stages of 16/32/64 channels, two blocks each (175,258)."""
+    return resnet14(width=width, **kwargs)
