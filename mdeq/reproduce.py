@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -140,9 +141,12 @@ def _failure_line(name: str, err: BaseException, executed: Path) -> str:
     return f"error: notebooks/{name}.ipynb stopped: {ename}: {first} (the whole error: {paths.rel(executed)})"
 
 
-def build_book(notebooks_dir: Path, out: Path, *, strict: bool = True) -> Path:
+def build_book(notebooks_dir: Path, out: Path, *, strict: bool = True, roots: Sequence[Path] = ()) -> Path:
     """Stage ``book/`` with the executed notebooks of ``notebooks_dir`` under ``out`` and build it with
-    Jupyter Book 1.x (no execution, warnings are errors). Returns the HTML folder."""
+    Jupyter Book 1.x (no execution, warnings are errors). Returns the HTML folder.
+
+    The files that the notebooks' captions link to (``../results/...``, ``../figures/...``) are looked up
+    under ``roots`` (the run's output root), then the repository, and shipped beside the pages."""
     stage = Path(out) / "book_src"
     shutil.rmtree(stage, ignore_errors=True)
     (stage / "book" / "notebooks").mkdir(parents=True)
@@ -161,6 +165,7 @@ def build_book(notebooks_dir: Path, out: Path, *, strict: bool = True) -> Path:
         raise FileNotFoundError(f"{notebooks_dir} lacks the executed notebooks {missing}")
     for n in NOTEBOOKS:
         shutil.copyfile(Path(notebooks_dir) / f"{n}.ipynb", stage / "book" / "notebooks" / f"{n}.ipynb")
+    _stage_linked_files(stage / "book", [*roots, paths.ROOT])
     exe = Path(sys.executable).with_name("jupyter-book")
     cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(stage / "book"), "--path-output", str(out)]
     if strict:
@@ -169,6 +174,31 @@ def build_book(notebooks_dir: Path, out: Path, *, strict: bool = True) -> Path:
     if proc.returncode != 0:
         raise RuntimeError(f"the book build failed ({shlex.join(cmd)}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return Path(out) / "_build" / "html"
+
+
+_LINK = re.compile(r"\]\(\.\./((?:results|figures)/[^)\s#]+)\)")
+
+
+def _stage_linked_files(book: Path, roots: Sequence[Path]) -> None:
+    """Copy each file a notebook's Markdown output links to into ``book/_extra/`` (Sphinx's
+    ``html_extra_path``), so ``notebooks/X.html`` finds ``../results/...`` in the HTML folder as the committed
+    notebook finds it in the repository. A link to no file is an error that names it."""
+    extra = book / "_extra"
+    extra.mkdir(exist_ok=True)
+    missing = []
+    for nb in sorted((book / "notebooks").glob("*.ipynb")):
+        cells = json.loads(nb.read_text())["cells"]
+        texts = ["".join(out.get("data", {}).get("text/markdown", "")) for c in cells for out in c.get("outputs", [])]
+        for target in sorted({m for text in texts for m in _LINK.findall(text)}):
+            found = next((Path(r) / target for r in roots if (Path(r) / target).is_file()), None)
+            if found is None:
+                missing.append(f"notebooks/{nb.name} links to {target}")
+                continue
+            (extra / target).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(found, extra / target)
+    if missing:
+        raise FileNotFoundError("a caption links to a file under none of " + ", ".join(map(paths.rel, roots))
+                                + ": " + "; ".join(missing))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -261,7 +291,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             for n in NOTEBOOKS:  # the book needs every notebook: take the committed ones for the others
                 if not (out / f"{n}.ipynb").is_file():
                     shutil.copyfile(paths.NOTEBOOKS / f"{n}.ipynb", out / f"{n}.ipynb")
-        html = build_book(out, out)
+        from mdeq.paper.notebook import Context  # where this run's captions' linked outputs are
+
+        smoke_committed = args.update_committed and args.profile == "smoke"
+        run_root = Context(names[0], args.profile, quick=args.quick,
+                           output_root=paths.ROOT if smoke_committed else None).root()
+        html = build_book(out, out, roots=[run_root])
         print(f"book: {html / 'index.html'}")
     return 0
 

@@ -17,6 +17,7 @@ The build takes about 15 s; everything else is milliseconds.
 """
 from __future__ import annotations
 
+import json
 import importlib.util
 import re
 import shutil
@@ -40,7 +41,7 @@ NOTEBOOKS = list(parameters.NOTEBOOKS)
 # The committed notebooks are the default-parameter (logs) run (docs/running.md;
 # `python -m mdeq.reproduce --profile logs --update-committed`).
 COMMITTED_PROFILE = {name: parameters.PARAMETERS[name]["profile"][1] for name in NOTEBOOKS}
-LINKED_FILES = (".png", ".svg", ".csv")
+LINKED_FILES = (".png", ".svg", ".csv", ".json", ".jsonl", ".yaml")
 TRACEBACK = "Traceback (most recent call last)"
 PAPERMILL_ERROR = "An Exception was encountered at"  # papermill's error cell, were a failed run committed
 VOID = frozenset("area base br col embed hr img input link meta param source track wbr".split())
@@ -190,7 +191,8 @@ def toc_pages(toc: Path) -> list[str]:
 
 
 def unresolved_files(page: Page, html: Path) -> list[str]:
-    """Images, and links to .png/.svg/.csv files, that are not files inside the HTML folder ``html``."""
+    """Images, and links to files (LINKED_FILES: figures, tables, logs), that are not files inside the HTML
+    folder ``html``."""
     problems = []
     root = Path(html).resolve()
     for element in page.doc.iter():
@@ -368,6 +370,23 @@ def test_banner_and_captions_on_hand_written_pages():
     assert "no caption under it" in problems[0] and "caption names figure 'fig4a_cifar10_accuracy'" in problems[1]
 
 
+def test_linked_files_are_staged_and_a_missing_one_is_named(tmp_path):
+    book, root = tmp_path / "book", tmp_path / "root"
+    (book / "notebooks").mkdir(parents=True)
+    (root / "results" / "runs" / "r").mkdir(parents=True)
+    (root / "results" / "runs" / "r" / "metrics.csv").write_text("epoch\n0\n")
+    md = "Made from [`results/runs/r/metrics.csv`](../results/runs/r/metrics.csv); see [x](https://example.org)."
+    nb = {"cells": [{"cell_type": "code", "source": "", "metadata": {}, "outputs": [
+        {"output_type": "display_data", "metadata": {}, "data": {"text/markdown": [md]}}]}]}
+    (book / "notebooks" / "01_cifar10.ipynb").write_text(json.dumps(nb))
+    reproduce._stage_linked_files(book, [root])
+    assert (book / "_extra" / "results" / "runs" / "r" / "metrics.csv").read_text() == "epoch\n0\n"
+    nb["cells"][0]["outputs"][0]["data"]["text/markdown"] = [md.replace("runs/r/", "runs/gone/")]
+    (book / "notebooks" / "01_cifar10.ipynb").write_text(json.dumps(nb))
+    with pytest.raises(FileNotFoundError, match=r"notebooks/01_cifar10\.ipynb links to results/runs/gone/metrics\.csv"):
+        reproduce._stage_linked_files(book, [root])
+
+
 def test_toc_pages_lists_root_and_every_file():
     pages = toc_pages(reproduce.BOOK / "_toc.yml")
     assert pages[0] == "intro.html"
@@ -415,6 +434,41 @@ def test_every_image_and_linked_file_resolves(book, pages):
     assert not problems, "\n".join(problems)
     shown = sum(len(pages[f"notebooks/{n}.html"].article.find_all("img")) for n in NOTEBOOKS)
     assert shown > 0, "no image on any notebook page"
+
+
+def caption_links(page: Page) -> tuple[int, list[str]]:
+    """(how many captions end with "Made from ...", problems): each such caption of an output drawn from files
+    links each named input under results/ (``manifest.made_from``: ``../results/...``), and the manifest."""
+    count, problems = 0, []
+    for para in page.article.find_all("p"):
+        text = para.text()
+        if "Made from " not in text:
+            continue
+        count += 1
+        hrefs = [a.attrs.get("href", "") for a in para.find_all("a")]
+        named = re.findall(r"\bresults/\S+?\.(?:csv|json|yaml)\b", text)
+        if not any(h.startswith("../results/") and h.endswith("manifest.json") for h in hrefs):
+            problems.append(f"{page.name}: {page.where(para)}: caption does not link results/manifest.json: "
+                            f"{_snippet(text, 120)}")
+        elif "no file under results/" not in text and len(hrefs) < 2:
+            problems.append(f"{page.name}: {page.where(para)}: caption names {named[:3]} but links none: "
+                            f"{_snippet(text, 120)}")
+    return count, problems
+
+
+@needs_book
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_every_caption_links_its_inputs(book, pages, name):
+    """The caption under every figure and table names its inputs as links that the book ships (the file check
+    above) and that JupyterLab opens from notebooks/ (same relative path)."""
+    page = _notebook_page(pages, name)
+    count, problems = caption_links(page)
+    assert count > 0 and not problems, "\n".join(problems) or f"{page.name}: no 'Made from' caption"
+    for a in page.article.find_all("a"):
+        href = a.attrs.get("href", "")
+        if href.startswith("../results/"):  # the same file in the book as beside notebooks/ in the repository
+            shipped = (page.path.parent / href).resolve()
+            assert shipped.read_bytes() == (paths.ROOT / href[3:]).read_bytes(), href
 
 
 @needs_book

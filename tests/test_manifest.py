@@ -83,6 +83,10 @@ def test_status_names_what_changed(tmp_path):
                                "results/runs/cifar10_x/metrics.csv": manifest._sha(log)}
     made = manifest.made_from(entry, "results/manifest.json", "commit abc")
     assert "`results/runs/cifar10_x/metrics.csv`" in made and "`results/later.json` (absent)" in made
+    linked = manifest.made_from(entry, "results/manifest.json", "commit abc", link="../")
+    assert "[`results/runs/cifar10_x/metrics.csv`](../results/runs/cifar10_x/metrics.csv)" in linked
+    assert "`results/later.json` (absent)" in linked and "[`results/later.json`]" not in linked  # nothing to open
+    assert linked.endswith("(sha256 of each input: [`results/manifest.json`](../results/manifest.json)).")
     (root / "figures").mkdir()
     (root / "figures" / "fig4a_cifar10_accuracy.png").write_bytes(b"png")  # drawn before manifests existed
 

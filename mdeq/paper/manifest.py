@@ -36,7 +36,7 @@ import os
 import sys
 import weakref
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Mapping, Sequence
 
 from mdeq.engine import paths
@@ -241,9 +241,18 @@ def record(rec: Recorder, key: str, files: Sequence[Path], kind: str, *, noteboo
     return entry
 
 
-def made_from(entry: Mapping, manifest: str, commit: str) -> str:
+def made_from(entry: Mapping, manifest: str, commit: str, *, link: str | None = None) -> str:
     """The caption's last sentence: the entry's inputs as repository paths and the commit. Files are grouped by
-    folder, and folders that hold the same files by their parent (the run folders of a table)."""
+    folder, and folders that hold the same files by their parent (the run folders of a table).
+
+    With ``link`` (the way from where the caption is shown to the repository root, e.g. ``"../"`` for a
+    notebook in notebooks/), each file inside the run's root is a Markdown link: JupyterLab opens it, and the book
+    (``mdeq.reproduce.build_book``) ships the linked files beside its pages."""
+    def ref(path: str, text: str | None = None) -> str:
+        if link is None or PurePosixPath(path).is_absolute():  # outside the run's root: named, not linked
+            return f"`{path}`" if text is None else text
+        return f"[{text or f'`{path}`'}]({link}{path})"
+
     folders: dict[str, list[str]] = {}
     parts = []  # (path, text), in path order
     for key, value in entry["inputs"].items():
@@ -259,14 +268,22 @@ def made_from(entry: Mapping, manifest: str, commit: str) -> str:
         parent, _, name = head.rpartition("/")
         same.setdefault((parent, tuple(names)), []).append(name)
     for (parent, names), heads in same.items():
-        files = ", ".join(names)
         if len(heads) > 1:
-            parts.append((parent + "/", f"`{parent}/` {', '.join(heads)} (each: {files})"))
+            if link is None:
+                listed = ", ".join(heads) + f" (each: {', '.join(names)})"
+            else:
+                listed = ", ".join(f"{h} ({', '.join(ref(f'{parent}/{h}/{n}', n) for n in names)})" for h in heads)
+            parts.append((parent + "/", f"`{parent}/` {listed}"))
             continue
         head = f"{parent}/{heads[0]}" if parent else heads[0]
-        parts.append((head + "/", f"`{head}/{names[0]}`" if len(names) == 1 else f"`{head}/` ({files})"))
+        if len(names) == 1:
+            text = ref(f"{head}/{names[0]}")
+        else:
+            files = ", ".join(names) if link is None else ", ".join(ref(f"{head}/{n}", n) for n in names)
+            text = f"`{head}/` ({files})"
+        parts.append((head + "/", text))
     inputs = "; ".join(text for _, text in sorted(parts)) or "no file under results/"
-    return f"Made from {inputs}; at {commit} (sha256 of each input: `{manifest}`)."
+    return f"Made from {inputs}; at {commit} (sha256 of each input: {ref(manifest)})."
 
 
 def commit_label(root: Path = _CODE) -> str:

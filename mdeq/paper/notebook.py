@@ -447,7 +447,12 @@ def save_table(df, name: str, ctx: Context, kind: str) -> Path:
 def display_table(shown, csv: str | Path, ctx: Context) -> None:
     """Show a saved table as the page shows it (``report.tables.show_table``) with its caption under it: the
     notebook that drew it, what it was made from and the commit."""
-    text = (f"*Table ({Path(csv).stem}).* Drawn by notebooks/{ctx.notebook}.ipynb into {paths.rel(csv)}. "
+    try:  # a link from the notebook's folder, as the caption's inputs (manifest.made_from)
+        where = Path(csv).resolve().relative_to(ctx.root().resolve()).as_posix()
+        where = f"[`{where}`](../{where})"
+    except ValueError:
+        where = paths.rel(csv)
+    text = (f"*Table ({Path(csv).stem}).* Drawn by notebooks/{ctx.notebook}.ipynb into {where}. "
             + ctx.made_from.get(Path(csv), ""))
     if not _display(shown, text):
         print(f"{shown!r}\n{text}")
@@ -466,6 +471,7 @@ def _record(ctx: Context, stem: Path, files: list, kind: str, source: str | None
                             notebook=ctx.notebook, parameters=params, write=not values.get("dry_run", False))
     if ctx._commit is None:
         ctx._commit = manifest.commit_label()
-    text = manifest.made_from(entry, paths.rel(ctx.root() / "results" / manifest.MANIFEST), ctx._commit)
+    text = manifest.made_from(entry, (ctx.root() / "results" / manifest.MANIFEST).relative_to(ctx.root()).as_posix(),
+                              ctx._commit, link="../")  # the links work from the notebook's folder, notebooks/
     ctx.made_from[Path(files[0])] = text
     return text
