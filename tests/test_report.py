@@ -422,7 +422,7 @@ def test_show_table_keeps_few_columns_and_names_the_csv(tmp_path, monkeypatch):
     # the page names each setting once (a header row over its rows) and the metric once (above paper/ours/delta)
     page = shown._repr_html_()
     assert page.count("without data augmentation") == 1 and page.count("test accuracy (%)") == 1
-    assert '<th colspan="6" class="setting">with data augmentation</th>' in page
+    assert '<th colspan="6" class="setting" style="text-align: left">with data augmentation</th>' in page
     assert '<th colspan="3" class="metric">test accuracy (%)</th>' in page
 
 
@@ -433,7 +433,9 @@ def test_show_table_writes_a_row_name_once_over_its_metrics():
     shown = tables.show_table(df, "real")
     assert list(shown.data.columns) == ["row", "metric", "paper", "ours", "delta", "params (paper / ours)", "status"]
     page = shown._repr_html_()
-    assert page.count("MDEQ-small") == 1 and '<td class="row" rowspan="2">MDEQ-small</td>' in page
+    assert page.count("MDEQ-small") == 1
+    assert '<td class="rowname" style="text-align: left" rowspan="2">MDEQ-small</td>' in page
+    assert 'class="row"' not in page  # Bootstrap's grid class: negative margins cut the names off in the book
     assert "top-1 (%)" in page and "top-5 (%)" in page and 'class="setting"' not in page
 
 

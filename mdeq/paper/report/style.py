@@ -86,10 +86,12 @@ def _curve_label(key: str, curve: Mapping) -> str:
 
 _NUMBERS = ("paper", "ours", "delta")  # the columns a page table reads across; the metric is named once above them
 _PAGE_CSS = """<style>
-table.mdeq-page th, table.mdeq-page td {padding: 2px 10px; text-align: left; vertical-align: top;}
+table.mdeq-page {margin-left: 0; margin-right: auto; font-size: 0.9em;}
+table.mdeq-page th, table.mdeq-page td {padding: 2px 8px; text-align: left; vertical-align: top;}
 table.mdeq-page caption {caption-side: top; text-align: left; font-weight: bold;}
-table.mdeq-page td.row {min-width: 14em;}
+table.mdeq-page td.rowname {min-width: 11em;}  /* not .row: Bootstrap's grid class */
 table.mdeq-page td.number {white-space: nowrap;}
+table.mdeq-page td.cell {min-width: 7em;}
 table.mdeq-page th.setting {font-style: italic; padding-top: 8px; border-bottom: 1px solid #bbb;}
 table.mdeq-page th.metric {text-align: center; border-bottom: 1px solid #bbb;}
 </style>"""
@@ -120,7 +122,8 @@ class PageTable:
         if len(metrics) == 1 and nums:
             head = "<tr>" + "".join(f'<th colspan="{len(nums)}" class="metric">{esc(metrics[0])}</th>' if c == nums[0]
                                     else "" if c in nums else "<th></th>" for c in cols) + "</tr>"
-        head += "<tr>" + "".join(f"<th>{'' if c == 'row' else esc(c)}</th>" for c in cols) + "</tr>"
+        head += "<tr>" + "".join(f'<th style="text-align: left">{"" if c == "row" else esc(c)}</th>'
+                                 for c in cols) + "</tr>"
         span, skip, i = {}, set(), 0  # cells of one row name over its metrics, written once
         while i < len(rows):
             j = i + 1
@@ -135,10 +138,12 @@ class PageTable:
         for i, r in enumerate(rows):
             if r.get("setting", "") not in ("", setting):
                 setting = r["setting"]
-                body.append(f'<tr><th colspan="{len(cols)}" class="setting">{esc(setting)}</th></tr>')
+                body.append(f'<tr><th colspan="{len(cols)}" class="setting" style="text-align: left">'
+                            f'{esc(setting)}</th></tr>')
             body.append("<tr>" + "".join(
-                f'<td class="{"number" if c in nums else c if c == "row" else "cell"}"'
+                f'<td class="{"number" if c in nums else "rowname" if c == "row" else "cell"}" style="text-align: left'
+                + ('; white-space: nowrap"' if c in nums else '"')
                 + (f' rowspan="{span[i, c]}"' if (i, c) in span else "") + f">{esc(r[c])}</td>"
                 for c in cols if (i, c) not in skip) + "</tr>")
-        return (f'{_PAGE_CSS}<table class="mdeq-page"><caption>{esc(self.caption)}</caption>'
+        return (f'{_PAGE_CSS}<table class="mdeq-page"><caption style="text-align: left">{esc(self.caption)}</caption>'
                 f'<thead>{head}</thead><tbody>{"".join(body)}</tbody></table>')
