@@ -522,9 +522,8 @@ def test_every_figure_of_the_notebook_is_on_its_page(pages, name):
     once the captions are there (the caption test)."""
     page = _notebook_page(pages, name)
     owned = sorted(n for n, owner in notebook.FIGURE_OWNERS.items() if owner == name)
-    # the tutorial computes the same in every profile and draws one kind; the others' logs pages draw the real
-    # figure and, below it, the committed smoke copy
-    kinds = 1 if name == parameters.TUTORIAL else {"smoke": 1, "full": 1, "logs": 2}[COMMITTED_PROFILE[name]]
+    # every profile draws one kind: the logs pages the real figures only, never the committed smoke copy
+    kinds = 1
     images = len(page.article.find_all("img"))
     captioned, _ = figure_captions(page, name)
     missing = sorted(set(owned) - set(captioned)) if captioned else []

@@ -41,7 +41,6 @@ from typing import Mapping, Sequence
 
 from mdeq.engine import paths
 from mdeq.engine.runlog import git_commit, git_dirty, write_text_atomic
-from mdeq.paper.parameters import TUTORIAL
 
 __all__ = ["MANIFEST", "REDRAW", "Recorder", "new_step", "watch_cells", "record", "made_from", "commit_label",
            "Freshness", "status", "stale_notebooks", "format_status"]
@@ -302,8 +301,8 @@ def commit_label(root: Path = _CODE) -> str:
 class Freshness:
     """One committed output: ``reasons`` says what changed since it was drawn (empty: fresh).
 
-    ``checked`` is False for a copy that only the smoke profile writes (the tutorial's figures/smoke/, which
-    ``--profile smoke --update-committed`` computes; the logs profile never redraws them): listed, never stale.
+    ``checked`` is False for the smoke profile's committed copy (results/smoke/, figures/smoke/), which only
+    ``--profile smoke --update-committed`` redraws (the logs profile shows real results only): listed, never stale.
     """
 
     output: str  # results/table_1_cifar10.csv, figures/fig4a_cifar10_accuracy.{png,svg,json}
@@ -371,8 +370,9 @@ def _status(root: Path, figure_owners: Mapping[str, str], table_owners: Mapping[
         found.setdefault(key, Path(entry["notebook"]).stem)
     out, now = [], {}
     for key in sorted(found):
-        if found[key] == TUTORIAL and key.split("/")[1] == "smoke":
-            out.append(Freshness(f"{key}.{{png,svg,json}}", TUTORIAL, (), checked=False))
+        if key.split("/")[1] == "smoke":
+            ext = "{png,svg,json}" if key.startswith("figures/") else "csv"
+            out.append(Freshness(f"{key}.{ext}", found[key], (), checked=False))
             continue
         entry = data["outputs"].get(key)
         exts = (sorted(entry["files"], key=("png", "svg", "json", "csv").index) if entry
@@ -397,7 +397,7 @@ def format_status(found: Sequence[Freshness]) -> str:
     for f in found:
         if not f.checked:
             lines.append(f"-      {f.output}  ({f.notebook}): not checked, the smoke profile's own copy "
-                         "(python -m mdeq.reproduce --profile smoke --update-committed computes it; no log behind it)")
+                         "(python -m mdeq.reproduce --profile smoke --update-committed redraws it)")
             continue
         lines.append(f"{'fresh' if f.fresh else 'STALE':5s}  {f.output}  ({f.notebook})"
                      + ("" if f.fresh else ": " + "; ".join(f.reasons)))

@@ -12,8 +12,9 @@ that function does what the profile asks:
   ``python -m mdeq.reproduce --profile smoke --update-committed`` (through ``output_root``);
 - ``full``: launch or measure the paper's protocol on GPUs (``mdeq.paper.runs.run_full``, ``mdeq.paper.measure``);
   outputs go to ``results/`` and ``figures/``;
-- ``logs``: compute nothing; redraw the real tables from ``results/runs/`` (with "not run yet" where no
-  log is committed: the paper's numbers are never copied into "ours") and the committed smoke ones.
+- ``logs``: compute nothing; redraw the real tables and figures from ``results/`` (with "not run yet" where no
+  log is committed: the paper's numbers are never copied into "ours"). The committed smoke copy is not shown
+  there: a page of results holds no toy number (issue 26).
 
 ``output_root`` sends every output to ``<output_root>/results`` and ``<output_root>/figures``, and a
 profile reads back what it computed from there (``Context.inputs_dir``). Every smoke title and caption
@@ -145,8 +146,9 @@ class Context:
         return read_json(path)
 
     def kinds(self) -> tuple[str, ...]:
-        """What this profile draws: smoke draws its own run; full draws real logs; logs draws both."""
-        return {"smoke": ("smoke",), "full": ("real",), "logs": ("real", "smoke")}[self.profile]
+        """What this profile draws: smoke its own toy runs; full and logs the real logs (never a toy number
+        beside a real one: the committed smoke copy is the smoke profile's, ``--profile smoke --update-committed``)."""
+        return {"smoke": ("smoke",), "full": ("real",), "logs": ("real",)}[self.profile]
 
     def source(self, kind: str, data: str, hardware: str) -> str:
         """The ``ours_source`` text of a table row: profile, data and hardware."""
@@ -417,8 +419,8 @@ def banner(ctx: Context) -> str:
         lines.append(f"`{r.name}` ({state}; {r.meta('data_source_label', default='unknown data')}; "
                      f"{describe_hardware(r.provenance.get('hardware'))})")
     real = ("real runs in results/runs/: " + ", ".join(lines)) if lines else "no real training run is committed yet"
-    return (f"> **Logs profile**: redrawn from the committed logs, nothing computed; {real}. Rows and figures "
-            f"marked smoke are toy models on synthetic data, {SMOKE_NOTE}.")
+    return (f"> **Logs profile**: redrawn from the committed logs, nothing computed; {real}. The smoke profile's "
+            "toy runs are not shown here (`python -m mdeq.reproduce --profile smoke` draws them).")
 
 
 def show_banner(ctx: Context) -> None:
