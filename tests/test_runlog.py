@@ -103,6 +103,12 @@ def test_hardware_is_recorded_once_and_described_once():
     assert runlog.describe_hardware({"gpu": "NVIDIA H100", "world_size": 4}) == "4 x NVIDIA H100"
     assert runlog.describe_hardware({}) == "unknown hardware"
     assert runlog.describe_hardware({"cpu": "X", "torch_threads": 1}) == "CPU (X, 1 thread)"
+    # a campaign's run moved between machines and thread counts: every one is named, not only the first
+    prov = {"hardware": {"cpu": "AMD EPYC", "torch_threads": 2},
+            "chunks": [{"hardware": {"cpu": "AMD EPYC", "torch_threads": 2}}, {"hardware": {"cpu": "Xeon", "torch_threads": 2}},
+                       {"hardware": {"cpu": "Xeon", "torch_threads": 1}}, {}]}
+    assert runlog.describe_run_hardware(prov) == "CPU (AMD EPYC, 2 threads); CPU (Xeon, 1 thread); CPU (Xeon, 2 threads)"
+    assert runlog.describe_run_hardware({}) == "unknown hardware"
 
 
 def test_provenance_names_the_code_and_the_machine():

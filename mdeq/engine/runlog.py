@@ -43,7 +43,8 @@ from mdeq.engine.checkpoint import TEMP_PATTERN
 
 __all__ = ["CHECKPOINT_NAME", "LOCK_NAME", "RUN_FILES", "LOG_FILES", "EPOCH_COLUMNS", "append_jsonl", "append_epoch",
            "write_text_atomic", "write_json_atomic", "trim_logs", "sweep_temp_files", "final_record", "now",
-           "git_commit", "git_dirty", "hardware", "describe_hardware", "hardware_label", "provenance", "chunk_start",
+           "git_commit", "git_dirty", "hardware", "describe_hardware", "run_hardware",
+           "describe_run_hardware", "hardware_label", "provenance", "chunk_start",
            "chunk_end", "finished", "RunLog", "read_run", "read_runs", "collect_run", "read_json", "plain",
            "chunk_hours", "last_logged_step"]
 
@@ -237,6 +238,19 @@ def describe_hardware(hw: Mapping[str, Any] | None) -> str:
         return f"{hw.get('world_size', 1)} x {hw['gpu']}"
     threads = hw.get("torch_threads")
     return f"CPU ({hw.get('cpu', '?')}, {threads} thread{'s' if threads != 1 else ''})"
+
+
+def run_hardware(prov: Mapping[str, Any] | None) -> set[str]:
+    """Every machine and thread count a run trained on, each in a few words, from its provenance and its chunks
+    (a campaign moves between machines and thread counts)."""
+    prov = prov or {}
+    records = (prov.get("hardware"), *(c.get("hardware") for c in prov.get("chunks", [])))
+    return {describe_hardware(h) for h in records if h}
+
+
+def describe_run_hardware(prov: Mapping[str, Any] | None) -> str:
+    """``run_hardware`` in one line: "CPU (AMD EPYC, 2 threads); CPU (Intel Xeon, 1 thread)"."""
+    return "; ".join(sorted(run_hardware(prov))) or "unknown hardware"
 
 
 def hardware_label(device: torch.device | str | None = None, world_size: int = 1) -> str:

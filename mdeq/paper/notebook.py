@@ -37,7 +37,7 @@ from mdeq.paper.parameters import PARAMETERS, TUTORIAL, Params
 from mdeq.paper.measure import examples, runtime, solver_traces, timing
 from mdeq.engine import paths, progress
 from mdeq.paper.report.style import SMOKE_NOTE, set_style
-from mdeq.engine.runlog import describe_hardware, hardware_label, read_json, read_run
+from mdeq.engine.runlog import describe_run_hardware, hardware_label, read_json, read_run
 
 __all__ = ["FIGURE_OWNERS", "TABLE_OWNERS", "Context", "setup", "save_figure", "save_table", "display_table",
            "show_banner", "write_json",
@@ -417,7 +417,7 @@ def banner(ctx: Context) -> str:
             continue
         state = "finished" if r.finished else f"epoch {r.epochs_done} of {r.epochs_planned or '?'}"
         lines.append(f"`{r.name}` ({state}; {r.meta('data_source_label', default='unknown data')}; "
-                     f"{describe_hardware(r.provenance.get('hardware'))})")
+                     f"{describe_run_hardware(r.provenance)})")
     real = ("real runs in results/runs/: " + ", ".join(lines)) if lines else "no real training run is committed yet"
     return (f"> **Logs profile**: redrawn from the committed logs, nothing computed; {real}. The smoke profile's "
             "toy runs are not shown here (`python -m mdeq.reproduce --profile smoke` draws them).")

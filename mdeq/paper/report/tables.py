@@ -18,7 +18,7 @@ import pandas as pd
 import yaml
 
 from mdeq.engine import paths
-from mdeq.engine.runlog import RunLog, describe_hardware, read_runs
+from mdeq.engine.runlog import RunLog, describe_hardware, read_runs, run_hardware
 from mdeq.paper.report.style import (NOT_RUN, SMOKE_NOTE, PageTable, _CURVE_STYLE, _DATASET_TITLES,
                                      _SOLVER_LABELS, _curve_label)
 
@@ -67,10 +67,7 @@ def runs_source(ctx, kind: str, runs: Sequence[RunLog]) -> str:
     if not runs:
         return ""
     data = sorted({str(r.meta("data_source_label", default="unknown data")) for r in runs})
-    # every machine and thread count the runs' chunks trained on (a campaign moves between machines)
-    hw = sorted({describe_hardware(h) for r in runs
-                 for h in (r.provenance.get("hardware"), *(c.get("hardware") for c in r.provenance.get("chunks", [])))
-                 if h})
+    hw = sorted(set().union(*(run_hardware(r.provenance) for r in runs)))
     return ctx.source(kind, "; ".join(data), "; ".join(hw))
 
 
