@@ -158,8 +158,9 @@ def build_book(notebooks_dir: Path, out: Path, *, strict: bool = True, roots: Se
     (stage / "docs").mkdir()
     for src in sorted((paths.ROOT / "docs").glob("*.md")):  # the book's pages include these
         shutil.copyfile(src, stage / "docs" / src.name)
-    (stage / "results").mkdir()  # docs/training_stability.md includes the part benchmarks/jacobian_reg_demo.py draws
-    shutil.copyfile(paths.RESULTS / "jacobian_reg_demo.md", stage / "results" / "jacobian_reg_demo.md")
+    (stage / "results").mkdir()  # the parts of pages that benchmark scripts draw (docs/*.md include them)
+    for src in sorted(paths.RESULTS.glob("*.md")):
+        shutil.copyfile(src, stage / "results" / src.name)
     missing = [n for n in NOTEBOOKS if not (Path(notebooks_dir) / f"{n}.ipynb").is_file()]
     if missing:
         raise FileNotFoundError(f"{notebooks_dir} lacks the executed notebooks {missing}")

@@ -43,3 +43,18 @@ def test_psnr_and_the_jpeg_round_trip():
     q95, q30 = pil_jpeg(smooth, 95), pil_jpeg(smooth, 30)
     assert q95.shape == smooth.shape and q95.dtype == np.uint8
     assert psnr(smooth, q95) > psnr(smooth, q30) > 15  # lower quality, more error; still the same images
+
+
+def test_paired_training_page_part_is_drawn_from_the_json():
+    from jpeg_paired_training import render
+
+    assert render(None).startswith("**Not run yet.**")
+    runs = {f"{t}_seed{s}": {"epochs": 50, "test_exact": e, "test_jpeg": j}
+            for (t, s, e, j) in [("exact", 0, 38.0, 37.0), ("jpeg", 0, 36.0, 38.0),
+                                 ("exact", 1, 40.0, 39.0), ("jpeg", 1, 37.0, 38.0)]}
+    md = render({"protocol": "cifar10_small_paper", "train_images": "T", "test_images": "E", "seeds": [0, 1],
+                 "runs": runs, "provenance": {"hardware": {"cpu": "X"}, "git_commit": "abc", "date": "d",
+                                              "command": "c"}})
+    assert "| exact pixels | 39.00 ± 1.41 | 38.00 ± 1.41 |" in md and "| JPEG-q75 | 36.50 ± 0.71 | 38.00 ± 0.00 |" in md
+    # paired by seed: exact minus JPEG = (2, 3) on exact test images, (-1, 1) on JPEG ones
+    assert "2.50 ± 0.71 points on the exact test images, 0.00 ± 1.41 on their JPEG twins" in md

@@ -42,3 +42,28 @@ def test_each_run_trains_its_recipe_on_table1s_data(baseline, recipe, kind, lr, 
     assert type(opt) is kind and group["lr"] == pytest.approx(lr) and group["weight_decay"] == pytest.approx(wd)
     if kind is torch.optim.SGD:
         assert group["momentum"] == pytest.approx(0.9) and not group["nesterov"]
+
+
+def test_the_third_run_takes_the_better_recipe_once_both_have_finished(monkeypatch):
+    state = {"sgd": dict(finished=True, test_top1_last=74.0), "adam_wd": dict(finished=False, test_top1_last=71.0)}
+    monkeypatch.setattr(recipe_study, "row", lambda name: state[name.split("_170k_")[1]])
+    assert recipe_study.names() == ["resnet18_170k_sgd", "resnet18_170k_adam_wd"]
+    state["adam_wd"].update(finished=True, test_top1_last=75.5)
+    assert recipe_study.names()[2] == "resnet14_170k_adam_wd"
+
+
+def test_render_says_where_each_run_stands():
+    assert recipe_study.render(None).startswith("**Not run yet.**")
+    record = {"paper_top1": 81.6, "provenance": {"date": "d", "git_commit": "0123456789abc"},
+              "table1_row": {"recipe": "Adam 1e-3, no weight decay", "test_top1_final": 68.71,
+                             "test_top1_best_for_reference_only": 69.6, "best_epoch": 11},
+              "runs": [dict(baseline="resnet18_170k", recipe="sgd", finished=False, epochs_done=7, epochs_planned=50,
+                            test_top1_last=70.25, test_top1_best_for_reference_only=71.5, best_epoch=6,
+                            train_acc_last=80.0),
+                       dict(baseline="resnet18_170k", recipe="adam_wd", finished=False, epochs_done=0,
+                            epochs_planned=50)]}
+    md = recipe_study.render(record)
+    assert "| ResNet-18 (170K), Table 1's row | Adam 1e-3, no weight decay | 50 of 50 | 68.71 | 69.60 (epoch 11)" in md
+    assert "| SGD, momentum 0.9, lr 0.1, weight decay 5e-4, cosine | 7 of 50, running | 70.25 | 71.50 (epoch 6) |" in md
+    assert "| Adam 1e-3, weight decay 5e-4 (L2), cosine | 0 of 50, running | - |" in md
+    assert "the better of the two, once both have finished" in md and "`0123456789`" in md
