@@ -82,16 +82,35 @@ def test_the_check_sees_an_upward_import(tmp_path):
     assert [t for t in targets if ORDER.index(layer(t)) > engine] == ["mdeq.paper", "mdeq.train"]
 
 
-@pytest.mark.parametrize("below", ["core", "data", "engine", "paper"])
-def test_importing_a_layer_loads_nothing_above_it(below):
-    modules = [_module(p) for p in MODULES if layer(_module(p)) == below]
+LAYERS_BELOW = ("core", "data", "engine", "paper")
+
+
+def _layer_modules(below: str) -> list[str]:
+    return [_module(p) for p in MODULES if layer(_module(p)) == below]
+
+
+@pytest.fixture(scope="module")
+def loaded_by_layer() -> dict[str, subprocess.CompletedProcess]:
+    """Each layer imported in a fresh interpreter; the four run at once (they take seconds each)."""
+    procs = {}
+    for below in LAYERS_BELOW:
+        code = ("import sys\n"
+                f"for name in {_layer_modules(below)!r}:\n"
+                "    __import__(name)\n"
+                "loaded = sorted(m for m in sys.modules if m == 'mdeq' or m.startswith('mdeq.'))\n"
+                "print('\\n'.join(loaded))\n")
+        procs[below] = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True, cwd=PACKAGE.parent)
+    outputs = {below: proc.communicate() for below, proc in procs.items()}  # sets each returncode
+    return {below: subprocess.CompletedProcess(proc.args, proc.returncode, *outputs[below])
+            for below, proc in procs.items()}
+
+
+@pytest.mark.parametrize("below", LAYERS_BELOW)
+def test_importing_a_layer_loads_nothing_above_it(below, loaded_by_layer):
+    modules = _layer_modules(below)
     above = [name for name in ORDER[ORDER.index(below) + 1:]]
-    code = ("import sys\n"
-            f"for name in {modules!r}:\n"
-            "    __import__(name)\n"
-            "loaded = sorted(m for m in sys.modules if m == 'mdeq' or m.startswith('mdeq.'))\n"
-            "print('\\n'.join(loaded))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)
+    out = loaded_by_layer[below]
     assert out.returncode == 0, out.stderr[-2000:]
     loaded = out.stdout.split()
     assert set(modules) <= set(loaded)
