@@ -126,13 +126,15 @@ def render(record: dict | None) -> str:
                 "--threads 2`; it writes `results/jpeg_paired_training.json` and redraws this part of the page.\n")
     runs, seeds, prov = record["runs"], record["seeds"], record["provenance"]
     acc = {(t, e): [runs[f"{t}_seed{s}"][f"test_{e}"] for s in seeds] for t in SIDES for e in SIDES}
+    from mdeq.engine.runlog import describe_hardware
+
     hw = prov.get("hardware", {})
     lines = [f"*Measured at 5,170 training images, not at Table 1's 50,000.* ResNet-18 (170K) with Table 1's recipe "
              f"({record['protocol']}: Adam 1e-3, cosine, 50 epochs, batch 128, no augmentation), trained on "
              f"{record['train_images']}, with their exact pixels or as their JPEG-q75 twins (same images, order and "
              f"seed), seeds {', '.join(map(str, seeds))}; every model tested on {record['test_images']}, exact and "
-             f"JPEG-q75. Test accuracy (%), mean ± std over the {len(seeds)} seeds. Hardware: CPU "
-             f"({hw.get('cpu', '?')}); commit `{str(prov.get('git_commit', '?'))[:10]}`; {prov.get('date', '?')}; "
+             f"JPEG-q75. Test accuracy (%), mean ± std over the {len(seeds)} seeds. Hardware: "
+             f"{describe_hardware(hw)}; commit `{str(prov.get('git_commit', '?'))[:10]}`; {prov.get('date', '?')}; "
              f"`{prov.get('command', '?')}`.",
              "", "| trained on | tested on exact | tested on JPEG-q75 |", "| --- | --- | --- |"]
     for t in SIDES:
