@@ -10,7 +10,7 @@ only passes the parameters::
     python -m mdeq.reproduce --profile logs             # redraw everything from results/ in seconds
     python -m mdeq.reproduce --profile full --data-root /data --dry-run   # print the GPU launches
     python -m mdeq.reproduce --only 04_cityscapes       # one notebook
-    python -m mdeq.reproduce --book-only                # build the book from the committed notebooks
+    python -m mdeq.reproduce --book-only                # the book of the committed notebooks: runs/reproduce/committed/
     python -m mdeq.reproduce --status                   # each committed table and figure: fresh or stale
     python -m mdeq.reproduce --profile logs --stale-only   # redraw only the notebooks with stale outputs
     python -m mdeq.reproduce --readme                   # README.md's results table from results/table_*.csv
@@ -239,6 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(manifest.format_status(found))
         return 1 if any(not f.fresh for f in found) else 0
     label = args.profile + ("-quick" if args.quick else "")
+    if args.book_only:  # the committed notebooks, whatever --profile says
+        label = "committed"
     out = Path(args.out) if args.out else REPRODUCE / label
     if args.readme:
         print(f"README.md: results table {'rewritten' if readme.write() else 'already up to date'}")

@@ -32,8 +32,8 @@
 #   augmentation, 200 epochs), `variant` = `paper` (Appendix Table 4, default) or `official`; `seeds`
 #   runs per row (the paper's standard deviations are over 5). Real data under
 #   `<data_root>/cifar10/`. Logs go to `results/runs/<run>_seed<k>/`.
-# - `logs` (default): redraws the table and figure from `results/runs/` (and the committed smoke logs from
-#   `results/smoke/runs/`), computing nothing.
+# - `logs` (default): redraws the table and figure from the real runs' logs in `results/runs/`, computing
+#   nothing (no smoke number: those are the smoke profile's).
 #
 # **Writes** `results/table_1_cifar10.csv` and `figures/fig4a_cifar10_accuracy.{png,svg}` (smoke:
 # under `runs/notebooks/smoke_outputs/`).

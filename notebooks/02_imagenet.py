@@ -32,7 +32,7 @@
 #   `solver.unroll_steps=5`), and `imagenet_xl_official` (the XL model has no Table 4 column). Real data
 #   under `<data_root>/imagenet/` (ImageFolder layout). Logs go to `results/runs/<run>/`; the
 #   checkpoints in `runs/full/` initialise the Cityscapes models of `04_cityscapes`.
-# - `logs` (default): redraws from `results/runs/` (and the committed smoke logs), computing nothing.
+# - `logs` (default): redraws from the real runs' logs in `results/runs/`, computing nothing.
 #
 # **Writes** `results/table_2_imagenet.csv` and `figures/imagenet_top1_per_epoch.{png,svg}`
 # (smoke: under `runs/notebooks/smoke_outputs/`).

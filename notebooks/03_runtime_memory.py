@@ -34,7 +34,7 @@
 # - `full`: batch `batch_size` (32, as the paper) on a GPU (`device`), 10 timed repetitions after 3
 #   warm-ups; memory is `torch.cuda.max_memory_allocated` during the training step.
 #   Writes `results/runtime_memory.json`.
-# - `logs` (default): redraws from `results/runtime_memory.json` (and the committed smoke measurement).
+# - `logs` (default): redraws from `results/runtime_memory.json` (the real measurement only).
 #
 # **Training memory as live tensor bytes** (`results/fig4b_memory_cpu.json`, written by
 # `python benchmarks/fig4b_memory.py`, `mdeq.paper.measure.memory.measure_memory`; drawn in the `logs` and `full`

@@ -32,7 +32,7 @@
 #   ImageNet model of the same size trained by `02_imagenet` (`runs/full/imagenet_*/checkpoint.pt`).
 #   Real data under `<data_root>/cityscapes/` (`leftImg8bit/`, `gtFine/`). Logs go to
 #   `results/runs/<run>/`, the examples of Fig. 8 to `results/cityscapes_examples/`.
-# - `logs` (default): redraws from `results/` (and the committed smoke logs), computing nothing.
+# - `logs` (default): redraws from the real logs and examples in `results/`, computing nothing.
 #
 # **Writes** `results/table_3_cityscapes.csv` and `figures/fig8_cityscapes_examples.{png,svg}`
 # (smoke: under `runs/notebooks/smoke_outputs/`).

@@ -41,7 +41,7 @@
 #   Writes `results/convergence_traces.json`. On a CPU, `benchmarks/fig5_convergence.py` runs the same
 #   measurement in resumable chunks (and with CIFAR-10 test images resized as stand-in inputs where the
 #   ImageNet or Cityscapes data is absent, labelled so).
-# - `logs` (default): redraws from `results/convergence_traces.json` (and the committed smoke traces).
+# - `logs` (default): redraws from `results/convergence_traces.json` (the real traces only).
 #
 # **Writes** `results/table_fig5_convergence.csv` and `figures/fig5_convergence_forward`,
 # `fig5_convergence_backward`, `fig7_per_scale_convergence` (`.png`, `.svg`); for our two measurements
