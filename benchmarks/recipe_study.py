@@ -133,7 +133,7 @@ def render(record: dict | None) -> str:
              f"{t1['test_top1_best_for_reference_only']:.2f} (epoch {t1['best_epoch']}) | see its log |"]
     for r in record["runs"]:
         model = "ResNet-18 (170K)" if r["baseline"] == "resnet18_170k" else "ResNet-14 (16/32/64, 175K)"
-        done = f"{r['epochs_done']} of {r['epochs_planned']}" + ("" if r["finished"] else ", running")
+        done = f"{r['epochs_done']} of {r['epochs_planned']}" + ("" if r["finished"] else ", unfinished")
         if not r["epochs_done"]:
             lines.append(f"| {model} | {RECIPE_TEXT[r['recipe']]} | {done} | - | - | - |")
             continue

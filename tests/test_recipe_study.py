@@ -64,6 +64,6 @@ def test_render_says_where_each_run_stands():
                             epochs_planned=50)]}
     md = recipe_study.render(record)
     assert "| ResNet-18 (170K), Table 1's row | Adam 1e-3, no weight decay | 50 of 50 | 68.71 | 69.60 (epoch 11)" in md
-    assert "| SGD, momentum 0.9, lr 0.1, weight decay 5e-4, cosine | 7 of 50, running | 70.25 | 71.50 (epoch 6) |" in md
-    assert "| Adam 1e-3, weight decay 5e-4 (L2), cosine | 0 of 50, running | - |" in md
+    assert "| SGD, momentum 0.9, lr 0.1, weight decay 5e-4, cosine | 7 of 50, unfinished | 70.25 | 71.50 (epoch 6) |" in md
+    assert "| Adam 1e-3, weight decay 5e-4 (L2), cosine | 0 of 50, unfinished | - |" in md
     assert "the better of the two, once both have finished" in md and "`0123456789`" in md
