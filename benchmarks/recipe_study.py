@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, provenance, write_json  # noqa: E402
 
 from mdeq.campaign import load_campaign, parse_budget, restore_run, sync_run  # noqa: E402
+from mdeq.engine.runlog import read_run  # noqa: E402
 
 RECIPES = {
     "sgd": ("train.optimizer=sgd", "train.lr=0.1", "train.momentum=0.9", "train.weight_decay=5e-4"),
@@ -57,26 +58,21 @@ def train_command(baseline: str, recipe: str, out: Path, args, stop_at: float) -
     return cmd
 
 
-def run(baseline: str, recipe: str, args, stop_at: float) -> dict | None:
-    """Train (or continue) one run until it finishes or ``stop_at``; its final.json, or None if unfinished."""
+def run(baseline: str, recipe: str, args, stop_at: float) -> None:
+    """Train (or continue) one run until it finishes or ``stop_at``, then copy its logs to ``results/``."""
     name = f"{baseline}_{recipe}"
     work, dest = WORK / name, RESULTS / name
     restore_run(dest, work)
-    if not (work / "final.json").is_file():
-        if time.time() > stop_at - 120:
-            return None
-        cmd = train_command(baseline, recipe, work, args, stop_at)
-        print("$", " ".join(cmd), flush=True)
-        subprocess.run(cmd, cwd=ROOT, check=True)
-        sync_run(work, dest)
-    final = work / "final.json"
-    return json.loads(final.read_text()) if final.is_file() else None
+    if (work / "final.json").is_file() or time.time() > stop_at - 120:
+        return
+    cmd = train_command(baseline, recipe, work, args, stop_at)
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    sync_run(work, dest)
 
 
 def row(name: str) -> dict:
     """Where run ``name`` stands, from its committed logs: final (or latest) and best test top-1, train accuracy."""
-    from mdeq.engine.runlog import read_run
-
     log = read_run(RESULTS / name)
     baseline, recipe = name.split("_170k_")[0] + "_170k", name.split("_170k_")[1]
     out = {"run": name, "baseline": baseline, "recipe": recipe, "overrides": list(RECIPES[recipe]),

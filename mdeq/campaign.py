@@ -322,7 +322,7 @@ def run_campaign(spec: CampaignSpec, budget_s: float, *, data_root: str | None =
         with _lock(WORK / ".lock"):
             _log(f"{spec.name}: budget {budget_s / 60:.0f} min, until "
                  f"{_dt.datetime.fromtimestamp(end, _dt.timezone.utc).isoformat(timespec='seconds')}"
-                 + (f"; {spec.side_by_side} runs side by side" if spec.side_by_side > 1 else ""), logfile)
+                 + (f"; {n} runs side by side" if (n := min(spec.side_by_side, len(pending))) > 1 else ""), logfile)
             code_dir, halted, failed = None, False, None
             while True:
                 while (len(active) < spec.side_by_side and pending and not (halted or failed or stop["asked"])

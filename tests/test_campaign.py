@@ -55,8 +55,10 @@ def test_budget_chunks_resume_and_finish_every_run(tiny_campaign):
 
 def test_run_option_continues_one_run_out_of_order(tiny_campaign):
     spec, results = tiny_campaign
+    spec = dataclasses.replace(spec, threads=2, side_by_side=2)
     statuses = run_campaign(spec, -60.0, results=results, min_start_s=-3600, code="tree", only="cifar10_mdeq_small")
     assert [s["has_checkpoint"] for s in statuses] == [False, True]  # the first run was not touched
+    assert "side by side" not in (campaign.WORK / "tiny.log").read_text()  # one run, whatever the spec allows
     assert not (campaign.WORK / "cifar10_resnet18_170k").exists()
     with pytest.raises(ValueError, match="'cifar10_sst' is not a run of campaign 'tiny'"):
         run_campaign(spec, 1.0, results=results, only="cifar10_sst")

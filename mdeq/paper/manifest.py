@@ -240,6 +240,15 @@ def record(rec: Recorder, key: str, files: Sequence[Path], kind: str, *, noteboo
     return entry
 
 
+def link_to(path: str, link: str | None, text: str | None = None) -> str:
+    """A repository path as a caption names it: a Markdown link ``link + path`` (``link`` is the way from the page
+    to the repository root, e.g. ``"../"`` from notebooks/), or just the name where there is no way (``link``
+    None, or an absolute path outside the run's root)."""
+    if link is None or PurePosixPath(path).is_absolute():
+        return f"`{path}`" if text is None else text
+    return f"[{text or f'`{path}`'}]({link}{path})"
+
+
 def made_from(entry: Mapping, manifest: str, commit: str, *, link: str | None = None) -> str:
     """The caption's last sentence: the entry's inputs as repository paths and the commit. Files are grouped by
     folder, and folders that hold the same files by their parent (the run folders of a table).
@@ -248,9 +257,7 @@ def made_from(entry: Mapping, manifest: str, commit: str, *, link: str | None = 
     notebook in notebooks/), each file inside the run's root is a Markdown link: JupyterLab opens it, and the book
     (``mdeq.reproduce.build_book``) ships the linked files beside its pages."""
     def ref(path: str, text: str | None = None) -> str:
-        if link is None or PurePosixPath(path).is_absolute():  # outside the run's root: named, not linked
-            return f"`{path}`" if text is None else text
-        return f"[{text or f'`{path}`'}]({link}{path})"
+        return link_to(path, link, text)
 
     folders: dict[str, list[str]] = {}
     parts = []  # (path, text), in path order

@@ -450,8 +450,7 @@ def display_table(shown, csv: str | Path, ctx: Context) -> None:
     """Show a saved table as the page shows it (``report.tables.show_table``) with its caption under it: the
     notebook that drew it, what it was made from and the commit."""
     try:  # a link from the notebook's folder, as the caption's inputs (manifest.made_from)
-        where = Path(csv).resolve().relative_to(ctx.root().resolve()).as_posix()
-        where = f"[`{where}`](../{where})"
+        where = manifest.link_to(Path(csv).resolve().relative_to(ctx.root().resolve()).as_posix(), "../")
     except ValueError:
         where = paths.rel(csv)
     text = (f"*Table ({Path(csv).stem}).* Drawn by notebooks/{ctx.notebook}.ipynb into {where}. "
