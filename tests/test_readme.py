@@ -84,6 +84,20 @@ def test_one_line_per_row_with_where_ours_stands(results):
     assert "ResNet-18" in items[0] and "Single-stream" in items[2] and "not run yet" in items[3]
     assert "Metrics: Table 1: CIFAR-10 test accuracy (%)" in table
     assert "Data behind ours: CIFAR-10 (JPEG-q75 re-encoded)." in table
+    assert '"best"' not in table  # these tables have no best-epoch column: nothing to explain
+
+
+def test_the_best_epoch_stands_beside_ours_labelled(tmp_path):
+    rows = _table1_rows()
+    rows[3].update(ours_best="69.6", ours_best_epoch="11")  # ResNet-18: final 68.71, best epoch 11
+    rows[4].update(ours_best="76.99", ours_best_epoch="31")
+    (tmp_path / "results").mkdir()
+    _write_csv(tmp_path / "results" / "table_1_cifar10.csv", rows, COLUMNS + ["ours_best", "ours_best_epoch"])
+    table = readme.results_table(tmp_path / "results")
+    assert _line(table, "ResNet-18")[2] == "68.71 (best: 69.60, epoch 11)"
+    assert _line(table, ": MDEQ-small")[2:] == ["76.36 (best: 76.99, epoch 31)", "epoch 25 of 50, 1 run, on CPU"]
+    assert _line(table, "Single-stream")[2] == "-"  # no number: no best either
+    assert '"best" is the best evaluated epoch, for reference only' in table
 
 
 def test_missing_tables_and_measurements_say_not_run_yet(results):

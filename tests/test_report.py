@@ -131,6 +131,27 @@ def test_table1_mean_std_delta_and_source_from_logs(tmp_path, monkeypatch):
     assert other["ours"] == style.NOT_RUN
 
 
+def test_table1_gives_the_best_epoch_beside_the_final_one(tmp_path, monkeypatch):
+    folder = tmp_path / "runs" / "cifar10_resnet18_170k"
+    _fake_run(tmp_path / "runs", "cifar10_resnet18_170k", 68.71)
+    (folder / "metrics.csv").write_text("epoch,eval_top1,partial\n0,50.0,False\n1,69.6,False\n2,68.71,False\n"
+                                        "3,99.0,True\n")  # a partial epoch is no evaluated epoch
+    for k, accs in enumerate(((80.0, 86.0), (88.0, 84.0))):  # two seeds: the mean of each run's best
+        _fake_run(tmp_path / "runs", f"cifar10_mdeq_small_seed{k}", accs[1])
+        (tmp_path / "runs" / f"cifar10_mdeq_small_seed{k}" / "metrics.csv").write_text(
+            f"epoch,eval_top1\n0,{accs[0]}\n1,{accs[1]}\n")
+    monkeypatch.setattr(notebook.Context, "inputs_dir", lambda self, kind: tmp_path)
+    df = tables.paper_table(_ctx(tmp_path), "real", "table1")
+    df = df[df["setting"] == "without data augmentation"].set_index("row")
+    assert df.loc["ResNet-18 [26] [Explicit]", "ours"] == 68.71
+    assert df.loc["ResNet-18 [26] [Explicit]", "ours_best"] == 69.6
+    assert df.loc["ResNet-18 [26] [Explicit]", "ours_best_epoch"] == "2"
+    assert df.loc["MDEQ-small (ours)", "ours"] == 85.0 and df.loc["MDEQ-small (ours)", "ours_best"] == 87.0
+    assert df.loc["MDEQ-small (ours)", "ours_best_epoch"] == "2; 1"
+    assert pd.isna(df.loc["Neural ODEs [18]", "ours_best"])
+    assert "ours_best" not in tables.paper_table(_ctx(tmp_path, "02_imagenet"), "real", "table2").columns
+
+
 def test_table1_unfinished_run_shows_its_latest_epoch_without_a_delta(tmp_path, monkeypatch):
     folder = tmp_path / "runs" / "cifar10_resnet18_170k"
     folder.mkdir(parents=True)
@@ -414,16 +435,17 @@ def test_show_table_keeps_few_columns_and_names_the_csv(tmp_path, monkeypatch):
     monkeypatch.setattr(notebook.Context, "inputs_dir", lambda self, kind: tmp_path)
     df = tables.paper_table(_ctx(tmp_path), "real", "table1")
     shown = tables.show_table(df, "real", paths.RESULTS / "table_1_cifar10.csv")
-    assert list(shown.data.columns) == ["setting", "row", "metric", "paper", "ours", "delta", "params (paper / ours)",
-                                        "status"]
+    assert list(shown.data.columns) == ["setting", "row", "metric", "paper", "ours", "delta", style.BEST,
+                                        "params (paper / ours)", "status"]
     assert shown.caption.endswith("results/table_1_cifar10.csv")
     row = shown.data.set_index("row").loc["MDEQ-small (ours)"]
     assert row["paper"] == "87.10 ± 0.40" and row["params (paper / ours)"] == "170K / 175K"
-    # the page names each setting once (a header row over its rows) and the metric once (above paper/ours/delta)
+    assert row[style.BEST] == "87.50 (epoch 2)" and shown.data.set_index("row").loc["Neural ODEs [18]", style.BEST] == ""
+    # the page names each setting once (a header row over its rows) and the metric once (above paper/ours/delta/best)
     page = shown._repr_html_()
     assert page.count("without data augmentation") == 1 and page.count("test accuracy (%)") == 1
-    assert '<th colspan="6" class="setting" style="text-align: left">with data augmentation</th>' in page
-    assert '<th colspan="3" class="metric">test accuracy (%)</th>' in page
+    assert '<th colspan="7" class="setting" style="text-align: left">with data augmentation</th>' in page
+    assert '<th colspan="4" class="metric">test accuracy (%)</th>' in page
 
 
 def test_show_table_writes_a_row_name_once_over_its_metrics():

@@ -16,7 +16,7 @@ from typing import Mapping
 import matplotlib
 import pandas as pd
 
-__all__ = ["SMOKE_NOTE", "NOT_RUN", "COLORS", "set_style", "figure_title", "no_data", "PageTable"]
+__all__ = ["SMOKE_NOTE", "NOT_RUN", "BEST", "COLORS", "set_style", "figure_title", "no_data", "PageTable"]
 
 SMOKE_NOTE = "smoke run, not a reproduction"
 NOT_RUN = "not run yet"
@@ -84,7 +84,8 @@ def _curve_label(key: str, curve: Mapping) -> str:
     return f"{solver}, {weights}"
 
 
-_NUMBERS = ("paper", "ours", "delta")  # the columns a page table reads across; the metric is named once above them
+BEST = "best epoch (reference only)"  # a page table's column beside ours: the best evaluated epoch's value
+_NUMBERS = ("paper", "ours", "delta", BEST)  # the columns a page table reads across; the metric is named once above them
 _PAGE_CSS = """<style>
 table.mdeq-page {margin-left: 0; margin-right: auto; font-size: 0.9em;}
 table.mdeq-page th, table.mdeq-page td {padding: 2px 8px; text-align: left; vertical-align: top;}

@@ -19,10 +19,10 @@ import yaml
 
 from mdeq.engine import paths
 from mdeq.engine.runlog import RunLog, describe_hardware, read_runs, run_hardware
-from mdeq.paper.report.style import (NOT_RUN, SMOKE_NOTE, PageTable, _CURVE_STYLE, _DATASET_TITLES,
+from mdeq.paper.report.style import (BEST, NOT_RUN, SMOKE_NOTE, PageTable, _CURVE_STYLE, _DATASET_TITLES,
                                      _SOLVER_LABELS, _curve_label)
 
-__all__ = ["paper_numbers", "Column", "PaperTable", "PAPER_TABLES", "paper_table", "show_table", "table_fig4b",
+__all__ = ["paper_numbers", "best_epoch", "Column", "PaperTable", "PAPER_TABLES", "paper_table", "show_table", "table_fig4b",
            "memory_ratios", "convergence_table", "budget_table", "resolution_table", "budget_summary", "jpeg_table"]
 
 PAPER_NUMBERS = paths.RESULTS / "paper_numbers.yaml"
@@ -86,12 +86,21 @@ def _status(kind: str, runs: Sequence[RunLog]) -> str:
     return "; ".join(notes)
 
 
+def best_epoch(run: RunLog, column: str, scale: float = 1.0) -> tuple[int, float] | None:
+    """The evaluated epoch (1-based) with the highest ``column`` in ``metrics.csv``, and that value x ``scale``."""
+    series = run.series(column)
+    if not series:
+        return None
+    epoch, value = max(series, key=lambda t: t[1])
+    return epoch + 1, value * scale
+
+
 def _row(table: str, row: str, metric: str, paper: float | None, runs: Sequence[RunLog], values: Sequence,
          ctx, kind: str, *, paper_std: float | None = None, paper_params: float | None = None,
-         setting: str = "") -> dict:
+         setting: str = "", best: Sequence | None = None) -> dict:
     mean, std = mean_std(values)
     ours_params = runs[0].meta("num_params") if runs else None
-    return {
+    out = {
         "table": table, "setting": setting, "row": row, "metric": metric,
         "paper": paper, "paper_std": paper_std,
         "ours": round(mean, 4) if mean is not None else ("no epoch evaluated yet" if runs else NOT_RUN),
@@ -99,9 +108,13 @@ def _row(table: str, row: str, metric: str, paper: float | None, runs: Sequence[
         # no delta for an unfinished run: its number is an intermediate epoch's, not a result
         "delta": (round(mean - paper, 4) if (mean is not None and paper is not None and kind != "smoke"
                                              and all(r.finished for r in runs)) else None),
-        "paper_params": paper_params, "ours_params": ours_params,
-        "ours_source": runs_source(ctx, kind, runs) or NOT_RUN, "status": _status(kind, runs),
     }
+    if best is not None:  # beside ours, for reference only: the mean of each run's best epoch, and those epochs
+        found = [b for b in best if b is not None]
+        out["ours_best"] = round(mean_std([v for _, v in found])[0], 4) if found else None
+        out["ours_best_epoch"] = "; ".join(str(e) for e, _ in found) or None
+    return {**out, "paper_params": paper_params, "ours_params": ours_params,
+            "ours_source": runs_source(ctx, kind, runs) or NOT_RUN, "status": _status(kind, runs)}
 
 
 @dataclass(frozen=True)
@@ -113,6 +126,9 @@ class Column:
     ours: tuple[str, ...]  # keys of our value in final.json (dotted) or metrics.csv; the first present wins
     scale: float = 1.0  # ours x scale (mIoU is logged as a fraction, the paper prints %)
     paper_std: str | None = None  # key of the paper's std over runs, where it gives one
+    # a metrics.csv column whose best epoch is shown beside ours, for reference only: the released training
+    # script kept the best test epoch (locuslab/mdeq tools/cls_train.py), the paper does not say which it reports
+    best: str | None = None
 
 
 @dataclass(frozen=True)
@@ -125,7 +141,7 @@ class PaperTable:
 PAPER_TABLES = {
     # An unfinished run's number is its latest epoch's (metrics.csv), shown without a delta.
     "table1": PaperTable("Table 1", (Column("test accuracy (%)", "accuracy", ("final", "final_eval.top1", "eval_top1"),
-                                           paper_std="accuracy_std"),), setting=True),
+                                           paper_std="accuracy_std", best="eval_top1"),), setting=True),
     "table2": PaperTable("Table 2", (Column("top-1 accuracy (%)", "top1", ("final_eval.top1",)),
                                      Column("top-5 accuracy (%)", "top5", ("final_eval.top5",)))),
     "table3": PaperTable("Table 3", (Column("mIoU (%)", "miou", ("final_eval.miou", "final"), scale=100),)),
@@ -150,9 +166,11 @@ def paper_table(ctx, kind: str, table: str, numbers: Mapping | None = None) -> p
             name = pr["row"] if variant is None else f"{pr['row']}, {variant}"
             for col in spec.columns:
                 values = [None if v is None else v * col.scale for v in (r.value(*col.ours) for r in runs)]
+                best = [best_epoch(r, col.best, col.scale) for r in runs] if col.best else None
                 rows.append(_row(spec.title, name, col.metric, pr[col.paper], runs, values, ctx, kind,
                                  paper_std=pr[col.paper_std] if col.paper_std else None,
-                                 paper_params=pr["params"], setting=pr["setting"] if spec.setting else ""))
+                                 paper_params=pr["params"], setting=pr["setting"] if spec.setting else "",
+                                 best=best))
     return pd.DataFrame(rows)
 
 
@@ -176,6 +194,9 @@ def show_table(df, kind: str, csv: str | Path | None = None) -> PageTable:
     shown["ours"] = [pm(v, s) for v, s in zip(df["ours"], df.get("ours_std", [None] * len(df)))]
     if kind != "smoke" and "delta" in df.columns and df["delta"].notna().any():
         shown["delta"] = [pm(v, None) for v in df["delta"]]
+    if "ours_best" in df.columns and df["ours_best"].notna().any():
+        shown[BEST] = [f"{pm(v, None)} (epoch {e})" if pm(v, None) else ""
+                       for v, e in zip(df["ours_best"], df["ours_best_epoch"])]
     if "paper_params" in df.columns:
         ours = df.get("ours_params", df["paper_params"])
         shown["params (paper / ours)"] = [f"{fmt_params(a)} / {fmt_params(b)}"
