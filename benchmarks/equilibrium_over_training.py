@@ -14,11 +14,13 @@ in training (the maintainer calls a relative residual below 0.05 "good"); a resi
 be a defect.
 
     python benchmarks/equilibrium_over_training.py        # results/equilibrium_over_training.json
+    python benchmarks/equilibrium_over_training.py --keep --every 1500   # add newer checkpoints only, thinned
 """
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import math
 import subprocess
 import sys
@@ -36,6 +38,8 @@ from mdeq.paper.measure.solver_traces import trace_overrides  # noqa: E402
 from mdeq.core.model import build_model  # noqa: E402
 
 RUN = "results/runs/cifar10_mdeq_small"
+DEFAULTS = {"memory": 12, "spectral_radius_iters": 0}  # what older measurements, which do not record them, used
+DEST = {"spectral_radius_iters": "spectral_radius"}  # JSON key -> argument
 THRESHOLDS = (1e-3, 1e-4)
 
 
@@ -58,6 +62,33 @@ def checkpoints(run: str) -> list[tuple[str, dict]]:
     return [found[step] for step in sorted(found)]
 
 
+def kept_rows(path: Path, args) -> list[dict]:
+    """The rows of an earlier measurement at ``path``, refused (one line) if it was made with other settings."""
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    for key in ("config", "run", "batch", "num_batches", "budget", "memory", "spectral_radius_iters"):
+        made, now = old.get(key, DEFAULTS.get(key)), getattr(args, DEST.get(key, key))
+        if made != now:
+            raise SystemExit(f"{path}: made with {key}={made!r}, not {now!r}; "
+                             "measure again without --keep or write to another --out")
+    return old["rows"]
+
+
+def thinned(found: list[tuple[str, dict]], rows: list[dict], every: int) -> list[tuple[str, dict]]:
+    """The checkpoints after the last measured row, each ``every`` steps or more after the previous one kept;
+    the latest checkpoint is always kept."""
+    last = max((r["global_step"] for r in rows), default=-1)
+    later = [(w, c) for w, c in found if int(c["global_step"]) > last]
+    out = []
+    for i, (where, ckpt) in enumerate(later):
+        step = int(ckpt["global_step"])
+        if i == len(later) - 1 or last < 0 or step - last >= every:
+            out.append((where, ckpt))
+            last = step
+    return out
+
+
 def training_batches(root: Path, options: dict, batch: int, num: int, seed: int) -> list[torch.Tensor]:
     """``num`` batches of training images (no labels needed), the same for every checkpoint."""
     ds = build_dataset("cifar10", root, "train", augment=False, **options)
@@ -73,20 +104,28 @@ def evals_below(mean: torch.Tensor, threshold: float) -> int | None:
 
 
 def solve_stats(model, batches, *, train: bool, train_budget: int, seed: int) -> dict:
-    """Batch-mean lowest-so-far relative residual per f evaluation, averaged over batches."""
+    """Batch-mean lowest-so-far relative residual per f evaluation, averaged over batches; with the layer's
+    ``spectral_radius_iters`` set, also the batch-mean power-method estimate of rho(J_f) at the solve's z*."""
     model.train(train)
-    curves = []
+    curves, radii = [], []
     with torch.no_grad():
         for i, x in enumerate(batches):
             torch.manual_seed(seed + i)  # the same dropout mask for every checkpoint
             model(x)
             rel = model.last_info.forward.rel_trace.double()  # (B, nfe)
             curves.append(torch.cummin(rel, dim=1).values.mean(0))
+            if model.last_info.spectral_radius is not None:
+                radii.append(model.last_info.spectral_radius.double())
     n = min(len(c) for c in curves)
     mean = torch.stack([c[:n] for c in curves]).mean(0)
     at = min(train_budget, n) - 1
-    return {"lowest_rel_residual_at_training_budget": float(mean[at]), "lowest_rel_residual_at_budget": float(mean[-1]),
-            **{f"f_evals_to_{t:g}": evals_below(mean, t) for t in THRESHOLDS}, "nfe": n}
+    out = {"lowest_rel_residual_at_training_budget": float(mean[at]), "lowest_rel_residual_at_budget": float(mean[-1]),
+           **{f"f_evals_to_{t:g}": evals_below(mean, t) for t in THRESHOLDS}, "nfe": n}
+    if radii:
+        r = torch.cat(radii)
+        out.update(spectral_radius_mean=float(r.mean()), spectral_radius_max=float(r.max()),
+                   spectral_radius_share_above_1=float((r > 1).double().mean()))
+    return out
 
 
 def main() -> None:
@@ -102,18 +141,28 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="results/equilibrium_over_training.json")
+    p.add_argument("--memory", type=int, default=None, help="Broyden's history size m (default: the config's)")
+    p.add_argument("--spectral-radius", type=int, default=0, metavar="ITERS",
+                   help="also estimate rho(J_f) at z* per sample with ITERS power-method steps (0: no)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the rows already in --out (same settings) and measure only later checkpoints")
+    p.add_argument("--every", type=int, default=0, metavar="STEPS",
+                   help="measure a checkpoint only STEPS or more after the last measured one (the latest always)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     options = dict(kv.split("=", 1) for kv in args.data_option)
-    cfg = load_config(args.config, trace_overrides("broyden", args.budget))
+    overrides = trace_overrides("broyden", args.budget) + ([f"solver.memory={args.memory}"] if args.memory else [])
+    cfg = load_config(args.config, overrides)
+    args.memory = cfg.solver.memory  # recorded: what the solves used
     train_budget = load_config(args.config).solver.max_iter + 1  # the training solve's f evaluations
     batches = training_batches(ROOT / args.data_root, options, args.batch, args.num_batches, args.seed)
-    rows = []
-    for where, ckpt in checkpoints(args.run):
+    rows = kept_rows(ROOT / args.out, args) if args.keep else []
+    for where, ckpt in thinned(checkpoints(args.run), rows, args.every):
         torch.manual_seed(args.seed)
         model = build_model(cfg)
         load_pretrained(model, ckpt)
         model.deq.warn = False
+        model.deq.spectral_radius_iters = args.spectral_radius
         row = {"global_step": int(ckpt["global_step"]), "epoch": int(ckpt["epoch"]),
                "step_in_epoch": int(ckpt["step_in_epoch"]), "from": where,
                "train_mode": solve_stats(model, batches, train=True, train_budget=train_budget,
@@ -126,12 +175,14 @@ def main() -> None:
               f"{t['lowest_rel_residual_at_training_budget']:.2e} at {train_budget}, "
               f"{t['lowest_rel_residual_at_budget']:.2e} at {t['nfe']}, to 1e-3 {t['f_evals_to_0.001']}, "
               f"to 1e-4 {t['f_evals_to_0.0001']} | eval mode {e['lowest_rel_residual_at_training_budget']:.2e}, "
-              f"{e['lowest_rel_residual_at_budget']:.2e}, {e['f_evals_to_0.001']}, {e['f_evals_to_0.0001']}",
-              flush=True)
+              f"{e['lowest_rel_residual_at_budget']:.2e}, {e['f_evals_to_0.001']}, {e['f_evals_to_0.0001']}"
+              + (f" | rho(J) train {t['spectral_radius_mean']:.3f}, eval {e['spectral_radius_mean']:.3f} (max "
+                 f"{e['spectral_radius_max']:.3f})" if args.spectral_radius else ""), flush=True)
         write_json(ROOT / args.out, {
             "benchmark": "equilibrium_over_training", "config": args.config, "run": args.run,
             "batch": args.batch, "num_batches": args.num_batches, "budget": args.budget,
-            "training_budget_f_evals": train_budget,
+            "training_budget_f_evals": train_budget, "memory": args.memory,
+            "spectral_radius_iters": args.spectral_radius,
             "measure": "batch mean of each sample's lowest-so-far ||f(z) - z|| / ||f(z)||, averaged over batches; "
                        "Broyden with the config's memory, relative stop mode at tol 1e-12 (runs the whole budget)",
             "data": f"{args.num_batches} x {args.batch} CIFAR-10 training images (JPEG-q75 re-encoded), seed {args.seed}",

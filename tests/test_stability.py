@@ -645,3 +645,39 @@ def test_the_demonstration_renders_every_number_from_a_payload():
                   "0.00222", "| 4321 | 4321 |", "| - | 6543 |", "1.023x", "1.51x", "step 8211", "78cc7b9abc",
                   "not a Table 1", "0.8765 in both", "1 of 3 steps"):
         assert shown in text, shown
+
+
+# ----------------------------------------------------------------------------------------------
+# The equilibrium measurement adds later checkpoints to an earlier one, thinned, never re-measuring.
+
+def _equilibrium_module():
+    sys.path.insert(0, str(paths.ROOT / "benchmarks"))
+    try:
+        import equilibrium_over_training
+    finally:
+        sys.path.remove(str(paths.ROOT / "benchmarks"))
+    return equilibrium_over_training
+
+
+def test_equilibrium_measurement_keeps_old_rows_and_thins_new_checkpoints(tmp_path):
+    eq = _equilibrium_module()
+    found = [(f"c{s}", {"global_step": s}) for s in (100, 200, 1000, 1600, 1700, 3000, 3100)]
+    steps = lambda kept: [int(c["global_step"]) for _, c in kept]  # noqa: E731
+    assert steps(eq.thinned(found, [], 0)) == [100, 200, 1000, 1600, 1700, 3000, 3100]
+    assert steps(eq.thinned(found, [], 1000)) == [100, 1600, 3000, 3100]  # the latest always
+    assert steps(eq.thinned(found, [{"global_step": 1000}], 1000)) == [3000, 3100]
+    assert eq.thinned(found, [{"global_step": 3100}], 0) == []
+    args = type("Args", (), {"config": "cifar10_small_paper", "run": "r", "batch": 128, "num_batches": 3,
+                             "budget": 50, "memory": 12, "spectral_radius": 0})()
+    out = tmp_path / "eq.json"
+    assert eq.kept_rows(out, args) == []
+    out.write_text(json.dumps({"config": "cifar10_small_paper", "run": "r", "batch": 128, "num_batches": 3,
+                               "budget": 50, "rows": [{"global_step": 5}]}))
+    assert eq.kept_rows(out, args) == [{"global_step": 5}]  # an older file without memory: the config's 12
+    args.memory = 30
+    with pytest.raises(SystemExit, match="made with memory=12, not 30"):
+        eq.kept_rows(out, args)
+    args.memory = 12
+    args.budget = 30
+    with pytest.raises(SystemExit, match="made with budget=50, not 30"):
+        eq.kept_rows(out, args)
