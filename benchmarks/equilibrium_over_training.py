@@ -8,13 +8,17 @@ checkpoint's equilibrium with Broyden (the config's m) for a longer budget, in t
 mask the training solve sees, drawn from the same seed for every checkpoint) and in eval mode. Per
 checkpoint it records the batch-mean relative residual ||f(z) - z|| / ||f(z)|| of the lowest iterate
 within the training budget (15 steps, as ``rel_residual_forward`` logs it) and within the whole budget,
-and the f evaluations until the batch mean first falls below 1e-3 and 1e-4. A fixed point that is still
-reached with more steps, at a growing cost, is the DEQ behaviour the released code's users report late
-in training (the maintainer calls a relative residual below 0.05 "good"); a residual that stalls would
-be a defect.
+and the f evaluations until the batch mean first falls below 1e-3 and 1e-4; per sample, where each solve
+ended (a batch mean can hide a few samples whose solve stalls); with ``--spectral-radius``, the power-method
+estimate of rho(J_f) at the returned iterate. A fixed point that is still reached with more steps, at a
+growing cost, is the DEQ behaviour the released code's users report late in training (the maintainer calls
+a relative residual below 0.05 "good"); a residual that stalls would be a defect of the model or of the
+solver, which ``--memory`` (Broyden's history size m) tells apart.
 
     python benchmarks/equilibrium_over_training.py        # results/equilibrium_over_training.json
     python benchmarks/equilibrium_over_training.py --keep --every 1500   # add newer checkpoints only, thinned
+    python benchmarks/equilibrium_over_training.py --budget 200 --num-batches 1 --every 4000 \
+        --spectral-radius 100 --memory 40 --out results/equilibrium_long_solve_m40.json
 """
 from __future__ import annotations
 
@@ -107,20 +111,29 @@ def solve_stats(model, batches, *, train: bool, train_budget: int, seed: int) ->
     """Batch-mean lowest-so-far relative residual per f evaluation, averaged over batches; with the layer's
     ``spectral_radius_iters`` set, also the batch-mean power-method estimate of rho(J_f) at the solve's z*."""
     model.train(train)
-    curves, radii = [], []
+    curves, radii, at_train, at_end = [], [], [], []
     with torch.no_grad():
         for i, x in enumerate(batches):
             torch.manual_seed(seed + i)  # the same dropout mask for every checkpoint
             model(x)
             rel = model.last_info.forward.rel_trace.double()  # (B, nfe)
-            curves.append(torch.cummin(rel, dim=1).values.mean(0))
+            lowest = torch.cummin(rel, dim=1).values
+            curves.append(lowest.mean(0))
+            at_train.append(lowest[:, min(train_budget, lowest.shape[1]) - 1])
+            at_end.append(lowest[:, -1])  # where each sample's solve ended (the whole budget, or a stop)
             if model.last_info.spectral_radius is not None:
                 radii.append(model.last_info.spectral_radius.double())
     n = min(len(c) for c in curves)
     mean = torch.stack([c[:n] for c in curves]).mean(0)
     at = min(train_budget, n) - 1
+    at_train, at_end = torch.cat(at_train), torch.cat(at_end)
     out = {"lowest_rel_residual_at_training_budget": float(mean[at]), "lowest_rel_residual_at_budget": float(mean[-1]),
-           **{f"f_evals_to_{t:g}": evals_below(mean, t) for t in THRESHOLDS}, "nfe": n}
+           **{f"f_evals_to_{t:g}": evals_below(mean, t) for t in THRESHOLDS}, "nfe": n,
+           # per sample: the batch mean above can hide a few samples whose solve stalls
+           "per_sample": {"median_at_training_budget": float(at_train.median()),
+                          "share_below_1e-2_at_training_budget": float((at_train < 1e-2).double().mean()),
+                          "median_at_end": float(at_end.median()), "max_at_end": float(at_end.max()),
+                          "share_below_1e-4_at_end": float((at_end < 1e-4).double().mean())}}
     if radii:
         r = torch.cat(radii)
         out.update(spectral_radius_mean=float(r.mean()), spectral_radius_max=float(r.max()),
@@ -176,6 +189,8 @@ def main() -> None:
               f"{t['lowest_rel_residual_at_budget']:.2e} at {t['nfe']}, to 1e-3 {t['f_evals_to_0.001']}, "
               f"to 1e-4 {t['f_evals_to_0.0001']} | eval mode {e['lowest_rel_residual_at_training_budget']:.2e}, "
               f"{e['lowest_rel_residual_at_budget']:.2e}, {e['f_evals_to_0.001']}, {e['f_evals_to_0.0001']}"
+              + f" | per sample (train mode): share < 1e-4 at the end {t['per_sample']['share_below_1e-4_at_end']:.3f}, "
+              f"max {t['per_sample']['max_at_end']:.2e}"
               + (f" | rho(J) train {t['spectral_radius_mean']:.3f}, eval {e['spectral_radius_mean']:.3f} (max "
                  f"{e['spectral_radius_max']:.3f})" if args.spectral_radius else ""), flush=True)
         write_json(ROOT / args.out, {

@@ -22,6 +22,9 @@ continues the whole campaign for a wall-clock budget:
 - ``side_by_side: 2`` in the campaign file trains the first two unfinished runs at once, each on half
   the threads (on a 2-core CPU two 1-thread runs train more steps per hour in all than one 2-thread
   run: ``benchmarks/campaign_throughput.py``); when one finishes the next takes its place;
+- a DEQ run whose training solves end further from the fixed point than ``residual_limit`` (its last
+  epoch's mean forward residual) is held: stopped at its next step, no chunk started, ``--status`` says
+  why, until the campaign file raises the limit for it (``residual_limit_run``) once the cause is known;
 - one campaign process at a time (a lock file in ``runs/campaign/``); a run's protocol is never
   shortened: an unfinished run is reported as "epoch k of 50" (``--status``);
 - each call's chunks run the code of the last commit, from a git worktree in ``runs/campaign/code/``
@@ -59,7 +62,7 @@ from mdeq.engine.paths import rel
 from mdeq.engine.runlog import chunk_hours, last_logged_step, now, read_run
 from mdeq.paper.runs import config_name, spec as run_spec
 
-__all__ = ["CampaignSpec", "load_campaign", "run_status", "train_command", "sync_run", "restore_run",
+__all__ = ["CampaignSpec", "load_campaign", "run_status", "held", "train_command", "sync_run", "restore_run",
            "run_campaign", "main"]
 
 CAMPAIGNS = Path(__file__).resolve().parent / "campaigns"
@@ -89,6 +92,12 @@ class CampaignSpec:
     # How many runs train at once, each on threads // side_by_side threads (two 1-thread runs train more
     # steps per hour in all than one 2-thread run on a 2-core CPU: benchmarks/campaign_throughput.py).
     side_by_side: int = 1
+    # A DEQ run whose training solves end further from the fixed point than this (the mean forward residual
+    # of its last evaluated epoch's implicit steps, metrics.csv ``rel_residual_forward``) is held: the
+    # campaign stops it at its next step and starts no chunk of it, so that nobody spends more hours on a
+    # curve before finding out why. ``residual_limit_run`` raises the limit for one run once that is done.
+    residual_limit: float | None = None
+    residual_limit_run: dict = field(default_factory=dict)
     # For tests and smoke campaigns only; a campaign that reproduces the paper sets none of these.
     overrides: tuple[str, ...] = ()
     limit_train: int | None = None
@@ -112,9 +121,10 @@ def load_campaign(name_or_path: str | Path) -> CampaignSpec:
     raw["overrides"] = tuple(raw.get("overrides") or ())
     for key in raw["runs"]:
         run_spec(key)  # KeyError naming the known runs
-    stray = sorted(set(raw.get("checkpoint_every_run") or {}) - set(raw["runs"]))
-    if stray:
-        raise ValueError(f"{path.name}: checkpoint_every_run names {stray}, which are not among its runs")
+    for per_run in ("checkpoint_every_run", "residual_limit_run"):
+        stray = sorted(set(raw.get(per_run) or {}) - set(raw["runs"]))
+        if stray:
+            raise ValueError(f"{path.name}: {per_run} names {stray}, which are not among its runs")
     side, threads = raw.get("side_by_side", 1), raw.get("threads", 2)
     if not (isinstance(side, int) and isinstance(threads, int) and 1 <= side <= threads):
         raise ValueError(f"{path.name}: side_by_side must be an integer from 1 to threads ({threads}), got {side!r}: "
@@ -145,7 +155,21 @@ def run_status(spec: CampaignSpec, key: str, results: Path = RESULTS) -> dict[st
         "hours": sum(float(r["epoch_time_s"]) for r in rows if r.get("epoch_time_s")) / 3600.0,
         "chunk_hours": chunk_hours(folder),
         "has_checkpoint": (folder / "checkpoint.pt").is_file(),
+        "held": held(spec, key, results),
     }
+
+
+def held(spec: CampaignSpec, key: str, results: Path = RESULTS) -> str | None:
+    """Why run ``key`` must not go on (its forward residual past the campaign's limit), or None."""
+    limit = spec.residual_limit_run.get(key, spec.residual_limit)
+    run = read_run(Path(results) / key) if limit is not None else None
+    rows = [r for r in (run.epoch_rows if run is not None else [])
+            if r.get("phase") == "implicit" and r.get("rel_residual_forward") not in (None, "")]
+    if not rows or not float(rows[-1]["rel_residual_forward"]) > limit:
+        return None
+    return (f"held: the forward residual of epoch {int(float(rows[-1]['epoch'])) + 1} is "
+            f"{float(rows[-1]['rel_residual_forward']):.3g}, past the campaign's limit {limit:g}; find out why, then "
+            f"raise residual_limit_run for {key} in the campaign file, saying where the check is")
 
 
 def train_command(spec: CampaignSpec, key: str, *, stop_at: float | None, data_root: str | None = None,
@@ -328,7 +352,11 @@ def run_campaign(spec: CampaignSpec, budget_s: float, *, data_root: str | None =
                 while (len(active) < spec.side_by_side and pending and not (halted or failed or stop["asked"])
                        and time.time() <= end - min_start_s):
                     key = pending.pop(0)
-                    if run_status(spec, key, results)["finished"]:
+                    status = run_status(spec, key, results)
+                    if status["finished"]:
+                        continue
+                    if status["held"]:
+                        _log(f"{key}: {status['held']}", logfile)
                         continue
                     if code_dir is None:
                         code_dir = paths.ROOT
@@ -344,7 +372,10 @@ def run_campaign(spec: CampaignSpec, budget_s: float, *, data_root: str | None =
                     break
                 _wait_any(active, _POLL_S)
                 for chunk in list(active):
-                    rc = chunk.watch(stop["asked"] or failed is not None, end, logfile)
+                    reason = None if chunk.signalled else held(spec, chunk.key, results)
+                    if reason:
+                        _log(f"{chunk.key}: {reason}", logfile)
+                    rc = chunk.watch(stop["asked"] or failed is not None or reason is not None, end, logfile)
                     if rc is None:
                         continue
                     active.remove(chunk)
@@ -440,7 +471,7 @@ def _print_status(statuses: Sequence[dict]) -> None:
                                                   else "unfinished")
         print(f"{s['run']:{width}s} epoch {s['epochs_done']:>2d} of {s['epochs_planned']} ({state}); "
               f"last test top-1 {top1}; step {s['last_step']}; {s['hours']:.2f} h of training epochs, "
-              f"{s['chunk_hours']:.2f} h of chunks")
+              f"{s['chunk_hours']:.2f} h of chunks" + (f"; {s['held']}" if s.get("held") else ""))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -161,11 +161,13 @@ for kind in ctx.kinds():
 # (that user may have trained with a one-step solver; this model was trained with 15 Broyden steps and the
 # IFT gradient). Accuracy stops rising after a handful of Broyden steps, while the relative residual is
 # still of order 0.1; the steps from there to T_f bring the residual down by orders of magnitude and change
-# the class of only a few percent of the images. Plain iteration of f never gets its residual far below 0.3,
-# yet after a few steps its accuracy is within a few points of Broyden's, with more scatter from one budget
-# to the next. So what the accuracy needs is the first few steps towards the equilibrium, not the
-# equilibrium itself: the fixed point is what training solves for (its gradient is exact only there), and
-# at inference a looser solve costs little accuracy for this model.
+# the class of only a few percent of the images. Plain iteration of f never gets its residual far below 0.3
+# (the spectral radius of f's Jacobian at the fixed point is above 1, and grows over training:
+# docs/cpu_campaign.md), and its accuracy stays several points under Broyden's, a gap that grew from
+# the checkpoint of epoch 23 to that of epoch 35. So what the accuracy needs is the first few quasi-Newton
+# steps towards the equilibrium, not the equilibrium to full precision: the fixed point is what training
+# solves for (its gradient is exact only there), and at inference a looser Broyden solve costs little
+# accuracy for this model; iterating f is no substitute for the solver.
 
 # %% [markdown]
 # ### Does convergence slow down with the input size? (our extension of Figs. 5-6)

@@ -192,3 +192,52 @@ def test_side_by_side_needs_a_thread_per_run(tmp_path):
     bad.write_text(yaml.safe_dump({"name": "bad", "runs": ["cifar10_node"], "threads": 2, "side_by_side": 3}))
     with pytest.raises(ValueError, match="side_by_side must be an integer from 1 to threads"):
         load_campaign(bad)
+
+
+def _metrics(folder, rows):
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["epoch,step,phase,eval_top1,rel_residual_forward"]
+    lines += [f"{e},{(e + 1) * 3},{phase},50.0,{res}" for e, (phase, res) in enumerate(rows)]
+    (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_a_run_past_the_residual_limit_is_held(tiny_campaign):
+    spec, results = tiny_campaign
+    spec = dataclasses.replace(spec, residual_limit=1e-2)
+    folder = results / "cifar10_mdeq_small"
+    _metrics(folder, [("unrolled", 0.3)])  # the unrolled warm-up's residual is no solve's: never held for it
+    assert campaign.held(spec, "cifar10_mdeq_small", results) is None
+    _metrics(folder, [("unrolled", 0.3), ("implicit", 0.004), ("implicit", 0.012)])
+    reason = campaign.held(spec, "cifar10_mdeq_small", results)
+    assert reason.startswith("held: the forward residual of epoch 3 is 0.012, past the campaign's limit 0.01")
+    assert campaign.held(spec, "cifar10_resnet18_170k", results) is None  # no solve, no residual
+    raised = dataclasses.replace(spec, residual_limit_run={"cifar10_mdeq_small": 2e-2})
+    assert campaign.held(raised, "cifar10_mdeq_small", results) is None
+    assert campaign.held(dataclasses.replace(spec, residual_limit=None), "cifar10_mdeq_small", results) is None
+    # a held run gets no chunk; --status says why
+    statuses = run_campaign(spec, 600.0, results=results, code="tree", only="cifar10_mdeq_small")
+    assert statuses[1]["held"] == reason and not (campaign.WORK / "cifar10_mdeq_small").exists()
+    assert reason in (campaign.WORK / "tiny.log").read_text()
+
+
+def test_a_chunk_whose_residual_passes_the_limit_is_stopped_at_a_checkpoint(tiny_campaign, monkeypatch):
+    spec, results = tiny_campaign
+    spec = dataclasses.replace(spec, residual_limit=1e-2, overrides=(*spec.overrides, "train.epochs=20"))
+    # the first checkpoint synced into results/ stands for an epoch whose residual passed the limit
+    monkeypatch.setattr(campaign, "held", lambda spec, key, results: "held: past the limit" if (
+        results / key / "checkpoint.pt").is_file() else None)
+    monkeypatch.setattr(campaign, "_POLL_S", 0.2)
+    statuses = run_campaign(spec, 600.0, results=results, code="tree", only="cifar10_mdeq_small")
+    assert not statuses[1]["finished"] and statuses[1]["has_checkpoint"]
+    log = (campaign.WORK / "tiny.log").read_text()
+    assert "cifar10_mdeq_small: held: past the limit" in log and "asked the run to stop at its next step" in log
+    chunks = json.loads((results / "cifar10_mdeq_small" / "provenance.json").read_text())["chunks"]
+    assert chunks[-1]["ended"] == "SIGTERM"
+
+
+def test_residual_limit_run_must_name_a_run_of_the_campaign(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "bad", "runs": ["cifar10_node"], "residual_limit": 0.01,
+                                   "residual_limit_run": {"cifar10_mdeq_small": 0.02}}))
+    with pytest.raises(ValueError, match=r"residual_limit_run names \['cifar10_mdeq_small'\]"):
+        load_campaign(bad)
