@@ -31,7 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, provenance, write_json  # noqa: E402
 
-from mdeq.campaign import RESULTS, WORK, code_worktree, load_campaign, restore_run, train_command  # noqa: E402
+from mdeq.campaign import RESULTS, WORK, code_worktree, load_campaign, train_command  # noqa: E402
+from mdeq.engine.rundir import restore_run  # noqa: E402
 from mdeq.engine.checkpoint import load_checkpoint  # noqa: E402
 
 LAYOUTS = {"1x2": (1, 2), "2x1": (2, 1)}  # name: (processes, threads each)

@@ -35,7 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, provenance, write_json  # noqa: E402
 
-from mdeq.campaign import load_campaign, parse_budget, restore_run, sync_run  # noqa: E402
+from mdeq.campaign import load_campaign, parse_budget  # noqa: E402
+from mdeq.engine.rundir import restore_run, sync_run  # noqa: E402
 from mdeq.engine.runlog import read_run  # noqa: E402
 
 RECIPES = {

@@ -44,7 +44,6 @@ import fcntl
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -56,19 +55,17 @@ from typing import Any, Sequence
 import yaml
 
 from mdeq.engine import paths
-from mdeq.engine.checkpoint import load_checkpoint
 from mdeq.core.config import load_config
 from mdeq.engine.paths import rel
+from mdeq.engine.rundir import restore_run, sync_run
 from mdeq.engine.runlog import chunk_hours, last_logged_step, now, read_run
 from mdeq.paper.runs import config_name, spec as run_spec
 
-__all__ = ["CampaignSpec", "load_campaign", "run_status", "held", "train_command", "sync_run", "restore_run",
-           "run_campaign", "main"]
+__all__ = ["CampaignSpec", "load_campaign", "run_status", "held", "train_command", "run_campaign", "main"]
 
 CAMPAIGNS = Path(__file__).resolve().parent / "campaigns"
 WORK = paths.RUNS / "campaign"
 RESULTS = paths.RESULTS / "runs"
-SYNCED = ("metrics.csv", "steps.jsonl", "provenance.json", "final.json", "checkpoint.pt")
 _POLL_S = 10.0
 _GRACE_S = 15 * 60  # how long past the budget a child may run (an evaluation it estimated too short)
 
@@ -239,41 +236,6 @@ def _check_data(spec: CampaignSpec, data_root: str | None) -> None:
         if _is_path(value) and not (paths.ROOT / value).exists():
             raise FileNotFoundError(f"data_options.{key} names {value}, which does not exist: every chunk of a run "
                                     f"must read the same data")
-
-
-def _copy_atomic(src: Path, dest: Path) -> None:
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dest)
-
-
-def sync_run(work: Path, dest: Path) -> list[str]:
-    """Copy the run's small logs and latest checkpoint from ``work`` into ``dest`` (each file atomically)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for name in SYNCED:
-        if (work / name).is_file():
-            _copy_atomic(work / name, dest / name)
-            copied.append(name)
-    if not (work / "final.json").is_file():
-        (dest / "final.json").unlink(missing_ok=True)  # a run resumed after an earlier end goes on
-    return copied
-
-
-def _global_step(path: Path) -> int:
-    return int(load_checkpoint(path, map_location="cpu")["global_step"]) if path.is_file() else -1
-
-
-def restore_run(results_dir: Path, work: Path) -> bool:
-    """On a fresh machine, seed ``work`` from the committed ``results_dir`` if that is further along."""
-    ckpt = results_dir / "checkpoint.pt"
-    if not ckpt.is_file() or _global_step(ckpt) <= _global_step(work / "checkpoint.pt"):
-        return False
-    work.mkdir(parents=True, exist_ok=True)
-    for name in SYNCED:
-        if (results_dir / name).is_file():
-            _copy_atomic(results_dir / name, work / name)
-    return True
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""What makes a run folder safe to write and to resume: one writer, a matching checkpoint, logs trimmed to it.
+"""What makes a run folder safe to write and to resume: one writer, a matching checkpoint, logs trimmed to it,
+and a committed copy under ``results/`` that a fresh clone resumes from (``sync_run``, ``restore_run``).
 
 Why: a run folder outlives the process that writes it. ``<out>/.lock`` is held (``flock``, released by
 the OS when the process dies) from before anything is read until the end; a start without ``--resume``
@@ -14,6 +15,7 @@ import fcntl
 import json
 import os
 import shlex
+import shutil
 import socket
 from pathlib import Path
 from typing import Any, Mapping
@@ -30,7 +32,7 @@ from mdeq.engine.runlog import (CHECKPOINT_NAME, LOCK_NAME, RUN_FILES, chunk_end
                                 trim_logs, write_json_atomic)
 
 __all__ = ["RunFolderInUse", "run_folder_lock", "resume_hint", "with_defaults", "config_diff", "run_shape",
-           "shape_diff", "will_resume", "resume_from", "start_logs", "end_chunk"]
+           "shape_diff", "will_resume", "resume_from", "start_logs", "end_chunk", "SYNCED", "sync_run", "restore_run"]
 
 
 class RunFolderInUse(RuntimeError):
@@ -216,3 +218,45 @@ def start_logs(out_dir: Path, cfg: ExperimentConfig, options: RunOptions, state:
 
 def end_chunk(out_dir: Path, state: TrainState, how: str) -> None:
     chunk_end(out_dir, step=state.global_step, epoch=state.epoch, step_in_epoch=state.step_in_epoch, how=how)
+
+
+# ----------------------------------------------------------------------------------------------
+# A run folder's committed copy: its small logs and latest checkpoint under results/, so that a commit keeps
+# a run and a fresh clone resumes it (the campaign, the studies in benchmarks/).
+
+SYNCED = ("metrics.csv", "steps.jsonl", "provenance.json", "final.json", "checkpoint.pt")
+
+
+def _copy_atomic(src: Path, dest: Path) -> None:
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dest)
+
+
+def sync_run(work: Path, dest: Path) -> list[str]:
+    """Copy the run's small logs and latest checkpoint from ``work`` into ``dest`` (each file atomically)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in SYNCED:
+        if (work / name).is_file():
+            _copy_atomic(work / name, dest / name)
+            copied.append(name)
+    if not (work / "final.json").is_file():
+        (dest / "final.json").unlink(missing_ok=True)  # a run resumed after an earlier end goes on
+    return copied
+
+
+def _global_step(path: Path) -> int:
+    return int(load_checkpoint(path, map_location="cpu")["global_step"]) if path.is_file() else -1
+
+
+def restore_run(results_dir: Path, work: Path) -> bool:
+    """On a fresh machine, seed ``work`` from the committed ``results_dir`` if that is further along."""
+    ckpt = results_dir / "checkpoint.pt"
+    if not ckpt.is_file() or _global_step(ckpt) <= _global_step(work / "checkpoint.pt"):
+        return False
+    work.mkdir(parents=True, exist_ok=True)
+    for name in SYNCED:
+        if (results_dir / name).is_file():
+            _copy_atomic(results_dir / name, work / name)
+    return True
