@@ -347,8 +347,9 @@ def run_campaign(spec: CampaignSpec, budget_s: float, *, data_root: str | None =
                             else ""), logfile)
                     if rc != 0 and failed is None:
                         failed = f"{chunk.key}: mdeq.train exited with code {rc}; see {chunk.work / 'train.log'}"
-                    elif not status["finished"]:
+                    elif not status["finished"] and not status["held"]:
                         halted = True  # stopped at the budget's end (or asked to): the next stretch continues here
+                    # a held run's place goes to the next unfinished run, as at the start of a call
             if failed:
                 raise RuntimeError(failed)
     finally:

@@ -220,19 +220,21 @@ def test_a_run_past_the_residual_limit_is_held(tiny_campaign):
     assert reason in (campaign.WORK / "tiny.log").read_text()
 
 
-def test_a_chunk_whose_residual_passes_the_limit_is_stopped_at_a_checkpoint(tiny_campaign, monkeypatch):
+def test_a_chunk_past_the_limit_stops_at_a_checkpoint_and_the_next_run_takes_its_place(tiny_campaign, monkeypatch):
     spec, results = tiny_campaign
-    spec = dataclasses.replace(spec, residual_limit=1e-2, overrides=(*spec.overrides, "train.epochs=20"))
+    spec = dataclasses.replace(spec, residual_limit=1e-2, runs=("cifar10_mdeq_small", "cifar10_resnet18_170k"),
+                               overrides=(*spec.overrides, "train.epochs=4"))
     # the first checkpoint synced into results/ stands for an epoch whose residual passed the limit
     monkeypatch.setattr(campaign, "held", lambda spec, key, results: "held: past the limit" if (
-        results / key / "checkpoint.pt").is_file() else None)
+        key == "cifar10_mdeq_small" and (results / key / "checkpoint.pt").is_file()) else None)
     monkeypatch.setattr(campaign, "_POLL_S", 0.2)
-    statuses = run_campaign(spec, 600.0, results=results, code="tree", only="cifar10_mdeq_small")
-    assert not statuses[1]["finished"] and statuses[1]["has_checkpoint"]
+    mdeq_small, resnet = run_campaign(spec, 600.0, results=results, code="tree")
+    assert not mdeq_small["finished"] and mdeq_small["held"] == "held: past the limit"
     log = (campaign.WORK / "tiny.log").read_text()
     assert "cifar10_mdeq_small: held: past the limit" in log and "asked the run to stop at its next step" in log
     chunks = json.loads((results / "cifar10_mdeq_small" / "provenance.json").read_text())["chunks"]
     assert chunks[-1]["ended"] == "SIGTERM"
+    assert resnet["finished"]  # trained in the same call, on the place the held run left
 
 
 def test_residual_limit_run_must_name_a_run_of_the_campaign(tmp_path):
