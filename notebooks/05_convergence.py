@@ -62,7 +62,7 @@ device: str = "auto"  # auto | cpu | cuda; full with auto needs a GPU
 
 # %%
 from mdeq.paper import notebook, parameters
-from mdeq.paper.report import plots, tables
+from mdeq.paper.report import beyond, plots, tables
 from mdeq.engine import paths
 
 params = parameters.check_parameters(globals(), "05_convergence")
@@ -142,7 +142,7 @@ notebook.trained_inference(ctx)
 for kind in ctx.kinds():
     measured = ctx.read(kind, notebook.ACCURACY_VS_BUDGET)
     source = paths.rel(ctx.inputs_dir(kind) / notebook.ACCURACY_VS_BUDGET)
-    fig = plots.plot_accuracy_vs_budget(measured, kind)
+    fig = beyond.plot_accuracy_vs_budget(measured, kind)
     notebook.save_figure(fig, "accuracy_vs_solver_budget", ctx, kind, source=source,
                        caption="Ours, beyond the paper: test top-1 (left) and the mean relative residual of the "
                                "returned iterate (right) of MDEQ-small when its forward solve stops after max_iter "
@@ -185,7 +185,7 @@ for kind in ctx.kinds():
 for kind in ctx.kinds():
     measured = ctx.read(kind, notebook.CONVERGENCE_VS_RESOLUTION)
     source = paths.rel(ctx.inputs_dir(kind) / notebook.CONVERGENCE_VS_RESOLUTION)
-    fig = plots.plot_convergence_vs_resolution(measured, kind)
+    fig = beyond.plot_convergence_vs_resolution(measured, kind)
     notebook.save_figure(fig, "convergence_vs_resolution", ctx, kind, source=source,
                        caption="Our extension of Figs. 5-6, not in the paper: f evaluations until the paper's "
                                "||z[i+1] - z[i]|| / ||z[i]|| falls below 1e-2 (solid, circles) and 1e-3 (dashed, "

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import skip_unless_ci
 from mdeq.paper import notebook, runs
-from mdeq.paper.report import plots, style, tables
+from mdeq.paper.report import beyond, plots, style, tables
 from mdeq.engine import paths
 
 # Lines of the paper's Tables 1-3 and Section 4.4, copied verbatim from shared/paper/paper.md, so
@@ -554,3 +554,36 @@ def test_a_band_stops_where_a_batch_solve_diverged():
     line, cross = ax.get_lines()
     assert list(line.get_xdata()) == [1, 2] and line.get_label() == "iterating f"
     assert list(cross.get_xdata()) == [2] and cross.get_marker() == "x" and cross.get_label().startswith("_")
+
+
+def test_the_equilibrium_figure_draws_each_measurement_and_says_when_there_is_none():
+    def mode(res, end, radius=None, share=None):
+        out = {"lowest_rel_residual_at_training_budget": res, "lowest_rel_residual_at_budget": end}
+        if radius is not None:
+            out.update(spectral_radius_mean=radius, spectral_radius_max=radius + 0.5,
+                       per_sample={"share_below_1e-4_at_end": share})
+        return out
+
+    steps = [(0, 174), (12, 4725), (34, 13649)]  # (epoch, global step): 391 steps an epoch
+    row = lambda e, g, **m: {"global_step": g, "epoch": e, "step_in_epoch": g - 391 * e,  # noqa: E731
+                             "train_mode": mode(**m)}
+    over = {"training_budget_f_evals": 16, "budget": 50, "memory": 12,
+            "rows": [row(e, g, res=1e-3 * (i + 1), end=1e-5) for i, (e, g) in enumerate(steps)]}
+    longs = {label: {"budget": 200, "batch": 128, "num_batches": 1,
+                     "rows": [row(e, g, res=1e-3, end=end, radius=1.1 + i, share=share)
+                              for i, (e, g) in enumerate(steps)]}
+             for label, end, share in (("m = 12", 4e-4, 0.75), ("m = 40", 2e-7, 1.0))}
+    fig = beyond.plot_equilibrium_over_training(over, longs, limit=0.01)
+    left, middle, right = fig.axes
+    assert [line.get_label() for line in left.lines] == [
+        "at 16 f evaluations (the training solve)", "after 50 (m = 12)", "after up to 200, m = 12",
+        "after up to 200, m = 40", "the campaign's limit (0.01)"]
+    assert list(left.lines[0].get_xdata()) == pytest.approx([174 / 391, 4725 / 391, 13649 / 391])
+    assert list(left.lines[3].get_ydata()) == [2e-7] * 3
+    assert list(middle.lines[0].get_ydata()) == [1.1, 2.1, 3.1]  # the mean, drawn once (the same z* for every m)
+    assert list(middle.lines[1].get_ydata()) == [1.6, 2.6, 3.6]
+    assert [list(line.get_ydata()) for line in right.lines] == [[75.0] * 3, [100.0] * 3]
+    plt.close(fig)
+    empty = beyond.plot_equilibrium_over_training(None, {"m = 12": None})
+    assert all("not run yet" in " ".join(t.get_text() for t in ax.texts) for ax in empty.axes)
+    plt.close(empty)

@@ -42,7 +42,7 @@ from mdeq.engine.runlog import describe_run_hardware, hardware_label, read_json,
 __all__ = ["FIGURE_OWNERS", "TABLE_OWNERS", "Context", "setup", "save_figure", "save_table", "display_table",
            "show_banner", "write_json",
            "train", "segmentation_examples", "runtime_memory", "convergence", "RUNTIME_MEMORY", "FIG4B_MEMORY",
-           "CONVERGENCE_TRACES", "CITYSCAPES_EXAMPLES", "JPEG_SENSITIVITY", "trained_inference", "ACCURACY_VS_BUDGET",
+           "CONVERGENCE_TRACES", "CITYSCAPES_EXAMPLES", "JPEG_SENSITIVITY", "EQUILIBRIUM", "trained_inference", "ACCURACY_VS_BUDGET",
            "CONVERGENCE_VS_RESOLUTION"]
 
 # What the measuring notebooks write into their results folder (smoke: results/smoke/).
@@ -50,6 +50,9 @@ RUNTIME_MEMORY = "runtime_memory.json"  # 03, mdeq.paper.measure.runtime.measure
 FIG4B_MEMORY = "fig4b_memory_cpu.json"  # 03, benchmarks/fig4b_memory.py (mdeq.paper.measure.memory; real only)
 CONVERGENCE_TRACES = "convergence_traces.json"  # 05, mdeq.paper.measure.solver_traces.convergence_traces
 JPEG_SENSITIVITY = "jpeg_sensitivity.json"  # 01, benchmarks/jpeg_sensitivity.py (real only)
+EQUILIBRIUM = {  # 01, benchmarks/equilibrium_over_training.py (real only): the 50-step series and the long solves
+    "over_training": "equilibrium_over_training.json", "m = 12 (Table 4)": "equilibrium_long_solve.json",
+    "m = 40": "equilibrium_long_solve_m40.json"}
 ACCURACY_VS_BUDGET = "accuracy_vs_budget.json"  # 05, benchmarks/accuracy_vs_budget.py (mdeq.paper.inference)
 CONVERGENCE_VS_RESOLUTION = "convergence_vs_resolution.json"  # 05, benchmarks/convergence_vs_resolution.py
 CITYSCAPES_EXAMPLES = "cityscapes_examples"  # 04, mdeq.paper.measure.examples.cityscapes_examples (a folder)
@@ -65,6 +68,7 @@ FIGURE_OWNERS = {
     "fig4a_cifar10_accuracy": "01_cifar10",
     "table1_training_and_solver": "01_cifar10",
     "table1_jpeg_sensitivity": "01_cifar10",
+    "table1_equilibrium_over_training": "01_cifar10",
     "imagenet_top1_per_epoch": "02_imagenet",
     "fig4b_runtime_memory": "03_runtime_memory",
     "fig4b_training_memory": "03_runtime_memory",

@@ -1,4 +1,5 @@
-"""How the results are drawn: the paper-vs-ours tables (``tables``), the figures (``plots``), their style (``style``).
+"""How the results are drawn: the paper-vs-ours tables (``tables``), the paper's figures (``plots``), the figures
+of our measurements beyond the paper (``beyond``), their style (``style``).
 
 Why one package: the three profiles of every notebook (``smoke``, ``logs``, ``full``) draw the same tables
 and figures from the same kind of logs, so the drawing lives here once and is tested

@@ -1,15 +1,13 @@
-"""What each figure draws: training curves, Fig. 4b's runtime and memory, Figs. 5-7's convergence, Fig. 8's examples.
+"""What each figure of the paper draws: training curves, Fig. 4b's runtime and memory, Figs. 5-7's convergence, Fig. 8.
 
-The same for ours beyond the paper: accuracy against the forward budget, convergence against the input
-size, JPEG sensitivity. Each figure is drawn from run logs (read through ``mdeq.engine.runlog``) or from the
-plain dict a measurement returns, in the style of ``mdeq.paper.report.style``; it computes nothing and writes
+Our measurements beyond the paper are drawn by ``mdeq.paper.report.beyond``. Each figure is drawn from run
+logs (read through ``mdeq.engine.runlog``) or from the plain dict a measurement returns, in the style of ``mdeq.paper.report.style``; it computes nothing and writes
 nothing (``mdeq.paper.notebook`` saves). A panel with nothing to draw says why, never a fabricated curve; the
 numbers a figure shares with a table come from ``mdeq.paper.report.tables``.
 """
 from __future__ import annotations
 
 import math
-import textwrap
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -21,12 +19,11 @@ from PIL import Image
 from mdeq.engine import paths
 from mdeq.engine.runlog import RunLog, read_json, read_runs
 from mdeq.paper.report.style import (COLORS, DASHED, NOT_RUN, SCALE_COLORS, _CURVE_STYLE, _DATASET_TITLES,
-                                     _SOLVER_LABELS, _curve_label, figure_title, no_data)
-from mdeq.paper.report.tables import THRESHOLDS_DEFAULT, _median_evals, memory_ratios, paper_numbers
+                                     _curve_label, figure_title, no_data)
+from mdeq.paper.report.tables import memory_ratios, paper_numbers
 
 __all__ = ["plot_training_curves", "plot_training_panels", "plot_runtime_memory", "plot_training_memory",
-           "plot_segmentation_examples", "plot_convergence", "plot_per_scale", "plot_accuracy_vs_budget",
-           "plot_convergence_vs_resolution", "plot_jpeg_sensitivity"]
+           "plot_segmentation_examples", "plot_convergence", "plot_per_scale"]
 
 # ----------------------------------------------------------------------------------------------
 # Figures.
@@ -336,136 +333,4 @@ def plot_per_scale(traces: Mapping | None, kind: str):
     _shared_legend(fig, axes)
     fig.suptitle(figure_title("Per-scale convergence on CIFAR-10 (Broyden, forward)", kind))
     fig.tight_layout(rect=(0, 0.2, 1, 1))
-    return fig
-
-
-# ----------------------------------------------------------------------------------------------
-# Beyond the paper, with trained weights (mdeq.paper.inference): accuracy against the forward budget, and
-# convergence against the input size.
-
-def plot_accuracy_vs_budget(measured: Mapping | None, kind: str):
-    """Test top-1 (left) and the mean relative residual ||f(z) - z|| / ||f(z)|| of the returned iterate (right)
-    against the forward budget max_iter k, Broyden and iterating f, the training budget T_f marked."""
-    runs = (measured or {}).get("runs") or {}
-    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.8))
-    if not runs:
-        for ax in axes:
-            no_data(ax, f"{NOT_RUN}: benchmarks/accuracy_vs_budget.py has not been run")
-    styles = ["-", "--", ":", "-."]
-    for i, (run, entry) in enumerate(sorted(runs.items())):
-        res = entry["result"]
-        for solver, sr in res["solvers"].items():
-            ks = [r["max_iter"] for r in sr["rows"]]
-            label = f"{_SOLVER_LABELS.get(solver, solver)}" + (f", {run}" if len(runs) > 1 else "")
-            colour = COLORS.get(solver, "#333333")
-            axes[0].plot(ks, [r["top1"] for r in sr["rows"]], styles[i % 4], marker="o", ms=3.5, color=colour,
-                         label=label)
-            pos = [(k, r["rel_residual_mean"]) for k, r in zip(ks, sr["rows"]) if k > 0]
-            axes[1].plot(*zip(*pos), styles[i % 4], marker="o", ms=3.5, color=colour, label=label)
-        inj = res["injection_alone"]["top1"]
-        axes[0].axhline(inj, color="#777777", lw=0.9, ls=":", label="injection alone (no f)" if i == 0 else None)
-        for ax in axes:
-            ax.axvline(res["training_budget"], color="#555555", lw=0.9, ls="--",
-                       label=f"T_f = {res['training_budget']} (training and eval budget)" if i == 0 else None)
-    if runs:
-        axes[0].set_ylabel("test top-1 (%)")
-        axes[1].set_ylabel("mean ||f(z) - z|| / ||f(z)|| of the returned z", fontsize=8)
-        axes[1].set_yscale("log")
-        for ax in axes:
-            ax.set_xlabel("forward budget: max_iter k (k + 1 f evaluations; k = 0: z = 0)")
-        first = next(iter(runs.values()))
-        text = f"{first['weights']['weights']}; {first['data']['images']} test images of {first['data']['label']}"
-        axes[0].set_title("\n".join(textwrap.wrap(text, 62)), fontsize=7.5)
-        axes[1].set_title("\n".join(textwrap.wrap(
-            f"the residual reached (the solver returns each image's lowest iterate in its stop mode, "
-            f"{first['result']['stop_mode']})", 62)), fontsize=7.5)
-    _shared_legend(fig, axes)
-    fig.suptitle(figure_title("MDEQ-small on CIFAR-10: accuracy against the forward solver's budget (ours, beyond "
-                              "the paper)", kind))
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    return fig
-
-
-def plot_convergence_vs_resolution(measured: Mapping | None, kind: str):
-    """Per source, the f evaluations until the paper's ||z[i+1] - z[i]|| / ||z[i]|| falls below 1e-2 (solid, circles)
-    and 1e-3 (dashed, squares) against the input side, Broyden and iterating f: median over images, bars from the
-    fewest to the most; a hollow marker on the budget line where the median image never got there."""
-    result = (measured or {}).get("result") or {}
-    sources = result.get("sources", {})
-    fig, axes = plt.subplots(1, max(len(sources), 1), figsize=(4.6 * max(len(sources), 1), 3.9), squeeze=False)
-    axes = axes[0]
-    if not sources:
-        no_data(axes[0], f"{NOT_RUN}: benchmarks/convergence_vs_resolution.py has not been run")
-    budget = result.get("budget")
-    thresholds = measured.get("thresholds", THRESHOLDS_DEFAULT) if measured else THRESHOLDS_DEFAULT
-    for ax, (source, entry) in zip(axes, sources.items()):
-        sizes = sorted(entry["sizes"], key=int)
-        for solver in ("broyden", "fixed_point"):
-            for t, style, marker in zip(thresholds, ("-", "--"), ("o", "s")):
-                xs, med, lo, hi, missed = [], [], [], [], []
-                for size in sizes:
-                    cell = entry["sizes"][size].get(solver)
-                    if cell is None:
-                        continue
-                    counts = [im["f_evals_to"].get(f"{t:g}") for im in cell["images"]]
-                    m = _median_evals(counts)
-                    reached = [c for c in counts if c is not None]
-                    if math.isfinite(m):
-                        xs.append(int(size))
-                        med.append(m)
-                        lo.append(m - min(reached))
-                        hi.append((max(reached) if len(reached) == len(counts) else budget + 1) - m)
-                    else:
-                        missed.append(int(size))
-                colour = COLORS.get(solver, "#333333")
-                label = f"{_SOLVER_LABELS.get(solver, solver)}, to {t:g}"
-                if xs:
-                    ax.errorbar(xs, med, yerr=[lo, hi], fmt=style, marker=marker, ms=4, color=colour, capsize=2.5,
-                                label=label)
-                if missed:
-                    ax.plot(missed, [budget + 1] * len(missed), marker, mfc="none", color=colour, ms=6,
-                            label=None if xs else label)
-        if budget is not None:
-            ax.axhline(budget + 1, color="#777777", lw=0.8, ls=":")
-            ax.text(int(sizes[0]), budget + 1, f" budget: {budget + 1} f evaluations", fontsize=7, va="bottom",
-                    color="#555555")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks([int(s) for s in sizes], [f"{s}" for s in sizes])
-        ax.set_xlabel("input side (pixels; square images)")
-        ax.set_ylabel("f evaluations until ||z[i+1] - z[i]|| / ||z[i]|| < threshold", fontsize=7.5)
-        ax.set_title("\n".join(textwrap.wrap((measured.get("sources") or {}).get(source, source), 60)[:3]), fontsize=7)
-    _shared_legend(fig, axes)
-    weights = (measured or {}).get("weights", {}).get("weights", "")
-    fig.suptitle(figure_title("Our extension of Figs. 5-6 (not in the paper): convergence against input size, "
-                              f"CIFAR-10 MDEQ-small\n{weights}", kind), fontsize=9)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
-    return fig
-
-
-# ----------------------------------------------------------------------------------------------
-# Table 1's data question: how each trained model reads JPEG artifacts (benchmarks/jpeg_sensitivity.py).
-
-def plot_jpeg_sensitivity(measured: Mapping | None, labels: Mapping[str, str]):
-    """Accuracy against PSNR (dB, against the exact pixels) per model; the exact pixels at the right end,
-    the data set's own JPEG-q75 twins as an open marker (they are what every model was trained on)."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    runs_ = ((measured or {}).get("runs") or {})
-    if not runs_:
-        no_data(ax, "no measurement: python benchmarks/jpeg_sensitivity.py")
-        return fig
-    psnr = measured["psnr_db"]
-    pil = sorted((k for k in psnr if k.startswith("pil_q")), key=lambda k: psnr[k])
-    exact_x = max(psnr.values()) + 4.0
-    for run, r in runs_.items():
-        colour = COLORS.get(run.split("_", 1)[1])
-        xs = [psnr[k] for k in pil] + [exact_x]
-        ys = [r["accuracy"][k] for k in pil] + [r["accuracy"]["exact"]]
-        ax.plot(xs, ys, "-o", color=colour, ms=4, label=f"{labels.get(run, run)} ({r['epoch']} of {r['epochs_planned']} epochs, step {r['global_step']})")
-        ax.plot([psnr["dataset_q75"]], [r["accuracy"]["dataset_q75"]], "s", mfc="none", color=colour, ms=8)
-    ax.set_xticks([psnr[k] for k in pil] + [exact_x])
-    ax.set_xticklabels([f"{psnr[k]:.1f}\n{k.replace('pil_', '')}" for k in pil] + ["exact"], fontsize=8)
-    ax.set_xlabel("PSNR against the exact pixels (dB)")
-    ax.set_ylabel(f"test accuracy (%), {measured['images']:,} exact test images")
-    ax.set_title("Accuracy as the JPEG artifacts grow (squares: the data set's own JPEG-q75)")
-    ax.legend(fontsize=8)
     return fig
