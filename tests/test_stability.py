@@ -8,6 +8,7 @@ options existed (a run with every option off must be bit-identical to it).
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import os
 import shutil
@@ -602,13 +603,17 @@ def test_a_run_with_every_option_on_logs_them(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # The demonstration's part of the book page is drawn from its JSON, never typed.
 
-def _demo_module():
+def _benchmark(name: str):
+    """A script of benchmarks/ as a module (they import their ``_common`` from their own folder)."""
     sys.path.insert(0, str(paths.ROOT / "benchmarks"))
     try:
-        import jacobian_reg_demo
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(paths.ROOT / "benchmarks"))
-    return jacobian_reg_demo
+
+
+def _demo_module():
+    return _benchmark("jacobian_reg_demo")
 
 
 def test_the_page_part_of_the_demonstration_is_drawn_from_its_json():
@@ -650,17 +655,8 @@ def test_the_demonstration_renders_every_number_from_a_payload():
 # ----------------------------------------------------------------------------------------------
 # The equilibrium measurement adds later checkpoints to an earlier one, thinned, never re-measuring.
 
-def _equilibrium_module():
-    sys.path.insert(0, str(paths.ROOT / "benchmarks"))
-    try:
-        import equilibrium_over_training
-    finally:
-        sys.path.remove(str(paths.ROOT / "benchmarks"))
-    return equilibrium_over_training
-
-
 def test_equilibrium_measurement_keeps_old_rows_and_thins_new_checkpoints(tmp_path):
-    eq = _equilibrium_module()
+    eq = _benchmark("equilibrium_over_training")
     found = [(f"c{s}", {"global_step": s}) for s in (100, 200, 1000, 1600, 1700, 3000, 3100)]
     steps = lambda kept: [int(c["global_step"]) for _, c in kept]  # noqa: E731
     assert steps(eq.thinned(found, [], 0)) == [100, 200, 1000, 1600, 1700, 3000, 3100]
