@@ -1,15 +1,13 @@
 """What the benchmark scripts share: the timing loop and provenance of mdeq, JSON output, an MDEQ-like map.
 
-The timing loop (``timeit``, ``sync``) is ``mdeq.paper.measure.timing``'s and the provenance record
-``mdeq.engine.runlog``'s, so a benchmark's numbers are measured and labelled as the notebooks' are.
+The timing loop (``timeit``, ``sync``) is ``mdeq.paper.measure.timing``'s and the provenance record and result file
+``mdeq.engine.runlog``'s (as for the studies of ``studies/``), so a benchmark's numbers are measured and labelled as
+the notebooks' are.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import sys
 from pathlib import Path
 
 import torch
@@ -19,10 +17,10 @@ from torch import nn
 from mdeq.paper.measure.runtime import RUNTIME_MODELS
 from mdeq.paper.measure.timing import sync, timeit
 from mdeq.engine.paths import ROOT
-from mdeq.engine.runlog import provenance as run_provenance
+from mdeq.engine.runlog import script_provenance, write_result_json as write_json
 
 __all__ = ["ROOT", "sync", "timeit", "median", "provenance", "write_json", "MDEQLikeMap", "trained_parser",
-           "trained_model", "out_path", "committed_weights"]
+           "trained_model", "out_path"]
 
 
 def median(xs):
@@ -30,11 +28,9 @@ def median(xs):
 
 
 def provenance(args, device) -> dict:
-    """The provenance of a benchmark result: ``mdeq.engine.runlog.provenance`` with the arguments and the device;
-    the dirty flag covers ``mdeq/`` and ``benchmarks/``."""
-    record = run_provenance(" ".join([Path(sys.executable).name] + sys.argv), device, args=vars(args),
-                            dirty_folders=("mdeq", "benchmarks"))
-    return {**record, "device": str(torch.device(device))}
+    """The provenance of a benchmark result (``mdeq.engine.runlog.script_provenance``; the dirty flag covers ``mdeq/``
+    and ``benchmarks/``)."""
+    return script_provenance(args, device, folder="benchmarks")
 
 
 def fig4b_parser(description: str) -> argparse.ArgumentParser:
@@ -84,13 +80,6 @@ def trained_model(args):
 def out_path(args) -> Path:
     """``args.out`` resolved against the repository root."""
     return args.out if args.out.is_absolute() else ROOT / args.out
-
-
-def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 class MDEQLikeMap(nn.Module):
@@ -161,34 +150,3 @@ class MDEQLikeMap(nn.Module):
                     s = s + self.fuse[i][j](blocks[j])
             out.append(self.post[i](s))
         return out
-
-
-def committed_weights(run_dir, scratch: Path, *, from_tree: bool = False):
-    """(``mdeq.paper.trained.Trained``, a record of the weights) for the checkpoint of ``run_dir`` as git HEAD holds it
-    (``from_tree``: the working tree's), copied into ``scratch`` first: a training campaign replaces the working
-    tree's checkpoint every few steps, and one measurement must read one set of weights (named by its sha256)."""
-    import shutil
-
-    from mdeq.paper.trained import checkpoint_at, load_run, logged_evaluation
-    from mdeq.engine.paths import rel
-
-    dest = Path(scratch) / Path(run_dir).name / "checkpoint.pt"
-    if from_tree:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(Path(run_dir) / "checkpoint.pt", dest)
-        origin = f"{rel(run_dir)}/checkpoint.pt (working tree)"
-    else:
-        checkpoint_at(run_dir, "HEAD", dest)
-        from mdeq.engine.runlog import git_commit
-
-        origin = f"{rel(run_dir)}/checkpoint.pt at git HEAD ({git_commit()[:10]})"
-    trained = load_run(run_dir, dest)
-    trained.origin = origin
-    logged, last = logged_evaluation(run_dir, trained.global_step)
-    record = {"run": trained.name, "checkpoint": origin, "sha256": trained.sha256, "size_bytes": trained.size_bytes,
-              "config": trained.cfg.name, "global_step": trained.global_step, "epochs_trained": trained.epochs_trained,
-              "weights": trained.weights_label(), "logged_top1_of_these_weights": None if logged is None else
-              float(logged["eval_top1"]), "last_logged": None if last is None else
-              {"epoch": int(float(last["epoch"])) + 1, "step": int(float(last["step"])),
-               "top1": float(last["eval_top1"])}}
-    return trained, record

@@ -98,7 +98,7 @@ for kind in ctx.kinds():
 # ||f(z) - z|| / ||f(z)|| at the end of each solve. A loss that stalls after the warm-up would
 # mean the implicit gradient is wrong. A forward residual that grows over the epochs at the fixed
 # 15-step budget means the fixed point got harder to solve; whether it is still reached with more
-# steps is what `benchmarks/equilibrium_over_training.py` checks (docs/cpu_campaign.md, "MDEQ-small's
+# steps is what `studies/equilibrium_over_training.py` checks (docs/cpu_campaign.md, "MDEQ-small's
 # equilibrium over the epochs").
 
 # %%
@@ -116,7 +116,7 @@ for kind in ctx.kinds():
 # %% [markdown]
 # ### MDEQ-small's equilibrium over its training (ours, beyond the paper)
 #
-# `benchmarks/equilibrium_over_training.py` re-solves the equilibrium of the committed MDEQ-small checkpoints
+# `studies/equilibrium_over_training.py` re-solves the equilibrium of the committed MDEQ-small checkpoints
 # on the same training images in train mode: within the training budget, with 50 f evaluations, and with up
 # to 200 for two Broyden memories, the paper's m = 12 and m = 40, with the power-method estimate of the
 # spectral radius of f's Jacobian at the returned iterate. A fixed point that a longer solve still reaches
@@ -142,7 +142,7 @@ for kind in ctx.kinds():
 # ## Why our Table 1 differs from the paper's: the data
 #
 # Our CIFAR-10 is a JPEG-q75 re-encoding of all 60,000 images; the exact pixels are known for 1,017
-# test images (and 5,170 training images). `benchmarks/jpeg_sensitivity.py` runs each committed Table 1
+# test images (and 5,170 training images). `studies/jpeg_sensitivity.py` runs each committed Table 1
 # checkpoint (inference only) on those 1,017 test images with their exact pixels, as the data set's
 # JPEG-q75 twins, and re-encoded by PIL at other qualities, and tests each change against the exact
 # pixels with McNemar's test. It measures how much the artifacts of the *test* images move a model

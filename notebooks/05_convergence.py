@@ -117,8 +117,8 @@ for kind in ctx.kinds():
 # The two sections below are ours: the paper has neither. Both use Table 1's MDEQ-small as the CPU campaign
 # trained it (the latest committed checkpoint; the weights are named in each figure) and run every solve to
 # its whole budget. Smoke profile: the shrunken MDEQ-small at its initial weights on synthetic images (the
-# pipeline, not a result). Logs profile: `results/accuracy_vs_budget.json` (`benchmarks/accuracy_vs_budget.py`)
-# and `results/convergence_vs_resolution.json` (`benchmarks/convergence_vs_resolution.py`).
+# pipeline, not a result). Logs profile: `results/accuracy_vs_budget.json` (`studies/accuracy_vs_budget.py`)
+# and `results/convergence_vs_resolution.json` (`studies/convergence_vs_resolution.py`).
 
 # %%
 notebook.trained_inference(ctx)

@@ -1,4 +1,4 @@
-"""The statistics of Table 1's data study (benchmarks/jpeg_sensitivity.py): McNemar's test and PSNR,
+"""The statistics of Table 1's data study (studies/jpeg_sensitivity.py): McNemar's test and PSNR,
 against textbook values computed here independently."""
 import math
 import sys
@@ -8,7 +8,7 @@ import pytest
 
 from mdeq.engine import paths
 
-sys.path.insert(0, str(paths.ROOT / "benchmarks"))
+sys.path.insert(0, str(paths.ROOT / "studies"))
 from jpeg_sensitivity import mcnemar, pil_jpeg, psnr  # noqa: E402
 
 

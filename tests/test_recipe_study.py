@@ -1,4 +1,4 @@
-"""The recipe study (benchmarks/recipe_study.py): each run's command trains what its name says."""
+"""The recipe study (studies/recipe_study.py): each run's command trains what its name says."""
 import argparse
 import sys
 
@@ -10,7 +10,7 @@ from mdeq.engine import paths
 from mdeq.engine.baselines import build_baseline
 from mdeq.engine.build import build_optimizer
 
-sys.path.insert(0, str(paths.ROOT / "benchmarks"))
+sys.path.insert(0, str(paths.ROOT / "studies"))
 import recipe_study  # noqa: E402
 
 

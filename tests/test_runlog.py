@@ -178,9 +178,9 @@ def test_run_log_value_skips_non_numbers(tmp_path):
     assert math.isclose(RunLog("r", tmp_path, [{"epoch": "0", "eval_top1": "1.5"}], {}, {}).value("eval_top1"), 1.5)
 
 
-def test_benchmarks_record_the_same_provenance(tmp_path):
-    """benchmarks/_common.provenance is runlog's record plus the arguments and the device (it once raised a
-    TypeError for passing the device twice)."""
+def test_scripts_record_the_same_provenance(tmp_path):
+    """A benchmark's or a study's provenance (``script_provenance``; ``benchmarks/_common.provenance`` wraps it) is
+    runlog's record plus the arguments and the device (it once raised a TypeError for passing the device twice)."""
     import argparse
     import sys
 
@@ -193,3 +193,13 @@ def test_benchmarks_record_the_same_provenance(tmp_path):
     assert prov["args"] == {"batch": 4} and prov["device"] == "cpu"
     assert {"date", "command", "git_commit", "git_dirty", "torch", "python", "hardware"} <= set(prov)
     assert prov["hardware"]["device"] == "cpu"
+    study = runlog.script_provenance(argparse.Namespace(seed=1), "cpu", folder="studies")
+    assert study["args"] == {"seed": 1} and set(prov) == set(study)
+
+
+def test_a_script_result_is_written_whole_into_a_new_folder(tmp_path):
+    """``write_result_json`` makes the folder, leaves no temporary file, and writes what JSON cannot hold as text."""
+    out = tmp_path / "new" / "result.json"
+    runlog.write_result_json(out, {"dtype": torch.float64, "rows": (1, 2.5)})
+    assert json.loads(out.read_text()) == {"dtype": "torch.float64", "rows": [1, 2.5]}
+    assert [f.name for f in out.parent.iterdir()] == ["result.json"]

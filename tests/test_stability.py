@@ -603,17 +603,17 @@ def test_a_run_with_every_option_on_logs_them(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # The demonstration's part of the book page is drawn from its JSON, never typed.
 
-def _benchmark(name: str):
-    """A script of benchmarks/ as a module (they import their ``_common`` from their own folder)."""
-    sys.path.insert(0, str(paths.ROOT / "benchmarks"))
+def _study(name: str):
+    """A script of studies/ as a module (a study imports its siblings from its own folder)."""
+    sys.path.insert(0, str(paths.ROOT / "studies"))
     try:
         return importlib.import_module(name)
     finally:
-        sys.path.remove(str(paths.ROOT / "benchmarks"))
+        sys.path.remove(str(paths.ROOT / "studies"))
 
 
 def _demo_module():
-    return _benchmark("jacobian_reg_demo")
+    return _study("jacobian_reg_demo")
 
 
 def test_the_page_part_of_the_demonstration_is_drawn_from_its_json():
@@ -621,7 +621,7 @@ def test_the_page_part_of_the_demonstration_is_drawn_from_its_json():
     json_path = paths.RESULTS / "jacobian_reg_demo.json"
     payload = json.loads(json_path.read_text()) if json_path.is_file() else None
     committed = (paths.RESULTS / "jacobian_reg_demo.md").read_text()
-    assert committed == demo.render(payload), "run: python benchmarks/jacobian_reg_demo.py --render"
+    assert committed == demo.render(payload), "run: python studies/jacobian_reg_demo.py --render"
     assert ("Not run yet" in committed) == (payload is None)
 
 
@@ -656,7 +656,7 @@ def test_the_demonstration_renders_every_number_from_a_payload():
 # The equilibrium measurement adds later checkpoints to an earlier one, thinned, never re-measuring.
 
 def test_equilibrium_measurement_keeps_old_rows_and_thins_new_checkpoints(tmp_path):
-    eq = _benchmark("equilibrium_over_training")
+    eq = _study("equilibrium_over_training")
     found = [(f"c{s}", {"global_step": s}) for s in (100, 200, 1000, 1600, 1700, 3000, 3100)]
     steps = lambda kept: [int(c["global_step"]) for _, c in kept]  # noqa: E731
     assert steps(eq.thinned(found, [], 0)) == [100, 200, 1000, 1600, 1700, 3000, 3100]

@@ -1,7 +1,7 @@
 """What a run leaves on disk: the files, their columns, how they are written and read back, and "finished".
 
 Why one module: the training engine (``mdeq.train``) writes a run folder; the reports, the campaign, the
-full-profile launcher, the benchmarks and the scripts read it back or write the same provenance. With
+full-profile launcher, the benchmarks, the studies and the scripts read it back or write the same provenance. With
 the format defined once, a column, the hardware string or the git commit cannot mean two things.
 
 A run folder holds (``RUN_FILES``):
@@ -32,6 +32,7 @@ import platform
 import shutil
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -266,6 +267,22 @@ def provenance(command: str, device: torch.device | str = "cpu", *, world_size: 
     return {"date": now(), "command": command, **fields, "git_commit": git_commit(),
             "git_dirty": git_dirty(folders=dirty_folders), "torch": torch.__version__,
             "python": platform.python_version(), "hardware": hardware(device, world_size)}
+
+
+def script_provenance(args: Any, device: torch.device | str, *, folder: str) -> dict[str, Any]:
+    """The provenance of a result that a script of ``benchmarks/`` or ``studies/`` writes: ``provenance`` with the
+    script's arguments (an ``argparse.Namespace``) and the device; the dirty flag covers ``mdeq/`` and ``folder``."""
+    record = provenance(" ".join([Path(sys.executable).name] + sys.argv), device, args=vars(args),
+                        dirty_folders=("mdeq", folder))
+    return {**record, "device": str(torch.device(device))}
+
+
+def write_result_json(path: Path, payload: Mapping[str, Any]) -> None:
+    """A script's result file, its folder made first, written atomically; a value JSON cannot hold (a dtype, a
+    numpy integer) is written as its string."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
 def chunk_start(command: str | None, device: torch.device | str, world_size: int, *, step: int, epoch: int,

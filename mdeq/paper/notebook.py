@@ -49,12 +49,12 @@ __all__ = ["FIGURE_OWNERS", "TABLE_OWNERS", "Context", "setup", "save_figure", "
 RUNTIME_MEMORY = "runtime_memory.json"  # 03, mdeq.paper.measure.runtime.measure_runtime
 FIG4B_MEMORY = "fig4b_memory_cpu.json"  # 03, benchmarks/fig4b_memory.py (mdeq.paper.measure.memory; real only)
 CONVERGENCE_TRACES = "convergence_traces.json"  # 05, mdeq.paper.measure.solver_traces.convergence_traces
-JPEG_SENSITIVITY = "jpeg_sensitivity.json"  # 01, benchmarks/jpeg_sensitivity.py (real only)
-EQUILIBRIUM = {  # 01, benchmarks/equilibrium_over_training.py (real only): the 50-step series and the long solves
+JPEG_SENSITIVITY = "jpeg_sensitivity.json"  # 01, studies/jpeg_sensitivity.py (real only)
+EQUILIBRIUM = {  # 01, studies/equilibrium_over_training.py (real only): the 50-step series and the long solves
     "over_training": "equilibrium_over_training.json", "m = 12 (Table 4)": "equilibrium_long_solve.json",
     "m = 40": "equilibrium_long_solve_m40.json"}
-ACCURACY_VS_BUDGET = "accuracy_vs_budget.json"  # 05, benchmarks/accuracy_vs_budget.py (mdeq.paper.inference)
-CONVERGENCE_VS_RESOLUTION = "convergence_vs_resolution.json"  # 05, benchmarks/convergence_vs_resolution.py
+ACCURACY_VS_BUDGET = "accuracy_vs_budget.json"  # 05, studies/accuracy_vs_budget.py (mdeq.paper.inference)
+CONVERGENCE_VS_RESOLUTION = "convergence_vs_resolution.json"  # 05, studies/convergence_vs_resolution.py
 CITYSCAPES_EXAMPLES = "cityscapes_examples"  # 04, mdeq.paper.measure.examples.cityscapes_examples (a folder)
 
 # ----------------------------------------------------------------------------------------------
@@ -276,8 +276,8 @@ def trained_inference(ctx: Context) -> None:
     """Our extensions with trained weights (accuracy against the forward budget, convergence against the input
     size): smoke on the shrunken MDEQ-small at its initial weights; full on the first trained MDEQ-small checkpoint
     (``runs/full/cifar10_mdeq_small_seed0``, else the campaign's ``results/runs/cifar10_mdeq_small``) and the
-    real CIFAR-10 under ``data_root``; logs reads results/ (written by ``benchmarks/accuracy_vs_budget.py`` and
-    ``benchmarks/convergence_vs_resolution.py``)."""
+    real CIFAR-10 under ``data_root``; logs reads results/ (written by ``studies/accuracy_vs_budget.py`` and
+    ``studies/convergence_vs_resolution.py``)."""
     from mdeq.paper import inference  # imported here: the logs profile needs none of it
 
     p = ctx.params

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader, Subset
 from mdeq.engine import paths
 from mdeq.engine.checkpoint import CheckpointError
 from mdeq.core.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict, load_config
-from mdeq.engine.runlog import CHECKPOINT_NAME, read_run
+from mdeq.engine.runlog import CHECKPOINT_NAME, git_commit, read_run
 # The engine's own pieces, so that an evaluation here is the one training logged (same data options,
 # same network).
 from mdeq.engine.build import build_criterion, build_network, resolve_device
@@ -35,7 +36,8 @@ from mdeq.engine.options import RunOptions
 from mdeq.engine.rundir import config_diff, with_defaults
 
 __all__ = ["Trained", "load_run", "checkpoint_at", "load_released", "build_trained", "memory_format", "eval_dataset",
-           "evaluate_trained", "shown_path", "logged_evaluation", "checkpoint_table", "format_checkpoint_table"]
+           "evaluate_trained", "shown_path", "logged_evaluation", "committed_weights", "checkpoint_table",
+           "format_checkpoint_table"]
 
 RUNS = paths.RESULTS / "runs"
 
@@ -306,6 +308,30 @@ def logged_evaluation(run_dir: str | Path, global_step: int | None) -> tuple[dic
     rows = [r for r in rows if r.get("step") not in (None, "") and r.get("eval_top1") not in (None, "")]
     match = next((r for r in rows if global_step is not None and int(float(r["step"])) == global_step), None)
     return match, (rows[-1] if rows else None)
+
+
+def committed_weights(run_dir: str | Path, scratch: str | Path, *, from_tree: bool = False) -> tuple[Trained, dict]:
+    """(the ``Trained`` of ``run_dir``'s checkpoint as git HEAD holds it (``from_tree``: the working tree's), a record
+    of those weights), copied into ``scratch`` first: a training campaign replaces the working tree's checkpoint
+    every few steps, and one measurement must read one set of weights (named by its sha256)."""
+    dest = Path(scratch) / Path(run_dir).name / CHECKPOINT_NAME
+    if from_tree:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(run_dir) / CHECKPOINT_NAME, dest)
+        origin = f"{paths.rel(run_dir)}/{CHECKPOINT_NAME} (working tree)"
+    else:
+        checkpoint_at(run_dir, "HEAD", dest)
+        origin = f"{paths.rel(run_dir)}/{CHECKPOINT_NAME} at git HEAD ({git_commit()[:10]})"
+    trained = load_run(run_dir, dest)
+    trained.origin = origin
+    logged, last = logged_evaluation(run_dir, trained.global_step)
+    record = {"run": trained.name, "checkpoint": origin, "sha256": trained.sha256, "size_bytes": trained.size_bytes,
+              "config": trained.cfg.name, "global_step": trained.global_step, "epochs_trained": trained.epochs_trained,
+              "weights": trained.weights_label(), "logged_top1_of_these_weights": None if logged is None else
+              float(logged["eval_top1"]), "last_logged": None if last is None else
+              {"epoch": int(float(last["epoch"])) + 1, "step": int(float(last["step"])),
+               "top1": float(last["eval_top1"])}}
+    return trained, record
 
 
 # ----------------------------------------------------------------------------------------------

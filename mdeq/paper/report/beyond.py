@@ -1,9 +1,9 @@
 """What the figures of our measurements beyond the paper draw, from the JSON each benchmark script writes.
 
 Accuracy against the forward solver's budget and convergence against the input size (``05_convergence``;
-``benchmarks/accuracy_vs_budget.py``, ``benchmarks/convergence_vs_resolution.py``), and for Table 1's gaps
-(``01_cifar10``) how each trained model reads JPEG artifacts (``benchmarks/jpeg_sensitivity.py``) and how hard
-MDEQ-small's equilibrium is to reach over its training (``benchmarks/equilibrium_over_training.py``). The
+``studies/accuracy_vs_budget.py``, ``studies/convergence_vs_resolution.py``), and for Table 1's gaps
+(``01_cifar10``) how each trained model reads JPEG artifacts (``studies/jpeg_sensitivity.py``) and how hard
+MDEQ-small's equilibrium is to reach over its training (``studies/equilibrium_over_training.py``). The
 paper's own figures are ``mdeq.paper.report.plots``; the same rules hold: nothing computed or written here, and a
 panel with nothing to draw says why.
 """
@@ -34,7 +34,7 @@ def plot_accuracy_vs_budget(measured: Mapping | None, kind: str):
     fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.8))
     if not runs:
         for ax in axes:
-            no_data(ax, f"{NOT_RUN}: benchmarks/accuracy_vs_budget.py has not been run")
+            no_data(ax, f"{NOT_RUN}: studies/accuracy_vs_budget.py has not been run")
     styles = ["-", "--", ":", "-."]
     for i, (run, entry) in enumerate(sorted(runs.items())):
         res = entry["result"]
@@ -79,7 +79,7 @@ def plot_convergence_vs_resolution(measured: Mapping | None, kind: str):
     fig, axes = plt.subplots(1, max(len(sources), 1), figsize=(4.6 * max(len(sources), 1), 3.9), squeeze=False)
     axes = axes[0]
     if not sources:
-        no_data(axes[0], f"{NOT_RUN}: benchmarks/convergence_vs_resolution.py has not been run")
+        no_data(axes[0], f"{NOT_RUN}: studies/convergence_vs_resolution.py has not been run")
     budget = result.get("budget")
     thresholds = measured.get("thresholds", THRESHOLDS_DEFAULT) if measured else THRESHOLDS_DEFAULT
     for ax, (source, entry) in zip(axes, sources.items()):
@@ -127,7 +127,7 @@ def plot_convergence_vs_resolution(measured: Mapping | None, kind: str):
 
 
 # ----------------------------------------------------------------------------------------------
-# Table 1's data question: how each trained model reads JPEG artifacts (benchmarks/jpeg_sensitivity.py).
+# Table 1's data question: how each trained model reads JPEG artifacts (studies/jpeg_sensitivity.py).
 
 def plot_jpeg_sensitivity(measured: Mapping | None, labels: Mapping[str, str]):
     """Accuracy against PSNR (dB, against the exact pixels) per model; the exact pixels at the right end,
@@ -135,7 +135,7 @@ def plot_jpeg_sensitivity(measured: Mapping | None, labels: Mapping[str, str]):
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     runs_ = ((measured or {}).get("runs") or {})
     if not runs_:
-        no_data(ax, "no measurement: python benchmarks/jpeg_sensitivity.py")
+        no_data(ax, "no measurement: python studies/jpeg_sensitivity.py")
         return fig
     psnr = measured["psnr_db"]
     pil = sorted((k for k in psnr if k.startswith("pil_q")), key=lambda k: psnr[k])
@@ -175,7 +175,7 @@ def plot_equilibrium_over_training(over: Mapping | None, long_solves: Mapping[st
     longs = {k: v for k, v in long_solves.items() if v and v.get("rows")}
     if not (over and over.get("rows")) and not longs:
         for ax in axes:
-            no_data(ax, f"{NOT_RUN}: benchmarks/equilibrium_over_training.py has not been run")
+            no_data(ax, f"{NOT_RUN}: studies/equilibrium_over_training.py has not been run")
         return fig
     colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
     if over and over.get("rows"):
@@ -215,7 +215,7 @@ def plot_equilibrium_over_training(over: Mapping | None, long_solves: Mapping[st
         if ax.lines:
             ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
         else:
-            no_data(ax, f"{NOT_RUN}: run benchmarks/equilibrium_over_training.py --spectral-radius 100")
+            no_data(ax, f"{NOT_RUN}: run studies/equilibrium_over_training.py --spectral-radius 100")
     fig.suptitle("MDEQ-small's equilibrium over its training: Broyden on the same training images, train mode "
                  "(ours, beyond the paper)", fontsize=9.5)
     fig.tight_layout()

@@ -343,7 +343,7 @@ def _leading(rows: list[dict], first=("table", "setting", "row", "key", "metric"
 
 
 def budget_table(ctx, kind: str, measured: Mapping | None) -> pd.DataFrame:
-    """One row per run, solver and forward budget k (``benchmarks/accuracy_vs_budget.py``): test top-1 (%) when
+    """One row per run, solver and forward budget k (``studies/accuracy_vs_budget.py``): test top-1 (%) when
     the forward solve stops after k steps, the residual of the returned iterate, the top-1 of the last iterate,
     and the share of images predicted as the config's own evaluation predicts them; and the injection alone.
     The paper reports no such curve (``paper`` is empty)."""
@@ -382,7 +382,7 @@ def _median_evals(counts: Sequence[int | None]) -> float:
 
 
 def resolution_table(ctx, kind: str, measured: Mapping | None) -> pd.DataFrame:
-    """One row per source, size and solver (``benchmarks/convergence_vs_resolution.py``): the median over images
+    """One row per source, size and solver (``studies/convergence_vs_resolution.py``): the median over images
     of the f evaluations until the paper's ||z[i+1] - z[i]|| / ||z[i]|| falls below 1e-2 (``ours``) and 1e-3,
     each image's count, and the median final values of both measures. The paper gives no such table: its
     statements are about different models at different sizes ('within 30 steps' on CIFAR-10, 'over 100' on
@@ -451,7 +451,7 @@ def budget_summary(measured: Mapping | None) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Table 1's data question: how each trained model reads JPEG artifacts (benchmarks/jpeg_sensitivity.py).
+# Table 1's data question: how each trained model reads JPEG artifacts (studies/jpeg_sensitivity.py).
 
 def _version_label(name: str) -> str:
     return {"exact": "exact pixels", "dataset_q75": "data set's JPEG-q75 twin"}.get(

@@ -10,8 +10,8 @@ and records per budget the top-1 accuracy, the relative residual ||f(z) - z|| / 
 iterate, and the agreement with the config's own evaluation (Broyden, T_f = 15). One solve of the largest
 budget per batch and solver gives every smaller budget (``mdeq.paper.inference``; tested against separate solves).
 
-    python benchmarks/accuracy_vs_budget.py --threads 2           # results/accuracy_vs_budget.json
-    python benchmarks/accuracy_vs_budget.py --limit 256 --out runs/bench/accuracy_vs_budget_check.json
+    python studies/accuracy_vs_budget.py --threads 2           # results/accuracy_vs_budget.json
+    python studies/accuracy_vs_budget.py --limit 256 --out runs/bench/accuracy_vs_budget_check.json
 
 Cost on the project's 2-core CPU: about 51 f evaluations and 51 head evaluations per batch of 128 and
 solver; 79 batches x 2 solvers (see docs/cpu_campaign.md for the measured time).
@@ -19,18 +19,16 @@ solver; 79 batches x 2 solvers (see docs/cpu_campaign.md for the measured time).
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, committed_weights, provenance, write_json  # noqa: E402
-
-from mdeq.paper.trained import eval_dataset, shown_path  # noqa: E402
-from mdeq.paper.inference import BUDGETS, SOLVER_NAMES, accuracy_against_budget  # noqa: E402
-from mdeq.engine.cli import parse_kv  # noqa: E402
+from mdeq.engine.paths import ROOT
+from mdeq.engine.runlog import script_provenance, write_result_json as write_json
+from mdeq.paper.trained import committed_weights, eval_dataset, shown_path
+from mdeq.paper.inference import BUDGETS, SOLVER_NAMES, accuracy_against_budget
+from mdeq.engine.cli import parse_kv
 
 RUN_KEY = "cifar10_mdeq_small"  # Table 1's MDEQ-small; its seeds are <key>_seed<k>
 
@@ -57,7 +55,8 @@ def main() -> None:
     runs = [r if r.is_absolute() else ROOT / r for r in args.runs] if args.runs else sorted(
         d for d in (ROOT / "results" / "runs").iterdir() if d.name == RUN_KEY or d.name.startswith(RUN_KEY + "_seed"))
     out_path = args.out if args.out.is_absolute() else ROOT / args.out
-    payload = {"benchmark": "accuracy_vs_budget", "runs": {}, "provenance": provenance(args, "cpu")}
+    payload = {"benchmark": "accuracy_vs_budget", "runs": {},
+               "provenance": script_provenance(args, "cpu", folder="studies")}
     with tempfile.TemporaryDirectory(prefix="accuracy_vs_budget_") as scratch:
         for run_dir in runs:
             trained, weights = committed_weights(run_dir, Path(scratch), from_tree=args.from_tree)

@@ -14,25 +14,22 @@ dropout masks for every variant) this computes one training step's parameter gra
 and reports for the first two the forward and backward relative residuals where their solves ended, and the
 gradient's relative error ||g - g_ref|| / ||g_ref|| and cosine against the reference, per batch.
 
-    python benchmarks/broyden_memory.py --threads 1   # results/benchmarks/broyden_memory_cpu.json
+    python studies/broyden_memory.py --threads 1   # results/broyden_memory_cpu.json
 """
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, provenance, write_json  # noqa: E402
-
-from mdeq.core.config import load_config  # noqa: E402
-from mdeq.core.model import build_model  # noqa: E402
-from mdeq.engine.checkpoint import load_checkpoint  # noqa: E402
-from mdeq.engine.data import build_dataset  # noqa: E402
-from mdeq.engine.step import set_phase  # noqa: E402
+from mdeq.engine.paths import ROOT
+from mdeq.engine.runlog import script_provenance, write_result_json as write_json
+from mdeq.core.config import load_config
+from mdeq.core.model import build_model
+from mdeq.engine.checkpoint import load_checkpoint
+from mdeq.engine.data import build_dataset
+from mdeq.engine.step import set_phase
 
 VARIANTS = {
     "paper": [],
@@ -83,7 +80,7 @@ def main() -> None:
     p.add_argument("--num-batches", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default="results/benchmarks/broyden_memory_cpu.json")
+    p.add_argument("--out", default="results/broyden_memory_cpu.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     ckpt = load_checkpoint(ROOT / args.weights)
@@ -113,7 +110,7 @@ def main() -> None:
         "variants": VARIANTS, "measure": "relative residuals: batch mean of each sample's returned iterate; gradient: "
         "all parameters of one training step (cross-entropy, train mode, IFT backward), float64 comparison",
         "data": f"{args.num_batches} x {args.batch} CIFAR-10 training images ({args.data_root}), seed {args.seed}",
-        "rows": rows, "mean": mean, "provenance": provenance(args, "cpu")})
+        "rows": rows, "mean": mean, "provenance": script_provenance(args, "cpu", folder="studies")})
 
 
 if __name__ == "__main__":

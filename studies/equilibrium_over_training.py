@@ -15,9 +15,9 @@ growing cost, is the DEQ behaviour the released code's users report late in trai
 a relative residual below 0.05 "good"); a residual that stalls would be a defect of the model or of the
 solver, which ``--memory`` (Broyden's history size m) tells apart.
 
-    python benchmarks/equilibrium_over_training.py        # results/equilibrium_over_training.json
-    python benchmarks/equilibrium_over_training.py --keep --every 1500   # add newer checkpoints only, thinned
-    python benchmarks/equilibrium_over_training.py --budget 200 --num-batches 1 --every 4000 \
+    python studies/equilibrium_over_training.py        # results/equilibrium_over_training.json
+    python studies/equilibrium_over_training.py --keep --every 1500   # add newer checkpoints only, thinned
+    python studies/equilibrium_over_training.py --budget 200 --num-batches 1 --every 4000 \
         --spectral-radius 100 --memory 40 --out results/equilibrium_long_solve_m40.json
 """
 from __future__ import annotations
@@ -27,19 +27,17 @@ import io
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, provenance, write_json  # noqa: E402
-
-from mdeq.engine.checkpoint import load_pretrained  # noqa: E402
-from mdeq.core.config import load_config  # noqa: E402
-from mdeq.engine.data import build_dataset  # noqa: E402
-from mdeq.paper.measure.solver_traces import trace_overrides  # noqa: E402
-from mdeq.core.model import build_model  # noqa: E402
+from mdeq.engine.paths import ROOT
+from mdeq.engine.runlog import script_provenance, write_result_json as write_json
+from mdeq.engine.checkpoint import load_pretrained
+from mdeq.core.config import load_config
+from mdeq.engine.data import build_dataset
+from mdeq.paper.measure.solver_traces import trace_overrides
+from mdeq.core.model import build_model
 
 RUN = "results/runs/cifar10_mdeq_small"
 DEFAULTS = {"memory": 12, "spectral_radius_iters": 0}  # what older measurements, which do not record them, used
@@ -201,7 +199,7 @@ def main() -> None:
             "measure": "batch mean of each sample's lowest-so-far ||f(z) - z|| / ||f(z)||, averaged over batches; "
                        "Broyden with the config's memory, relative stop mode at tol 1e-12 (runs the whole budget)",
             "data": f"{args.num_batches} x {args.batch} CIFAR-10 training images (JPEG-q75 re-encoded), seed {args.seed}",
-            "rows": rows, "provenance": provenance(args, "cpu")})
+            "rows": rows, "provenance": script_provenance(args, "cpu", folder="studies")})
     assert all(math.isfinite(r["train_mode"]["lowest_rel_residual_at_budget"]) for r in rows)
 
 

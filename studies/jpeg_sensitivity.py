@@ -17,7 +17,7 @@ and McNemar's test against ``exact`` (the discordant pairs b = right on exact on
 version only; chi-squared with continuity correction and the exact two-sided binomial p-value) are
 written to ``results/jpeg_sensitivity.json``. Drawn in ``01_cifar10`` (logs profile).
 
-    python benchmarks/jpeg_sensitivity.py --threads 2
+    python studies/jpeg_sensitivity.py --threads 2
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, provenance, write_json  # noqa: E402
+from mdeq.engine.paths import ROOT
+from mdeq.engine.runlog import script_provenance, write_result_json as write_json
 
 RUNS = ("cifar10_resnet18_170k", "cifar10_mdeq_small", "cifar10_mdeq_small_simple_injection",
         "cifar10_single_stream", "cifar10_anode", "cifar10_node")
@@ -128,7 +128,7 @@ def main() -> int:
               "encoder": {"library": "PIL", "version": __import__("PIL").__version__,
                           "settings": "Image.save(format='JPEG', quality=Q), PIL defaults otherwise (4:2:0, baseline)"},
               "psnr_db": {name: psnr(exact, im) for name, im in versions.items() if name != "exact"},
-              "runs": {}, "skipped": {}, "provenance": provenance(args, "cpu")}
+              "runs": {}, "skipped": {}, "provenance": script_provenance(args, "cpu", folder="studies")}
     for run in args.runs:
         folder = ROOT / "results" / "runs" / run
         if not (folder / "checkpoint.pt").is_file():

@@ -14,25 +14,23 @@ CIFAR-10 test images (exact pixels), upsampled bilinearly; natural photographs t
 The output is rewritten after each (source, size, solver) and a rerun with the same settings and weights
 keeps what is done, so the measurement can run in chunks.
 
-    python benchmarks/convergence_vs_resolution.py --threads 2    # results/convergence_vs_resolution.json
-    python benchmarks/convergence_vs_resolution.py --sizes 32 64 --num-images 2 --budget 30 \\
+    python studies/convergence_vs_resolution.py --threads 2    # results/convergence_vs_resolution.json
+    python studies/convergence_vs_resolution.py --sizes 32 64 --num-images 2 --budget 30 \\
         --out runs/bench/convergence_vs_resolution_check.json     # a quick end-to-end check
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, committed_weights, provenance, write_json  # noqa: E402
-
-from mdeq.paper.trained import eval_dataset  # noqa: E402
-from mdeq.paper.inference import (PHOTOGRAPHS, SIZES, SOLVER_NAMES, THRESHOLDS, convergence_against_resolution,  # noqa: E402
+from mdeq.engine.paths import ROOT
+from mdeq.engine.runlog import script_provenance, write_result_json as write_json
+from mdeq.paper.trained import committed_weights, eval_dataset
+from mdeq.paper.inference import (PHOTOGRAPHS, SIZES, SOLVER_NAMES, THRESHOLDS, convergence_against_resolution,
                             photographs, resolution_inputs)
 
 SETTINGS = ("sizes", "num_images", "budget", "sources")  # a rerun keeps earlier entries only if these are the same
@@ -84,7 +82,8 @@ def main() -> None:
                     and old.get("weights", {}).get("sha256") == weights["sha256"])
             done = old.get("result") if same else None
             print(f"{out_path}: {'keeping its finished entries' if same else 'other settings or weights: afresh'}")
-        chunks = (json.loads(out_path.read_text()).get("chunks", []) if done else []) + [provenance(args, "cpu")]
+        chunks = ((json.loads(out_path.read_text()).get("chunks", []) if done else [])
+                  + [script_provenance(args, "cpu", folder="studies")])
         print(f"{weights['run']}: {weights['weights']}, sha256 {weights['sha256'][:16]}", flush=True)
 
         def save(result: dict) -> None:

@@ -16,9 +16,9 @@ Each run is a resumable ``mdeq.train`` folder under ``runs/recipe_study/``: ``--
 checkpoint and a later call continues it (on a fresh clone, from the committed checkpoint); its small logs
 and latest checkpoint are copied to ``results/recipe_study/<run>/``.
 
-    python benchmarks/recipe_study.py --threads 1 --budget 150m   # train (or continue) within the budget
-    python benchmarks/recipe_study.py --summarize                  # results/recipe_study.json from the logs
-    python benchmarks/recipe_study.py --render                     # results/recipe_study.md from the JSON
+    python studies/recipe_study.py --threads 1 --budget 150m   # train (or continue) within the budget
+    python studies/recipe_study.py --summarize                  # results/recipe_study.json from the logs
+    python studies/recipe_study.py --render                     # results/recipe_study.md from the JSON
 
 Every call but ``--render`` ends by writing ``results/recipe_study.json`` (where each run stands) and the ``.md``
 part of the book's page "Why our Table 1 differs" (docs/table1_gaps.md), drawn from the JSON alone.
@@ -32,12 +32,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, provenance, write_json  # noqa: E402
-
-from mdeq.campaign import load_campaign, parse_budget  # noqa: E402
-from mdeq.engine.rundir import restore_run, sync_run  # noqa: E402
-from mdeq.engine.runlog import read_run  # noqa: E402
+from mdeq.engine.paths import ROOT
+from mdeq.campaign import load_campaign, parse_budget
+from mdeq.engine.rundir import restore_run, sync_run
+from mdeq.engine.runlog import read_run, script_provenance, write_result_json as write_json
 
 RECIPES = {
     "sgd": ("train.optimizer=sgd", "train.lr=0.1", "train.momentum=0.9", "train.weight_decay=5e-4"),
@@ -107,7 +105,7 @@ def summarize(args) -> dict:
                            "test_top1_final": table1["final"],
                            "test_top1_best_for_reference_only": table1["best_epoch_for_reference_only"]["value"],
                            "best_epoch": table1["best_epoch_for_reference_only"]["epoch"] + 1},
-            "paper_top1": 81.6, "runs": rows, "provenance": provenance(args, "cpu")}
+            "paper_top1": 81.6, "runs": rows, "provenance": script_provenance(args, "cpu", folder="studies")}
 
 
 RECIPE_TEXT = {"sgd": "SGD, momentum 0.9, lr 0.1, weight decay 5e-4, cosine",
@@ -117,7 +115,7 @@ RECIPE_TEXT = {"sgd": "SGD, momentum 0.9, lr 0.1, weight decay 5e-4, cosine",
 def render(record: dict | None) -> str:
     """The Markdown part of the page "Why our Table 1 differs", from the JSON alone."""
     if record is None:
-        return ("**Not run yet.** The study is `python benchmarks/recipe_study.py --threads 1 --budget 150m` "
+        return ("**Not run yet.** The study is `python studies/recipe_study.py --threads 1 --budget 150m` "
                 "(resumable); it writes `results/recipe_study.json` and redraws this part of the page.\n")
     t1 = record["table1_row"]
     lines = ["*A recipe study beside Table 1, not a Table 1 number.* CIFAR-10 without augmentation, ~170K "

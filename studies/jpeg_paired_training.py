@@ -13,8 +13,8 @@ subtracted from any Table 1 number. Each run is a resumable ``mdeq.train`` folde
 ``runs/jpeg_paired/`` (a finished run is not trained again); its small logs are copied to
 ``results/jpeg_paired/<run>/``.
 
-    python benchmarks/jpeg_paired_training.py --seeds 0 1 2 3 4 --threads 2
-    python benchmarks/jpeg_paired_training.py --render   # re-draw results/jpeg_paired_training.md from the JSON
+    python studies/jpeg_paired_training.py --seeds 0 1 2 3 4 --threads 2
+    python studies/jpeg_paired_training.py --render   # re-draw results/jpeg_paired_training.md from the JSON
 
 The ``.md`` file is the part of the book's page "Why our Table 1 differs" (docs/table1_gaps.md) that shows the
 matrix: ``render`` draws it from the JSON alone (or says "not run yet" when there is none).
@@ -32,9 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, provenance, write_json  # noqa: E402
-from jpeg_sensitivity import EXACT, JPEG, correct, load_run  # noqa: E402
+from mdeq.engine.paths import ROOT
+from mdeq.engine.runlog import script_provenance, write_result_json as write_json
+# A sibling study: a script's own folder is on sys.path when it runs (the tests add it).
+from jpeg_sensitivity import EXACT, JPEG, correct, load_run
 
 SIDES = {"exact": True, "jpeg": False}  # training pixels: exact_pixels option
 WORK = ROOT / "runs" / "jpeg_paired"
@@ -104,7 +105,7 @@ def main() -> int:
               "train_images": "the 5,170 CIFAR-10 training images whose exact pixels are known",
               "test_images": f"the {len(labels):,} CIFAR-10 test images whose exact pixels are known",
               "overrides": args.set, "seeds": args.seeds, "matrix": matrix, "runs": runs,
-              "provenance": provenance(args, "cpu")}
+              "provenance": script_provenance(args, "cpu", folder="studies")}
     write_json(ROOT / args.out, record)
     if not args.set:
         (ROOT / args.out).with_suffix(".md").write_text(render(record))
@@ -122,7 +123,7 @@ def _pm(values: list[float]) -> str:
 def render(record: dict | None) -> str:
     """The Markdown part of the page: the 2x2 matrix, the paired differences and each run, from the JSON alone."""
     if record is None:
-        return ("**Not run yet.** The study is `python benchmarks/jpeg_paired_training.py --seeds 0 1 2 3 4 "
+        return ("**Not run yet.** The study is `python studies/jpeg_paired_training.py --seeds 0 1 2 3 4 "
                 "--threads 2`; it writes `results/jpeg_paired_training.json` and redraws this part of the page.\n")
     runs, seeds, prov = record["runs"], record["seeds"], record["provenance"]
     acc = {(t, e): [runs[f"{t}_seed{s}"][f"test_{e}"] for s in seeds] for t in SIDES for e in SIDES}

@@ -1,7 +1,7 @@
 """Does Jacobian regularisation keep MDEQ-small's equilibrium easy to reach? A measured demonstration.
 
 Why: in the Table 1 campaign the training solve's forward residual at its budget grew over the epochs
-(``benchmarks/equilibrium_over_training.py``), the trouble DEQ users report most (locuslab/deq issues 20 and
+(``studies/equilibrium_over_training.py``), the trouble DEQ users report most (locuslab/deq issues 20 and
 26), and the authors' later code regularises ||J_f(z*)||_F (Bai, Koltun, Kolter, ICML 2021). This script
 takes the latest committed MDEQ-small checkpoint of the campaign (``results/runs/cifar10_mdeq_small/
 checkpoint.pt`` as its last commit holds it, read from git: the campaign keeps rewriting the working tree's
@@ -17,8 +17,8 @@ the config's memory, ``--budget`` evaluations), both in eval mode and in train m
 mode; during training it logs each step's loss, residual, f evaluations, penalty and time. A demonstration
 on one checkpoint and a few hundred steps, labelled as such: never a Table 1 number.
 
-    python benchmarks/jacobian_reg_demo.py --threads 2 --steps 300   # results/jacobian_reg_demo.json and .md
-    python benchmarks/jacobian_reg_demo.py --render                  # re-draw the .md page part from the JSON
+    python studies/jacobian_reg_demo.py --threads 2 --steps 300   # results/jacobian_reg_demo.json and .md
+    python studies/jacobian_reg_demo.py --render                  # re-draw the .md page part from the JSON
 
 The ``.md`` file is the part of the book's page on training stability (docs/training_stability.md) that
 shows the numbers: ``render`` draws it from the JSON alone (or says "not run yet" when there is none).
@@ -32,16 +32,16 @@ import json
 import math
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, provenance, write_json  # noqa: E402
-from equilibrium_over_training import solve_stats  # noqa: E402
+from mdeq.engine.paths import ROOT
+from mdeq.engine.runlog import script_provenance, write_result_json as write_json
+# A sibling study: a script's own folder is on sys.path when it runs (the tests add it).
+from equilibrium_over_training import solve_stats
 
 RUN = "results/runs/cifar10_mdeq_small"
 OUT = "results/jacobian_reg_demo.json"
@@ -271,7 +271,7 @@ def main(argv=None) -> None:
                           f"re-encoded, {args.data_root}), seeded order {args.seed}, the same in both arms",
                  "eval": f"{args.eval_batch} CIFAR-10 test images (seeded choice {args.seed})"},
         "measure": "eval_mode/train_mode: batch mean of each sample's lowest-so-far ||f(z) - z|| / ||f(z)|| "
-                   "(benchmarks/equilibrium_over_training.py solve_stats; train mode with one fixed dropout mask); "
+                   "(studies/equilibrium_over_training.py solve_stats; train mode with one fixed dropout mask); "
                    "spectral radius: mdeq.core.stability.power_method at the eval-mode z* of the long solve, per sample",
         "before": before, "arms": results,
         "overhead": {"step_time_mean_ratio": on["step_time_ms_mean"] / off["step_time_ms_mean"],
@@ -279,7 +279,7 @@ def main(argv=None) -> None:
                          (on["step_time_ms_mean_with_penalty"] / on["step_time_ms_mean_without_penalty"]
                           if on["penalty_steps"] and on["step_time_ms_mean_without_penalty"] else None)},
         "output": _relative(out),
-        "provenance": provenance(args, "cpu"),
+        "provenance": script_provenance(args, "cpu", folder="studies"),
     }
     write_json(out, payload)
     out.with_suffix(".md").write_text(render(payload))
@@ -311,7 +311,7 @@ def _fmt(v, none="-", spec=".3g"):
 def render(payload: dict | None) -> str:
     """The Markdown table of the demonstration, drawn from its JSON (no number typed by hand)."""
     if payload is None:
-        return ("**Not run yet.** The demonstration is `python benchmarks/jacobian_reg_demo.py --threads 2 "
+        return ("**Not run yet.** The demonstration is `python studies/jacobian_reg_demo.py --threads 2 "
                 "--steps 300`; it writes `results/jacobian_reg_demo.json` and redraws this part of the page "
                 "from it.\n")
     b, arms = payload["before"], payload["arms"]
