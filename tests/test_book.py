@@ -390,8 +390,8 @@ def test_linked_files_are_staged_and_a_missing_one_is_named(tmp_path):
 def test_toc_pages_lists_root_and_every_file():
     pages = toc_pages(reproduce.BOOK / "_toc.yml")
     assert pages[0] == "intro.html"
-    reference = ("results", "table1_gaps", "cpu_campaign", "trained_models", "running", "full_protocol", "benchmarks", "step_time",
-                 "package", "layout", "paper_vs_released", "training_stability")
+    reference = ("results", "table1_gaps", "cpu_campaign", "trained_models", "running", "full_protocol", "data",
+                 "benchmarks", "step_time", "package", "layout", "paper_vs_released", "training_stability")
     assert set(pages) == {"intro.html", *(f"{name}.html" for name in reference),
                           *(f"notebooks/{n}.html" for n in NOTEBOOKS)}
 

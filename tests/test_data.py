@@ -128,7 +128,7 @@ def test_cifar10_missing_and_malformed_give_the_layout(tmp_path):
 
 
 def _tiny_jpeg_npz(path, n=6, seed=0):
-    """A JPEG npz with the keys of PROVENANCE.md, and the exact pixels it was made from."""
+    """A JPEG npz with the keys of the offline archive (docs/data.md), and the exact pixels it was made from."""
     rng = np.random.default_rng(seed)
     arrays, exact = {}, {}
     for name in BATCHES:
@@ -227,7 +227,7 @@ def test_real_jpeg_npz_matches_the_exact_subset():
     with np.load(exact_path) as npz:
         exact = torch.from_numpy(npz["test_batch_data"][:200].reshape(-1, 3, 32, 32))
     mse = ((val.images[:200].float() - exact.float()) ** 2).mean(dim=(1, 2, 3))
-    assert mse.max() <= 321  # PROVENANCE.md: matched pairs have MSE <= 321
+    assert mse.max() <= 321  # docs/data.md: matched pairs have MSE <= 321
     if (SHARED / "cifar-10-batches-py" / "batches.meta").is_file():
         meta = SHARED / "cifar-10-batches-py" / "batches.meta"
         assert cifar10.md5sum(meta) == cifar10.OFFICIAL_MD5["batches.meta"]

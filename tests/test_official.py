@@ -17,8 +17,8 @@ _DTYPES = {"float32": torch.float32, "int64": torch.int64}
 _REAL_VALUES_BELOW = 20_000_000  # bigger models are checked for keys and shapes on the meta device
 
 
-# Key/shape/dtype lists of the released models (data only, no code), copied from the project's
-# shared/reference/official_state_dicts so that the round-trip tests run on any clone.
+# Key/shape/dtype lists of the released models' checkpoints (data only, no code), kept in the repository so
+# that the round-trip tests run on any clone.
 REF = Path(__file__).resolve().parent / "data" / "official_state_dicts"
 assert REF.is_dir(), f"{REF} is missing: the released-state-dict key lists are part of the test suite"
 

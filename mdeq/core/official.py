@@ -25,7 +25,7 @@ from mdeq.core.model import build_model
 
 __all__ = ["convert_state_dict", "load_official", "parameter_counts", "RELEASED", "PAPER_PARAMS"]
 
-# config -> (state-dict description in shared/reference/official_state_dicts, its trainable parameters).
+# config -> (the key/shape list of a released checkpoint in tests/data/official_state_dicts, its trainable parameters).
 # The paper variants listed have exactly the architecture of a released config (GroupNorm groups
 # differ, which changes no shape); the others have none.
 RELEASED: dict[str, tuple[str, int]] = {

@@ -1,8 +1,8 @@
 """How CIFAR-10 is read: from the official ``cifar-10-batches-py`` pickles or from the offline JPEG-q75 npz.
 
 Why: the released code reads torchvision's CIFAR10 (``tools/cls_train.py``); we read the same pickles
-ourselves so that the md5 check, the synthetic copy and the offline JPEG-q75 re-encoding (see
-shared/data/PROVENANCE.md) all yield one dataset type, ``CIFAR10Arrays``, that says where its pixels
+ourselves so that the md5 check, the synthetic copy and the offline JPEG-q75 re-encoding (what it
+is and where it came from: docs/data.md) all yield one dataset type, ``CIFAR10Arrays``, that says where its pixels
 came from in ``source_label``.
 """
 from __future__ import annotations
@@ -232,7 +232,8 @@ def _find_npz(root) -> Path:
         "cifar10", root, f"no {JPEG_NPZ_NAME} found (source='jpeg_q75')",
         f"<root> = the npz itself, or <root>/{JPEG_NPZ_NAME}, or <root>/cifar10-jpeg-q75/{JPEG_NPZ_NAME};\n"
         "keys <batch>_jpeg_bytes, <batch>_jpeg_offsets, <batch>_labels for data_batch_1..5 and test_batch",
-        "see shared/data/PROVENANCE.md, or use the official pickles (source='pickles', download=True)")
+        "the offline archive is described in docs/data.md; or use the official pickles "
+        "(source='pickles', download=True)")
 
 
 def _npz_get(npz, key: str, path: Path) -> np.ndarray:
@@ -261,7 +262,7 @@ def load_jpeg_npz(path, *, train: bool, exact_subset=None, rows: str = "all",
                   exact_pixels: bool = True) -> tuple[np.ndarray, np.ndarray, str]:
     """Decode the JPEG-q75 re-encoding of CIFAR-10 (official batch order) with PIL.
 
-    Why: the only complete offline copy (PROVENANCE.md); its pixels are lossy (PSNR about 30 dB), so
+    Why: the only complete offline copy (docs/data.md); its pixels are lossy (PSNR about 30 dB), so
     the result is labelled ``"CIFAR-10 (JPEG-q75 re-encoded)"``. With ``exact_subset`` (the
     exact-prefix npz) the first N rows of each batch are overwritten with the exact pixels.
     Returns uint8 images (N, 3, 32, 32), int64 labels (N,) and the source label.
