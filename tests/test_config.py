@@ -44,6 +44,19 @@ def test_paper_variants_follow_appendix_table_4():
     assert len(city.data.class_weights) == 19
 
 
+def test_the_first_commit_config_differs_from_table_4_only_where_its_yaml_does():
+    """cifar10_small_first_commit_official is the 80.3 % report's configuration (locuslab/mdeq@17c0119
+    cls_mdeq_TINY.yaml): cifar10_small_paper's architecture, with the yaml's groups, dropout and solver caps."""
+    def flat(cfg):
+        return {f"{section}.{k}": v for section, fields in config_to_dict(cfg).items() if isinstance(fields, dict)
+                for k, v in fields.items()}
+
+    paper, first = flat(load_config("cifar10_small_paper")), flat(load_config("cifar10_small_first_commit_official"))
+    differ = {k: (paper[k], first[k]) for k in paper if paper[k] != first[k]}
+    assert differ == {"model.num_groups": (4, 8), "model.dropout": (0.2, 0.15), "solver.max_iter": (15, 30),
+                      "solver.backward_max_iter": (18, 30), "solver.memory": (12, 24),
+                      "data.eval_batch_size": (128, 64)}
+
 def test_constants_match_the_solvers_and_the_implicit_layer():
     from mdeq.core.implicit import GRAD_MODES as LAYER_GRAD_MODES
     from mdeq.core.solvers import SOLVERS

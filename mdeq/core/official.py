@@ -31,6 +31,7 @@ __all__ = ["convert_state_dict", "load_official", "parameter_counts", "RELEASED"
 RELEASED: dict[str, tuple[str, int]] = {
     "cifar10_small_official": ("cifar_TINY.json", 158_986),
     "cifar10_small_paper": ("first_commit/cifar_TINY_17c0119.json", 175_418),
+    "cifar10_small_first_commit_official": ("first_commit/cifar_TINY_17c0119.json", 175_418),
     "cifar10_large_official": ("cifar_LARGE.json", 11_098_398),
     "imagenet_small_official": ("imagenet_SMALL.json", 16_808_936),
     "imagenet_large_official": ("imagenet_LARGE_v2.json", 67_063_624),
@@ -45,6 +46,8 @@ RELEASED: dict[str, tuple[str, int]] = {
 # model (config name without its variant) -> the size the paper reports (Tables 1-3).
 PAPER_PARAMS: dict[str, tuple[str, float]] = {
     "cifar10_small": ("170K", 170e3),
+    "cifar10_small_simple_injection": ("170K", 170e3),  # MDEQ-small variants
+    "cifar10_small_first_commit": ("170K", 170e3),
     "cifar10_single_stream": ("170K", 170e3),
     "cifar10_large": ("10M", 10e6),
     "imagenet_small": ("18M", 18e6),
