@@ -62,7 +62,7 @@ device: str = "auto"  # auto | cpu | cuda; full with auto needs a GPU
 
 # %%
 from mdeq.paper import notebook, parameters
-from mdeq.paper.report import beyond, plots, tables
+from mdeq.paper.report import beyond, beyond_tables, plots, tables
 from mdeq.engine import paths
 
 params = parameters.check_parameters(globals(), "05_convergence")
@@ -148,9 +148,9 @@ for kind in ctx.kinds():
                                "returned iterate (right) of MDEQ-small when its forward solve stops after max_iter "
                                "= k steps, Broyden (blue) and iterating f (yellow); dashed: the budget it was "
                                "trained and is evaluated with (T_f); dotted: the head on the injection alone")
-    table = tables.budget_table(ctx, kind, measured)
+    table = beyond_tables.budget_table(ctx, kind, measured)
     csv = notebook.save_table(table, "table_accuracy_vs_budget", ctx, kind)
-    print(tables.budget_summary(measured))
+    print(beyond_tables.budget_summary(measured))
     notebook.display_table(tables.show_table(table, kind, csv), csv, ctx)
 
 # %% [markdown]
@@ -192,7 +192,7 @@ for kind in ctx.kinds():
                                "squares) against the input side, for the trained CIFAR-10 MDEQ-small, Broyden (blue) "
                                "and iterating f (yellow), median over images with bars from the fewest to the most; "
                                "a hollow marker on the dotted budget line: the median image did not get there")
-    table = tables.resolution_table(ctx, kind, measured)
+    table = beyond_tables.resolution_table(ctx, kind, measured)
     csv = notebook.save_table(table, "table_convergence_vs_resolution", ctx, kind)
     notebook.display_table(tables.show_table(table, kind, csv), csv, ctx)
 

@@ -152,6 +152,28 @@ def test_table1_gives_the_best_epoch_beside_the_final_one(tmp_path, monkeypatch)
     assert "ours_best" not in tables.paper_table(_ctx(tmp_path, "02_imagenet"), "real", "table2").columns
 
 
+def test_the_per_epoch_table_puts_each_run_beside_the_others(tmp_path, monkeypatch):
+    _fake_run(tmp_path / "runs", "cifar10_resnet18_170k", 68.71)  # epochs 1-2, no residual: not a DEQ
+    for name, rows in (("cifar10_mdeq_small", "0,48.7,0.3\n1,51.4,0.082\n2,64.1,0.0017\n"),
+                       ("cifar10_mdeq_small_simple_injection", "0,52.5,0.14\n"),
+                       ("cifar10_mdeq_small_simple_injection_seed1", "0,50.0,0.2\n1,55.0,0.01\n")):
+        _fake_run(tmp_path / "runs", name, 0.0)
+        (tmp_path / "runs" / name / "metrics.csv").write_text("epoch,eval_top1,rel_residual_forward\n" + rows)
+    monkeypatch.setattr(notebook.Context, "inputs_dir", lambda self, kind: tmp_path)
+    df = tables.per_epoch_table(_ctx(tmp_path), "real", runs.runs_for("01_cifar10")).set_index("epoch")
+    simple = "MDEQ-small (simplified injection)"
+    assert list(df.index) == [1, 2, 3] and "ResNet-18 (170K): forward residual" not in df.columns
+    assert df.loc[3, "MDEQ-small: test top-1 (%)"] == 64.1 and df.loc[2, "MDEQ-small: forward residual"] == 0.082
+    assert df.loc[1, f"{simple}: test top-1 (%)"] == 52.5 and pd.isna(df.loc[2, f"{simple}: test top-1 (%)"])
+    assert df.loc[2, f"{simple} (run 2): forward residual"] == 0.01
+    shown = tables.format_per_epoch(df.reset_index(), "real")
+    assert shown.loc[3, "MDEQ-small: forward residual"] == "1.7e-03"
+    assert shown.loc[3, f"{simple}: test top-1 (%)"] == "-" and shown.loc[1, "MDEQ-small: test top-1 (%)"] == "48.70"
+    monkeypatch.setattr(notebook.Context, "inputs_dir", lambda self, kind: tmp_path / "none")
+    empty = tables.per_epoch_table(_ctx(tmp_path), "real", runs.runs_for("01_cifar10"))
+    assert empty.empty and style.NOT_RUN in tables.format_per_epoch(empty, "real").iloc[0, 0]
+
+
 def test_table1_unfinished_run_shows_its_latest_epoch_without_a_delta(tmp_path, monkeypatch):
     folder = tmp_path / "runs" / "cifar10_resnet18_170k"
     folder.mkdir(parents=True)

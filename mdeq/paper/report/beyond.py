@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 
 from mdeq.paper.report.plots import _shared_legend
 from mdeq.paper.report.style import COLORS, NOT_RUN, _SOLVER_LABELS, figure_title, no_data
-from mdeq.paper.report.tables import THRESHOLDS_DEFAULT, _median_evals
+from mdeq.paper.report.beyond_tables import THRESHOLDS_DEFAULT, _median_evals
 
 __all__ = ["plot_accuracy_vs_budget", "plot_convergence_vs_resolution", "plot_jpeg_sensitivity",
            "plot_equilibrium_over_training"]
