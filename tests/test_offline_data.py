@@ -10,7 +10,15 @@ import pytest
 
 from mdeq.engine.data import DatasetIntegrityError
 from mdeq.engine.data.cifar10 import CIFAR10_CLASSES
-from mdeq.engine.data.cifar10_offline import PER_BATCH, ROW_BYTES, batch_order, read_cut_pickle
+from mdeq.engine.data import cifar10_offline
+from mdeq.engine.data.cifar10_offline import ROW_BYTES, batch_order, read_cut_pickle
+
+PER_BATCH = 2000  # a batch of 2,000 images here (10,000 in the official files): the reader takes the count as given
+
+
+@pytest.fixture(autouse=True)
+def _small_batches(monkeypatch):
+    monkeypatch.setattr(cifar10_offline, "PER_BATCH", PER_BATCH)
 
 
 def _batch(seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -48,8 +56,8 @@ def test_a_cut_pickle_gives_every_label_and_the_whole_rows_before_the_cut(writer
 def test_a_pickle_cut_before_its_labels_end_is_refused():
     labels, data = _batch(0)
     whole = _python2_pickle(labels, data)
-    with pytest.raises(DatasetIntegrityError, match="expected 10000 labels before the pixel data, found 4000"):
-        read_cut_pickle(whole[:whole.find(b"K") + 2 * 4000], "cut")
+    with pytest.raises(DatasetIntegrityError, match="expected 2000 labels before the pixel data, found 800"):
+        read_cut_pickle(whole[:whole.find(b"K") + 2 * 800], "cut")
 
 
 def test_the_kth_image_of_a_class_is_the_kth_occurrence_of_its_label(tmp_path):
