@@ -152,21 +152,27 @@ def run_status(spec: CampaignSpec, key: str, results: Path = RESULTS) -> dict[st
         "hours": sum(float(r["epoch_time_s"]) for r in rows if r.get("epoch_time_s")) / 3600.0,
         "chunk_hours": chunk_hours(folder),
         "has_checkpoint": (folder / "checkpoint.pt").is_file(),
+        "forward_residual": (_last_residual(run) or (None, None))[1],
+        "residual_limit": spec.residual_limit_run.get(key, spec.residual_limit),
         "held": held(spec, key, results),
     }
+
+
+def _last_residual(run) -> tuple[int, float] | None:
+    """(epoch, 1-based; mean forward residual of its implicit steps) of a run's last implicit epoch, or None."""
+    rows = [r for r in (run.epoch_rows if run is not None else [])
+            if r.get("phase") == "implicit" and r.get("rel_residual_forward") not in (None, "")]
+    return (int(float(rows[-1]["epoch"])) + 1, float(rows[-1]["rel_residual_forward"])) if rows else None
 
 
 def held(spec: CampaignSpec, key: str, results: Path = RESULTS) -> str | None:
     """Why run ``key`` must not go on (its forward residual past the campaign's limit), or None."""
     limit = spec.residual_limit_run.get(key, spec.residual_limit)
-    run = read_run(Path(results) / key) if limit is not None else None
-    rows = [r for r in (run.epoch_rows if run is not None else [])
-            if r.get("phase") == "implicit" and r.get("rel_residual_forward") not in (None, "")]
-    if not rows or not float(rows[-1]["rel_residual_forward"]) > limit:
+    last = _last_residual(read_run(Path(results) / key)) if limit is not None else None
+    if last is None or not last[1] > limit:
         return None
-    return (f"held: the forward residual of epoch {int(float(rows[-1]['epoch'])) + 1} is "
-            f"{float(rows[-1]['rel_residual_forward']):.3g}, past the campaign's limit {limit:g}; find out why, then "
-            f"raise residual_limit_run for {key} in the campaign file, saying where the check is")
+    return (f"held: the forward residual of epoch {last[0]} is {last[1]:.3g}, past the campaign's limit {limit:g}; "
+            f"find out why, then raise residual_limit_run for {key} in the campaign file, saying where the check is")
 
 
 def train_command(spec: CampaignSpec, key: str, *, stop_at: float | None, data_root: str | None = None,
@@ -434,7 +440,15 @@ def _print_status(statuses: Sequence[dict]) -> None:
                                                   else "unfinished")
         print(f"{s['run']:{width}s} epoch {s['epochs_done']:>2d} of {s['epochs_planned']} ({state}); "
               f"last test top-1 {top1}; step {s['last_step']}; {s['hours']:.2f} h of training epochs, "
-              f"{s['chunk_hours']:.2f} h of chunks" + (f"; {s['held']}" if s.get("held") else ""))
+              f"{s['chunk_hours']:.2f} h of chunks" + (f"; {s['held']}" if s.get("held") else _residual_note(s)))
+
+
+def _residual_note(s: dict) -> str:
+    """How close an unfinished DEQ run is to the campaign's residual limit (its last epoch's forward residual)."""
+    if s.get("forward_residual") is None or s["finished"]:
+        return ""
+    limit = f" (limit {s['residual_limit']:.0e})" if s.get("residual_limit") is not None else ""
+    return f"; forward residual {s['forward_residual']:.2e}{limit}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

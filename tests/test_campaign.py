@@ -207,6 +207,10 @@ def test_a_run_past_the_residual_limit_is_held(tiny_campaign):
     folder = results / "cifar10_mdeq_small"
     _metrics(folder, [("unrolled", 0.3)])  # the unrolled warm-up's residual is no solve's: never held for it
     assert campaign.held(spec, "cifar10_mdeq_small", results) is None
+    _metrics(folder, [("unrolled", 0.3), ("implicit", 0.004)])  # under the limit: --status says how close
+    status = run_status(spec, "cifar10_mdeq_small", results)
+    assert (status["forward_residual"], status["residual_limit"], status["held"]) == (0.004, 1e-2, None)
+    assert campaign._residual_note(status) == "; forward residual 4.00e-03 (limit 1e-02)"
     _metrics(folder, [("unrolled", 0.3), ("implicit", 0.004), ("implicit", 0.012)])
     reason = campaign.held(spec, "cifar10_mdeq_small", results)
     assert reason.startswith("held: the forward residual of epoch 3 is 0.012, past the campaign's limit 0.01")
