@@ -26,7 +26,10 @@ from mdeq.engine.data.synthetic import main as synthetic_main
 from mdeq.engine.data.synthetic import make_synthetic
 from mdeq.engine.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CityscapesTrainTransform
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # shared/ beside a checkout, if any
+# The offline CIFAR-10 (docs/data.md) where the campaign reads it (data/), else in a shared/ folder beside the
+# checkout, if either holds it.
+_PLACES = (Path(__file__).resolve().parents[1] / "data", Path(__file__).resolve().parents[2] / "shared" / "data")
+SHARED = next((d for d in _PLACES if (d / "cifar10-jpeg-q75" / cifar10.JPEG_NPZ_NAME).is_file()), _PLACES[1])
 BATCHES = (*cifar10.TRAIN_BATCHES, *cifar10.TEST_BATCHES)
 
 
@@ -217,7 +220,7 @@ def test_jpeg_npz_converts_to_the_official_layout(tmp_path):
 
 
 @pytest.mark.skipif(not (SHARED / "cifar10-jpeg-q75" / cifar10.JPEG_NPZ_NAME).is_file(),
-                    reason="the shared offline CIFAR-10 files are not on this machine")
+                    reason="the offline CIFAR-10 files (docs/data.md) are not on this machine")
 def test_real_jpeg_npz_matches_the_exact_subset():
     exact_path = SHARED / "cifar10-partial-exact" / "cifar10_exact_prefix_subset.npz"
     val = build_dataset("cifar10", SHARED, "val", source="jpeg_q75")
