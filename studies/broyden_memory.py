@@ -23,6 +23,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from mdeq.engine.cli import parse_kv
 from mdeq.engine.paths import ROOT
 from mdeq.engine.runlog import script_provenance, write_result_json as write_json
 from mdeq.core.config import load_config
@@ -41,7 +42,7 @@ VARIANTS = {
 
 def batches(args) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``args.num_batches`` batches of training images and labels, drawn once with ``args.seed``."""
-    options = dict(kv.split("=", 1) for kv in args.data_option)
+    options = parse_kv(args.data_option)
     ds = build_dataset("cifar10", ROOT / args.data_root, "train", augment=False, **options)
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(args.seed))[:args.batch * args.num_batches]
     items = [ds[i] for i in idx.tolist()]

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from mdeq.engine.cli import parse_kv
 from mdeq.engine.paths import ROOT
 from mdeq.engine.runlog import script_provenance, write_result_json as write_json
 from mdeq.engine.checkpoint import load_pretrained
@@ -161,7 +162,7 @@ def main() -> None:
                    help="measure a checkpoint only STEPS or more after the last measured one (the latest always)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    options = dict(kv.split("=", 1) for kv in args.data_option)
+    options = parse_kv(args.data_option)
     overrides = trace_overrides("broyden", args.budget) + ([f"solver.memory={args.memory}"] if args.memory else [])
     cfg = load_config(args.config, overrides)
     args.memory = cfg.solver.memory  # recorded: what the solves used

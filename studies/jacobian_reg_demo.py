@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from mdeq.engine.cli import parse_kv
 from mdeq.engine.paths import ROOT
 from mdeq.engine.runlog import script_provenance, write_result_json as write_json
 # A sibling study: a script's own folder is on sys.path when it runs (the tests add it).
@@ -228,7 +229,7 @@ def main(argv=None) -> None:
     cfg_long = config_from_dict(raw)
     train_budget = cfg.solver.max_iter + 1
 
-    options = dict(kv.split("=", 1) for kv in args.data_option)
+    options = parse_kv(args.data_option)
     train_set = build_dataset("cifar10", ROOT / args.data_root, "train", augment=cfg.data.augment, **options)
     test_set = build_dataset("cifar10", ROOT / args.data_root, "val", **options)
     batches = batch_order(len(train_set), cfg.data.batch_size, args.steps, args.seed)
