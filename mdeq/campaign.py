@@ -224,13 +224,15 @@ def code_worktree(commit: str | None = None) -> tuple[Path, str]:
     return tree, sha
 
 
-def _runs(spec: CampaignSpec, only: str | None) -> tuple[str, ...]:
-    """The runs to continue, in order: all of the campaign's, or ``only`` (which must be one of them)."""
-    if only is None:
+def _runs(spec: CampaignSpec, only: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The runs to continue, in order: all of the campaign's, or those of ``only`` (each one of them), in its order."""
+    if not only:
         return spec.runs
-    if only not in spec.runs:
-        raise ValueError(f"--run {only!r} is not a run of campaign {spec.name!r}; its runs: {list(spec.runs)}")
-    return (only,)
+    only = (only,) if isinstance(only, str) else tuple(only)
+    for key in only:
+        if key not in spec.runs:
+            raise ValueError(f"--run {key!r} is not a run of campaign {spec.name!r}; its runs: {list(spec.runs)}")
+    return tuple(dict.fromkeys(only))
 
 
 def _check_data(spec: CampaignSpec, data_root: str | None) -> None:
@@ -285,16 +287,17 @@ def _lock(path: Path):
 
 def run_campaign(spec: CampaignSpec, budget_s: float, *, data_root: str | None = None,
                  results: Path = RESULTS, min_start_s: float = 60.0, code: str = "head",
-                 only: str | None = None) -> list[dict]:
+                 only: str | Sequence[str] | None = None) -> list[dict]:
     """Continue ``spec`` for ``budget_s`` seconds of wall-clock time; returns each run's status after.
 
     Up to ``spec.side_by_side`` runs train at once (the first unfinished ones, in order), each on
     ``spec.threads // spec.side_by_side`` threads; when one finishes, the next unfinished run takes its
     place. No run is started or continued with less than ``min_start_s`` of the budget left, and none
     after a run has stopped unfinished (the budget's end or a stop request). ``code``: "head" runs every
-    chunk of this call from one worktree of the last commit, "tree" from the working tree. ``only`` (a
-    run of the campaign) continues that run alone, out of the campaign's order: a later run can start
-    while an earlier one is unfinished, and each resumes exactly from its own checkpoint.
+    chunk of this call from one worktree of the last commit, "tree" from the working tree. ``only`` (runs
+    of the campaign) continues those runs alone, in its order, out of the campaign's: a later run can start
+    while an earlier one is unfinished, no other run takes the place of one that finishes (that core is free
+    for other work), and each resumes exactly from its own checkpoint.
     """
     if code not in ("head", "tree"):
         raise ValueError(f"code must be 'head' or 'tree', got {code!r}")
@@ -458,8 +461,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data-root", default=None, help="override the campaign's data_root")
     p.add_argument("--code", choices=("head", "tree"), default="head",
                    help="run each chunk from a worktree of the last commit (default) or from the working tree")
-    p.add_argument("--run", default=None, metavar="RUN",
-                   help="continue only this run of the campaign, out of its order (e.g. start the next run early)")
+    p.add_argument("--run", action="append", default=None, metavar="RUN",
+                   help="continue only this run of the campaign, out of its order (e.g. start the next run early); "
+                        "repeat it for several runs, side by side as the campaign allows")
     p.add_argument("--status", action="store_true", help="print where each run stands and exit")
     p.add_argument("--dry-run", action="store_true", help="print the next command and exit")
     args = p.parse_args(argv)
@@ -472,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             todo = [k for k in runs if not run_status(spec, k)["finished"]]
             print(shlex.join(train_command(_per_run(spec), todo[0], stop_at=None, data_root=args.data_root)) if todo
-                  else f"{args.run or 'every run of the campaign'} has finished")
+                  else f"{' and '.join(args.run or ['every run of the campaign'])} has finished")
             return 0
         if args.budget is None:
             raise ValueError("--budget is required (e.g. --budget 150m), or pass --status / --dry-run")

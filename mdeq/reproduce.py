@@ -13,7 +13,7 @@ only passes the parameters::
     python -m mdeq.reproduce --book-only                # the book of the committed notebooks: runs/reproduce/committed/
     python -m mdeq.reproduce --status                   # each committed table and figure: fresh or stale
     python -m mdeq.reproduce --profile logs --stale-only   # redraw only the notebooks with stale outputs
-    python -m mdeq.reproduce --readme                   # README.md's results table from results/table_*.csv
+    python -m mdeq.reproduce --readme                   # README.md's results table, results/table_1_standing.md
     python -m mdeq.reproduce --profile logs --update-committed    # notebooks/*.ipynb: the real results
     python -m mdeq.reproduce --profile smoke --update-committed   # results/smoke/, figures/smoke/: the smoke copy
 """
@@ -36,9 +36,9 @@ from typing import Any, Sequence
 import nbformat
 
 from mdeq.engine import paths
-from mdeq.paper import manifest
+from mdeq.paper import manifest, trained
 from mdeq.paper.parameters import NOTEBOOKS, PARAMETERS, PROFILES
-from mdeq.paper.report import readme
+from mdeq.paper.report import readme, standing
 
 __all__ = ["kernel_for_this_python", "strip_execution_metadata", "normalize_ipynb", "execute_notebook", "build_book",
            "main"]
@@ -158,7 +158,7 @@ def build_book(notebooks_dir: Path, out: Path, *, strict: bool = True, roots: Se
     (stage / "docs").mkdir()
     for src in sorted((paths.ROOT / "docs").glob("*.md")):  # the book's pages include these
         shutil.copyfile(src, stage / "docs" / src.name)
-    (stage / "results").mkdir()  # the parts of pages that benchmark scripts draw (docs/*.md include them)
+    (stage / "results").mkdir()  # the parts of pages that scripts and --readme write (docs/*.md include them)
     for src in sorted(paths.RESULTS.glob("*.md")):
         shutil.copyfile(src, stage / "results" / src.name)
     missing = [n for n in NOTEBOOKS if not (Path(notebooks_dir) / f"{n}.ipynb").is_file()]
@@ -202,6 +202,15 @@ def _stage_linked_files(book: Path, roots: Sequence[Path]) -> None:
                                 + ": " + "; ".join(missing))
 
 
+def _write_quoted() -> None:
+    """The files the README and the pages quote from the committed results: the README's results table, where the
+    Table 1 runs stand (``mdeq.paper.report.standing``) and the committed checkpoints (``mdeq.paper.trained``)."""
+    print(f"README.md: results table {'rewritten' if readme.write() else 'already up to date'}")
+    print(f"{paths.rel(standing.STANDING)}: {'rewritten' if standing.write() else 'already up to date'}")
+    changed = trained.write_checkpoint_table()
+    print(f"{paths.rel(trained.CHECKPOINT_TABLE)}: {'rewritten' if changed else 'already up to date'}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mdeq.reproduce", description=__doc__.split("\n\n")[0])
     p.add_argument("--profile", default="smoke", choices=PROFILES)
@@ -222,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--stale-only", action="store_true", help="logs: run only the notebooks that own a stale "
                    "table or figure (see --status)")
     p.add_argument("--readme", action="store_true", help="only rewrite README.md's results table from "
-                   "results/table_*.csv (the logs profile does it at its end)")
+                   "results/table_*.csv and results/table_1_standing.md from results/runs/ (the logs profile does "
+                   "both at its end)")
     p.add_argument("--update-committed", "--update-notebooks", dest="update_committed", action="store_true",
                    help="logs: write the executed notebooks into notebooks/ (what JupyterLab and the book open); "
                         "smoke (default parameters): write the committed smoke copy (results/smoke/, figures/smoke/)")
@@ -243,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         label = "committed"
     out = Path(args.out) if args.out else REPRODUCE / label
     if args.readme:
-        print(f"README.md: results table {'rewritten' if readme.write() else 'already up to date'}")
+        _write_quoted()
         return 0
     if args.book_only:
         html = build_book(paths.NOTEBOOKS, out)
@@ -254,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = [n for n in manifest.stale_notebooks(manifest.status()) if n in names]
         print(f"stale tables or figures are drawn by: {', '.join(names) or 'no notebook (all fresh)'}", flush=True)
         if not names:
+            _write_quoted()
             return 0
     times = {}
     for name in names:
@@ -288,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.update_committed:
         print("updated results/smoke/ and figures/smoke/ with the executed smoke run")
     if args.profile == "logs":  # the README's table from the tables this run redrew, before the book shows it
-        print(f"README.md: results table {'rewritten' if readme.write() else 'already up to date'}")
+        _write_quoted()
     if not args.no_book:
         if set(names) != set(NOTEBOOKS):
             for n in NOTEBOOKS:  # the book needs every notebook: take the committed ones for the others

@@ -2,6 +2,7 @@
 the next call continues it, finishes the run and goes on to the next; logs and checkpoints land in
 results/runs/<run>/ and a fresh work folder is restored from there."""
 import dataclasses
+import functools
 import json
 import shutil
 
@@ -27,8 +28,9 @@ def tiny_campaign(tmp_path, monkeypatch):
     return load_campaign(spec_path), tmp_path / "results"
 
 
-def test_budget_chunks_resume_and_finish_every_run(tiny_campaign):
+def test_budget_chunks_resume_and_finish_every_run_side_by_side(tiny_campaign):
     spec, results = tiny_campaign
+    spec = dataclasses.replace(spec, threads=2, side_by_side=2)  # as the shipped campaign: two 1-thread runs at once
     # a budget that has ended before the child starts (a minute ago; min_start_s < 0 lets the campaign start it
     # anyway): the child writes a checkpoint at step 0 and exits cleanly, however fast or loaded the machine
     first = run_campaign(spec, -60.0, results=results, min_start_s=-3600, code="tree")
@@ -49,6 +51,12 @@ def test_budget_chunks_resume_and_finish_every_run(tiny_campaign):
     final = json.loads((res / "final.json").read_text())
     assert final["final_epoch"] == 0 and not final["stopped_early"]
     assert "restored" in (campaign.WORK / "tiny.log").read_text()
+    # side by side: the two runs' chunks overlapped, each on a share of the 2 threads
+    last = {key: json.loads((results / key / "provenance.json").read_text())["chunks"][-1] for key in spec.runs}
+    assert all(c["hardware"]["torch_threads"] == 1 and "--threads 1" in c["command"] for c in last.values())
+    first_run, second_run = (last[key] for key in spec.runs)
+    assert second_run["start"] <= first_run["end"] and first_run["start"] <= second_run["end"]
+    assert "2 runs side by side" in (campaign.WORK / "tiny.log").read_text()
     # a third call has nothing left to do
     assert [s["finished"] for s in run_campaign(spec, 600.0, results=results, code="tree")] == [True, True]
 
@@ -62,6 +70,22 @@ def test_run_option_continues_one_run_out_of_order(tiny_campaign):
     assert not (campaign.WORK / "cifar10_resnet18_170k").exists()
     with pytest.raises(ValueError, match="'cifar10_sst' is not a run of campaign 'tiny'"):
         run_campaign(spec, 1.0, results=results, only="cifar10_sst")
+
+
+def test_run_option_repeated_continues_those_runs_only(tiny_campaign, capsys, monkeypatch):
+    spec, results = tiny_campaign
+    # --dry-run reads where each run stands: from the fixture's empty results, not the repository's (whose runs finish)
+    monkeypatch.setattr(campaign, "run_status", functools.partial(run_status, results=results))
+    assert campaign._runs(spec, ["cifar10_mdeq_small", "cifar10_resnet18_170k", "cifar10_mdeq_small"]) == (
+        "cifar10_mdeq_small", "cifar10_resnet18_170k")  # in the order given, once each
+    assert campaign._runs(spec, None) == campaign._runs(spec, []) == spec.runs
+    with pytest.raises(ValueError, match="'cifar10_node' is not a run of campaign 'tiny'"):
+        campaign._runs(spec, ["cifar10_mdeq_small", "cifar10_node"])
+    yaml_path = campaign.WORK.parent / "tiny.yaml"
+    assert campaign.main(["--campaign", str(yaml_path), "--dry-run", "--run", "cifar10_mdeq_small",
+                          "--run", "cifar10_resnet18_170k"]) == 0
+    printed = capsys.readouterr().out  # the first unfinished of the runs named, in their order
+    assert "cifar10_mdeq_small" in printed and "resnet18" not in printed
 
 
 HOLD_LOCK = """
@@ -171,20 +195,6 @@ def test_chunks_run_the_last_commit_from_a_worktree(tiny_campaign):
         assert cmd[1] == "-P" and not any(str(paths.ROOT) in a for a in cmd[2:])
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=paths.ROOT, check=False)
-
-
-def test_side_by_side_trains_runs_at_once_on_a_share_of_the_threads(tiny_campaign):
-    spec, results = tiny_campaign
-    spec = dataclasses.replace(spec, threads=2, side_by_side=2)
-    statuses = run_campaign(spec, 600.0, results=results, code="tree")
-    assert [s["finished"] for s in statuses] == [True, True]
-    chunks = {key: json.loads((results / key / "provenance.json").read_text())["chunks"]
-              for key in spec.runs}
-    assert all(c[-1]["hardware"]["torch_threads"] == 1 for c in chunks.values())  # 2 threads shared by 2 runs
-    assert all("--threads 1" in c[-1]["command"] for c in chunks.values())
-    first, second = (chunks[key][-1] for key in spec.runs)
-    assert second["start"] <= first["end"] and first["start"] <= second["end"]  # the chunks overlapped
-    assert "2 runs side by side" in (campaign.WORK / "tiny.log").read_text()
 
 
 def test_side_by_side_needs_a_thread_per_run(tmp_path):

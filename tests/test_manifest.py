@@ -147,8 +147,8 @@ def test_status_and_stale_only_redraw_exactly_what_a_changed_log_feeds(tmp_path,
         monkeypatch.setattr(paths, name, value)
     ran = []
     monkeypatch.setattr(reproduce, "execute_notebook", _run_in_this_process(ran))
-    if hasattr(reproduce, "readme"):  # the logs profile also rewrites README.md's table: not in a test
-        monkeypatch.setattr(reproduce.readme, "write", lambda *a, **k: False)
+    # the logs profile ends by rewriting README.md's table and the files the pages include: not in a test
+    monkeypatch.setattr(reproduce, "_write_quoted", lambda: None)
     logs = ["--profile", "logs", "--no-book", "--out", str(tmp_path / "executed")]
 
     assert reproduce.main([*logs, "--only", "01_cifar10"]) == 0 and ran == ["01_cifar10"]

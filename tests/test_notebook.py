@@ -211,3 +211,11 @@ def test_notebooks_call_one_step_per_profile_and_build_no_internal_paths():
         assert "if profile" not in body and "reproduce." not in body, nb
         assert "runs/notebooks" not in body and "SMOKE_RUNS" not in body and "FULL_RUNS" not in body, nb
         assert "parameters.check_parameters(globals()" in body and "notebook.setup(params)" in body, nb
+
+
+def test_a_measurement_json_is_written_whole_and_keeps_nan(tmp_path):
+    """``notebook.write_json``: the folder made, no temporary file left, a diverged trace's NaN kept as NaN."""
+    out = notebook.write_json(tmp_path / "new" / "traces.json", {"rel": [0.5, float("nan")], "dtype": torch.float32})
+    back = json.loads(out.read_text())
+    assert back["dtype"] == "torch.float32" and back["rel"][0] == 0.5 and back["rel"][1] != back["rel"][1]
+    assert [f.name for f in out.parent.iterdir()] == ["traces.json"]

@@ -152,8 +152,13 @@ def test_the_reproduce_command_writes_the_table(tmp_path, results, monkeypatch):
     page.write_text(f"{readme.START}\n{readme.END}\n")
     monkeypatch.setattr(readme, "README", page)
     monkeypatch.setattr(readme, "RESULTS", results)
+    # it also writes the files the pages include: here into tmp_path, never into the repository
+    monkeypatch.setattr(reproduce.standing, "STANDING", tmp_path / "table_1_standing.md")
+    monkeypatch.setattr(reproduce.trained, "CHECKPOINT_TABLE", tmp_path / "trained_models.md")
     assert reproduce.main(["--readme"]) == 0
     assert "| 87.1 ± 0.4 | 76.36 |" in page.read_text()
+    assert "| run | epochs |" in (tmp_path / "table_1_standing.md").read_text()
+    assert "| run | config (model) |" in (tmp_path / "trained_models.md").read_text()
 
 
 def test_the_committed_readme_table_is_what_the_command_writes():

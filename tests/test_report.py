@@ -609,3 +609,48 @@ def test_the_equilibrium_figure_draws_each_measurement_and_says_when_there_is_no
     empty = beyond.plot_equilibrium_over_training(None, {"m = 12": None})
     assert all("not run yet" in " ".join(t.get_text() for t in ax.texts) for ax in empty.axes)
     plt.close(empty)
+
+
+def _line_figure(shift: float):
+    fig, ax = plt.subplots(figsize=(3, 2))
+    ax.semilogy([1, 2, 3, 4], [1.0, 1e-3 * (1 + shift), 1e-7, 1e-11], label="residual")
+    ax.legend()
+    return fig
+
+
+def test_a_figure_is_rewritten_only_when_its_drawing_changes(tmp_path):
+    """The tutorial's live float64 traces differ in their last bits from one CPU to another: such a figure keeps
+    its committed bytes (git status stays clean), while a visible change rewrites both files."""
+    from mdeq.paper.report import figure_files
+
+    first = figure_files.write_figure(_line_figure(0.0), tmp_path, "f")
+    committed = {ext: p.read_bytes() for ext, p in first.items()}
+
+    def svg_of(fig):
+        with plt.rc_context({"svg.hashsalt": "probe"}):
+            fig.savefig(tmp_path / "probe.svg", format="svg", metadata={"Date": None})
+        return (tmp_path / "probe.svg").read_text()
+
+    tiny, visible = _line_figure(1e-5), _line_figure(0.05)  # 4e-5 points on this axis; 0.2 points
+    assert svg_of(tiny) != svg_of(_line_figure(0.0))  # the last digits do reach the SVG text ...
+    figure_files.write_figure(tiny, tmp_path, "f")
+    assert {ext: p.read_bytes() for ext, p in first.items()} == committed  # ... and the files stay as they were
+    figure_files.write_figure(visible, tmp_path, "f")
+    now = {ext: p.read_bytes() for ext, p in first.items()}
+    assert now["svg"] != committed["svg"] and now["png"] != committed["png"]
+    (tmp_path / "f.png").unlink()  # a missing PNG is drawn again even when the SVG is the same drawing
+    figure_files.write_figure(visible, tmp_path, "f")
+    assert (tmp_path / "f.png").read_bytes() == now["png"]
+
+
+def test_same_drawing_compares_text_exactly_and_numbers_within_the_tolerance():
+    from mdeq.paper.report.figure_files import TOLERANCE, same_drawing
+
+    old = '<path d="M 52.350078 202.315291 L 364.830078 46" id="m952ad3820a"/><text>1e-05</text>'
+    assert same_drawing(old, old.replace("202.315291", "202.315294"))
+    assert same_drawing(old, old.replace("46", f"{46 + TOLERANCE / 2}"))
+    assert not same_drawing(old, old.replace("46", f"{46 + 2 * TOLERANCE}"))
+    assert not same_drawing(old, old.replace("1e-05", "1e-06"))  # a tick label is text, compared exactly
+    assert not same_drawing(old, old.replace("m952ad3820a", "m952ad3821a"))
+    assert not same_drawing(old, old.replace("<text>", "<text x='1'>"))
+    assert not same_drawing(old, old + "<path/>")

@@ -36,8 +36,9 @@ from mdeq.paper import manifest, runs
 from mdeq.paper.parameters import PARAMETERS, TUTORIAL, Params
 from mdeq.paper.measure import examples, runtime, solver_traces, timing
 from mdeq.engine import paths, progress
+from mdeq.paper.report.figure_files import write_figure
 from mdeq.paper.report.style import SMOKE_NOTE, set_style
-from mdeq.engine.runlog import describe_run_hardware, hardware_label, read_json, read_run
+from mdeq.engine.runlog import describe_run_hardware, hardware_label, read_json, read_run, write_text_atomic
 
 __all__ = ["FIGURE_OWNERS", "TABLE_OWNERS", "Context", "setup", "save_figure", "save_table", "display_table",
            "show_banner", "write_json",
@@ -332,9 +333,12 @@ def _trained_inference_full(ctx: Context, run_dir: Path, inference) -> None:
 # Saving and showing.
 
 def write_json(path: str | Path, payload: Mapping) -> Path:
+    """A measurement's JSON, its folder made, written atomically (a killed measurement leaves the last whole file).
+    Unlike the run logs' ``runlog.write_json_atomic``, a NaN stays NaN: a solver trace that diverged is drawn as
+    such."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    write_text_atomic(path, json.dumps(payload, indent=1, default=str) + "\n")
     return path
 
 
@@ -359,11 +363,7 @@ def save_figure(fig, name: str, ctx: Context, kind: str, *, caption: str, source
     text = caption_text(caption, ctx.notebook, kind, source)
     folder = ctx.figures_dir(kind)
     folder.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for ext, meta in (("png", {"Software": None}), ("svg", {"Date": None, "Creator": None})):
-        path = folder / f"{name}.{ext}"
-        fig.savefig(path, format=ext, bbox_inches="tight", metadata=meta)
-        out[ext] = path
+    out = write_figure(fig, folder, name)  # kept as it is when only the last bits of its numbers moved
     sidecar = {"figure": name, "notebook": f"notebooks/{ctx.notebook}.ipynb", "kind": kind,
                "caption": text, "source": source}
     out["json"] = folder / f"{name}.json"

@@ -37,9 +37,11 @@ from mdeq.engine.rundir import config_diff, with_defaults
 
 __all__ = ["Trained", "load_run", "checkpoint_at", "load_released", "build_trained", "memory_format", "eval_dataset",
            "evaluate_trained", "shown_path", "logged_evaluation", "committed_weights", "checkpoint_table",
-           "format_checkpoint_table"]
+           "format_checkpoint_table", "CHECKPOINT_TABLE", "write_checkpoint_table"]
 
 RUNS = paths.RESULTS / "runs"
+# The committed checkpoints as docs/trained_models.md includes them; rewritten by `python -m mdeq.reproduce --readme`.
+CHECKPOINT_TABLE = paths.RESULTS / "trained_models.md"
 
 
 @dataclass
@@ -386,3 +388,16 @@ def format_checkpoint_table(rows: Sequence[Mapping[str, Any]]) -> str:
                      f"{r['data'] or 'unknown'} | {r['params']:,} | {r['size_bytes'] / 1e6:.1f} MB | "
                      f"`{r['sha256']}` | `{r['command']}` |")
     return "\n".join(lines)
+
+
+def write_checkpoint_table(path: str | Path | None = None, folder: str | Path = RUNS) -> bool:
+    """Rewrite ``path`` (default ``CHECKPOINT_TABLE``) with the table of the checkpoints under ``folder``; True when
+    the file changed. Why a file: every chunk of the campaign moves a checkpoint's step and sha256, and the page
+    that copied ``--table``'s output by hand went stale with it."""
+    path = Path(path or CHECKPOINT_TABLE)
+    new = ("<!-- written by `python -m mdeq.reproduce --readme` (`python -m mdeq.evaluate --table`); do not edit -->\n\n"
+           + format_checkpoint_table(checkpoint_table(folder)) + "\n")
+    if path.is_file() and path.read_text() == new:
+        return False
+    path.write_text(new)
+    return True

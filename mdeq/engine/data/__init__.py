@@ -85,7 +85,7 @@ def _write_manifest(folder: str | Path, source_label: str, **fields) -> Path:
     return path
 
 
-from mdeq.engine.data import cifar10, imagenet  # noqa: E402  (they import the names above)
+from mdeq.engine.data import cifar10  # noqa: E402  (it imports the names above)
 from mdeq.engine.data.cifar10 import CIFAR10_CLASSES, CIFAR10Arrays, convert_jpeg_npz_to_pickles  # noqa: E402
 from mdeq.engine.data.transforms import (  # noqa: E402
     CIFAR10_MEAN,
@@ -103,6 +103,8 @@ _CITYSCAPES_NAMES = ("CITYSCAPES_CLASSES", "CITYSCAPES_PALETTE", "CITYSCAPES_CLA
 
 
 def __getattr__(name: str):
+    if name == "imagenet":  # it imports torchvision, 1.5 s a process that trains on CIFAR-10 need not spend
+        return importlib.import_module("mdeq.engine.data.imagenet")
     if name in _CITYSCAPES_NAMES or name == "cityscapes":
         module = importlib.import_module("mdeq.engine.data.cityscapes")
         return module if name == "cityscapes" else getattr(module, name)

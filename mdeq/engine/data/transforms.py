@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torchvision import transforms as T
 
 IGNORE_INDEX = 255  # the Cityscapes void label: in no class, in no count (the data sets write it, the loss skips it)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -66,13 +65,15 @@ class CIFAR10Transform:
         return f"CIFAR10Transform(augment={self.augment}, padding={self.padding})"
 
 
-def imagenet_transform(train: bool, image_size: int = 224) -> T.Compose:
+def imagenet_transform(train: bool, image_size: int = 224):
     """PIL image -> normalised float (3, image_size, image_size).
 
     Why: the released ImageNet pipeline (``tools/cls_train.py``): RandomResizedCrop(224) + flip for training,
     Resize(256) + CenterCrop(224) for validation (256 = 224 / 0.875). torchvision's random transforms
     draw from torch's RNG. ``image_size`` exists for small smoke runs; 224 is the paper's.
     """
+    from torchvision import transforms as T  # here, not at the top: CIFAR-10 and Cityscapes do without it
+
     if image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
     tail = [T.PILToTensor(), T.ConvertImageDtype(torch.float32), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]

@@ -20,6 +20,7 @@ __all__ = ["SMOKE_NOTE", "NOT_RUN", "BEST", "COLORS", "set_style", "figure_title
 
 SMOKE_NOTE = "smoke run, not a reproduction"
 NOT_RUN = "not run yet"
+SVG_HASHSALT = "mdeq-repro"  # the SVG ids depend on the drawing only, not on a random salt
 
 
 COLORS = {  # one colour per model or solver, in every figure
@@ -48,7 +49,7 @@ def set_style() -> None:
         "figure.dpi": 100, "savefig.dpi": 200, "font.size": 9, "axes.titlesize": 10,
         "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
         "legend.frameon": False, "legend.fontsize": 8, "lines.linewidth": 1.6,
-        "svg.hashsalt": "mdeq-repro", "svg.fonttype": "path", "image.interpolation": "nearest",
+        "svg.hashsalt": SVG_HASHSALT, "svg.fonttype": "path", "image.interpolation": "nearest",
     })
 
 
