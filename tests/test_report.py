@@ -536,6 +536,20 @@ def test_training_memory_ratio_reaches_the_table_and_the_figure(tmp_path, number
     plt.close(empty)
 
 
+def test_a_table_number_is_rounded_once_in_its_csv(tmp_path, numbers):
+    """CI once read '1.113' for a measured ANODE / MDEQ-small of 1.11351: the table rounded to 4 decimals
+    (1.1135, stored as 1.11349...) and the CSV to 4 significant digits again. The CSV must round once."""
+    ctx = _ctx(tmp_path, "03_runtime_memory", profile="smoke")
+    measure = {"batch_size": 2, "hardware": "CPU", "models": {
+        "anode": {"train_ms": 111.351, "peak_train_memory_mb": 1.0},
+        "mdeq_small": {"train_ms": 100.0, "peak_train_memory_mb": 1.0}}}
+    df = tables.table_fig4b(ctx, "smoke", measure, numbers)
+    path = notebook.save_table(df, "table_fig4b_runtime_memory", ctx, "smoke")
+    with open(path, newline="") as fh:
+        rows = {r["key"]: r["ours"] for r in csv.DictReader(fh)}
+    assert rows["mdeq_small_speedup_vs_anode"] == "1.114"
+
+
 def _trace(values):
     return {"mean": list(values), "std": [0.0] * len(values), "n_batches": 5}
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -444,10 +445,19 @@ def save_table(df, name: str, ctx: Context, kind: str) -> Path:
     folder = ctx.results_dir(kind)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.csv"
-    df.to_csv(path, index=False, float_format="%.4g")
+    df.map(_csv_cell).to_csv(path, index=False)
     ctx.written.append(path)
     _record(ctx, folder / name, [path], kind)
     return path
+
+
+def _csv_cell(value):
+    """A table cell as its CSV holds it: a number rounded once to 4 significant digits, a whole number (a
+    parameter count) in full, whatever the column's dtype (a column with "not run yet" in it is text)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value:
+        return value
+    value = float(value)
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.4g}"
 
 
 def display_table(shown, csv: str | Path, ctx: Context) -> None:

@@ -104,15 +104,16 @@ def _row(table: str, row: str, metric: str, paper: float | None, runs: Sequence[
     out = {
         "table": table, "setting": setting, "row": row, "metric": metric,
         "paper": paper, "paper_std": paper_std,
-        "ours": round(mean, 4) if mean is not None else ("no epoch evaluated yet" if runs else NOT_RUN),
-        "ours_std": round(std, 4) if std is not None else None,
+        # full precision: the CSV rounds once (4 significant digits); rounding here too moved 1.11351 to 1.113
+        "ours": mean if mean is not None else ("no epoch evaluated yet" if runs else NOT_RUN),
+        "ours_std": std,
         # no delta for an unfinished run: its number is an intermediate epoch's, not a result
-        "delta": (round(mean - paper, 4) if (mean is not None and paper is not None and kind != "smoke"
+        "delta": ((mean - paper) if (mean is not None and paper is not None and kind != "smoke"
                                              and all(r.finished for r in runs)) else None),
     }
     if best is not None:  # beside ours, for reference only: the mean of each run's best epoch, and those epochs
         found = [b for b in best if b is not None]
-        out["ours_best"] = round(mean_std([v for _, v in found])[0], 4) if found else None
+        out["ours_best"] = mean_std([v for _, v in found])[0] if found else None
         out["ours_best_epoch"] = "; ".join(str(e) for e, _ in found) or None
     return {**out, "paper_params": paper_params, "ours_params": ours_params,
             "ours_source": runs_source(ctx, kind, runs) or NOT_RUN, "status": _status(kind, runs)}
@@ -281,8 +282,8 @@ def table_fig4b(ctx, kind: str, measure: Mapping | None, numbers: Mapping | None
         v = ours[key]
         paper = st[key]["value"]
         rows.append({"table": "Fig. 4b", "setting": "", "row": label, "key": key, "metric": label, "paper": paper,
-                     "ours": round(v, 4) if v is not None else NOT_RUN,
-                     "delta": round(v - paper, 4) if v is not None and kind != "smoke" else None,
+                     "ours": v if v is not None else NOT_RUN,  # unrounded: the CSV rounds once
+                     "delta": v - paper if v is not None and kind != "smoke" else None,
                      "paper_note": st[key]["text"], "ours_source": sources.get(key, source),
                      "status": (SMOKE_NOTE if kind == "smoke" else "measured") if v is not None else NOT_RUN})
     return pd.DataFrame(rows)
