@@ -104,12 +104,12 @@ def _row(table: str, row: str, metric: str, paper: float | None, runs: Sequence[
     out = {
         "table": table, "setting": setting, "row": row, "metric": metric,
         "paper": paper, "paper_std": paper_std,
-        # full precision: the CSV rounds once (4 significant digits); rounding here too moved 1.11351 to 1.113
+        # full precision: the CSV rounds once (notebook.save_table)
         "ours": mean if mean is not None else ("no epoch evaluated yet" if runs else NOT_RUN),
         "ours_std": std,
         # no delta for an unfinished run: its number is an intermediate epoch's, not a result
-        "delta": ((mean - paper) if (mean is not None and paper is not None and kind != "smoke"
-                                             and all(r.finished for r in runs)) else None),
+        "delta": (mean - paper if (mean is not None and paper is not None and kind != "smoke"
+                                   and all(r.finished for r in runs)) else None),
     }
     if best is not None:  # beside ours, for reference only: the mean of each run's best epoch, and those epochs
         found = [b for b in best if b is not None]
@@ -282,7 +282,7 @@ def table_fig4b(ctx, kind: str, measure: Mapping | None, numbers: Mapping | None
         v = ours[key]
         paper = st[key]["value"]
         rows.append({"table": "Fig. 4b", "setting": "", "row": label, "key": key, "metric": label, "paper": paper,
-                     "ours": v if v is not None else NOT_RUN,  # unrounded: the CSV rounds once
+                     "ours": v if v is not None else NOT_RUN,  # full precision, as in _row
                      "delta": v - paper if v is not None and kind != "smoke" else None,
                      "paper_note": st[key]["text"], "ours_source": sources.get(key, source),
                      "status": (SMOKE_NOTE if kind == "smoke" else "measured") if v is not None else NOT_RUN})
